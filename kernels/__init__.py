@@ -1,0 +1,1 @@
+"""avseg_kernels: Triton kernels for avseg (imports torch and triton only)."""

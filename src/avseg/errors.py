@@ -1,0 +1,35 @@
+"""The project's own exceptions: every one names the file (or config key) and the problem."""
+
+from __future__ import annotations
+
+import os
+
+
+class AvsegError(Exception):
+    """Base class of avseg's own errors."""
+
+
+class DataError(AvsegError, ValueError):
+    """A data file is missing, unreadable or malformed. The message starts with the file's path."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class UnsafePickleError(DataError):
+    """A pickle asks for something other than a plain tensor (it may try to run code)."""
+
+
+class CheckpointError(AvsegError, ValueError):
+    """A checkpoint or weights file cannot be used: truncated, wrong format, or keys that do not fit."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ConfigError(AvsegError, ValueError):
+    """A config value is out of range. The message names the key and the allowed values."""

@@ -1,0 +1,1 @@
+"""Multi-scale deformable attention (dispatch between the PyTorch path and the Triton kernels)."""
