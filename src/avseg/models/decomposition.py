@@ -1,0 +1,403 @@
+"""Product-quantised audio decomposition with global-to-local calibration (QDFormer, DESIGN.md 1.3-1.4).
+
+Variants (config group ``model/decomposition``):
+
+- ``pq``: K learnable prototype queries attend over the clip's T audio tokens (a small pre-norm
+  transformer decoder: self-attention among the prototypes, cross-attention to the audio tokens
+  with padded frames masked out, FFN), giving K clip-level sub-space features g_1..g_K, each
+  quantised against ONE shared codebook of N codewords of width C.
+- ``pq_split``: the textbook product quantiser: the clip's valid audio tokens are mean-pooled to
+  one C-d vector, projected (Linear + LayerNorm), split into K chunks of C/K channels, each chunk
+  quantised against one shared codebook of N codewords of width C/K, and each quantised chunk
+  projected back to C (one shared Linear) to give K tokens.
+- ``vq``: one global code: as ``pq`` with K = 1 whatever ``num_subspaces`` says.
+- ``none``: the ``pq`` prototype features without a quantiser (ablation baseline): zero VQ and
+  distillation losses, indices -1.
+
+Local calibration (global-to-local): the SAME prototypes and decoder attend, for every frame t,
+to the audio tokens of frames t-w..t+w (``local_window`` = w, invalid frames masked), giving
+l_{t,1..K}; these are quantised with the same codebook, detached in this branch (the codebook is
+learnt from the global branch only; the commitment term still pulls the local features), and a
+distillation loss pulls each l_{t,i} toward sg(VQ(g_i)). For ``pq_split`` the local feature of
+frame t is the split projection of the mean of its window's valid tokens. Padded frames
+(``frame_valid`` false) take no part in the clip-level features, no part in the losses, and get
+the clip's global codes as their local codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from avseg.errors import ConfigError
+from avseg.models.quantizer import VectorQuantizer
+
+__all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
+
+VARIANTS = ("pq", "pq_split", "vq", "none")
+DISTILL_LOSSES = ("mse", "ce")
+_KEY = "model.decomposition"
+
+
+class PrototypeDecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: self-attention among queries, cross-attention, FFN."""
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm_self = nn.LayerNorm(dim)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries [N, K, C], memory [N, S, C], memory_padding_mask [N, S] (True = ignore).
+
+        Returns the updated queries [N, K, C] and, with ``need_weights``, the head-averaged
+        cross-attention weights [N, K, S].
+        """
+        q = self.norm_self(queries)
+        queries = queries + self.dropout(self.self_attn(q, q, q, need_weights=False)[0])
+        q = self.norm_cross(queries)
+        attended, weights = self.cross_attn(
+            q, memory, memory, key_padding_mask=memory_padding_mask, need_weights=need_weights
+        )
+        queries = queries + self.dropout(attended)
+        queries = queries + self.dropout(self.ffn(self.norm_ffn(queries)))
+        return queries, weights
+
+
+class PrototypeDecoder(nn.Module):
+    """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs)."""
+
+    def __init__(self, *, dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            PrototypeDecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries [N, K, C], memory [N, S, C] -> ([N, K, C], last layer's weights [N, K, S] | None)."""
+        weights = None
+        for layer in self.layers:
+            queries, weights = layer(queries, memory, memory_padding_mask, need_weights=need_weights)
+        return self.norm(queries), weights
+
+
+def frame_windows(
+    tokens: torch.Tensor, frame_valid: torch.Tensor, radius: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of frames t-radius..t+radius for every frame t.
+
+    tokens [B, T, C], frame_valid [B, T] -> windows [B, T, 2*radius+1, C] and window_valid
+    [B, T, 2*radius+1] (false outside the clip and at padded frames).
+    """
+    width = 2 * radius + 1
+    padded = F.pad(tokens, (0, 0, radius, radius))  # [B, T + 2r, C]
+    padded_valid = F.pad(frame_valid, (radius, radius), value=False)  # [B, T + 2r]
+    windows = rearrange(padded.unfold(1, width, 1), "b t c w -> b t w c")
+    window_valid = padded_valid.unfold(1, width, 1)  # [B, T, W]
+    return windows, window_valid
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` [...] where ``weights`` [...] is 1; 0 when no position is valid."""
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _config_error(key: str, got: object, allowed: str) -> ConfigError:
+    return ConfigError(f"{_KEY}.{key}: got {got!r}; allowed: {allowed}")
+
+
+class AudioDecomposition(nn.Module):
+    """Decompose a clip's audio tokens into K quantised sub-space codes (global and per frame).
+
+    ``forward(audio_tokens [B, T, C], frame_valid [B, T] bool | None)`` returns a dict:
+
+    - ``global_codes`` [B, K, C]: quantised clip-level codes (straight-through gradient),
+    - ``local_codes`` [B, T, K, C]: quantised frame-level codes (the decoder's content queries);
+      the global codes broadcast over T when local calibration is off, and at padded frames,
+    - ``vq_loss`` scalar: global codebook + beta * commitment, plus beta * the local commitment,
+    - ``distill_loss`` scalar: local-to-global distillation (0 without local calibration),
+    - ``perplexity`` scalar, ``usage`` float [N] (global code counts this batch),
+      ``dead_codes`` long scalar (codes whose usage EMA is below threshold),
+    - ``global_indices`` long [B, K], ``local_indices`` long [B, T, K].
+
+    K is ``self.num_tokens`` (``num_subspaces``, or 1 for ``vq``). Every variant accepts every key;
+    the keys a variant does not use are ignored (so one Hydra sweep can cross variants).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        variant: str = "pq",
+        num_subspaces: int = 4,
+        codebook_size: int = 512,
+        beta: float = 0.25,
+        local_calibration: bool = True,
+        local_window: int = 1,
+        distill_loss: str = "mse",
+        distill_temperature: float = 0.1,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        ffn_dim: int | None = None,
+        dropout: float = 0.0,
+        dead_code_threshold: float = 0.01,
+        reseed_dead_codes: bool = False,
+        usage_ema_decay: float = 0.99,
+        reseed_buffer_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise _config_error("variant", variant, " | ".join(VARIANTS))
+        if not isinstance(num_subspaces, int) or num_subspaces < 1:
+            raise _config_error("num_subspaces", num_subspaces, "an integer >= 1")
+        if not isinstance(dim, int) or dim < 1:
+            raise _config_error("dim", dim, "an integer >= 1")
+        num_tokens = 1 if variant == "vq" else num_subspaces
+        if not isinstance(codebook_size, int) or codebook_size < num_tokens:
+            raise _config_error(
+                "codebook_size", codebook_size, f"an integer >= the number of sub-spaces K = {num_tokens}"
+            )
+        if variant == "pq_split" and dim % num_tokens != 0:
+            raise _config_error(
+                "num_subspaces", num_subspaces, f"a divisor of dim = {dim} (pq_split splits dim into K chunks)"
+            )
+        if not beta >= 0:
+            raise _config_error("beta", beta, "a number >= 0")
+        if not isinstance(local_window, int) or local_window < 0:
+            raise _config_error("local_window", local_window, "an integer >= 0 (frames each side of t)")
+        if distill_loss not in DISTILL_LOSSES:
+            raise _config_error("distill_loss", distill_loss, " | ".join(DISTILL_LOSSES))
+        if not distill_temperature > 0:
+            raise _config_error("distill_temperature", distill_temperature, "a number > 0")
+        if variant != "pq_split":
+            if not isinstance(num_layers, int) or num_layers < 1:
+                raise _config_error("num_layers", num_layers, "an integer >= 1")
+            if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads != 0:
+                raise _config_error("num_heads", num_heads, f"a positive divisor of dim = {dim}")
+        if not 0 <= dropout < 1:
+            raise _config_error("dropout", dropout, "0 <= dropout < 1")
+        if not dead_code_threshold >= 0:
+            raise _config_error("dead_code_threshold", dead_code_threshold, "a number >= 0")
+
+        self.dim = dim
+        self.variant = variant
+        self.num_tokens = num_tokens
+        self.codebook_size = codebook_size
+        self.local_calibration = bool(local_calibration)
+        self.local_window = local_window
+        self.distill_loss_kind = distill_loss
+        self.distill_temperature = float(distill_temperature)
+
+        if variant == "pq_split":
+            self.chunk_dim = dim // num_tokens
+            self.split_in = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+            self.split_out = nn.Linear(self.chunk_dim, dim)
+            self.prototypes = None
+            self.decoder = None
+            code_dim = self.chunk_dim
+        else:
+            # Learnable prototype queries, N(0, 1): the pre-norm layers normalise them anyway.
+            self.prototypes = nn.Parameter(torch.randn(num_tokens, dim))
+            self.decoder = PrototypeDecoder(
+                dim=dim,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim if ffn_dim is not None else 4 * dim,
+                dropout=dropout,
+            )
+            code_dim = dim
+        if variant == "none":
+            self.quantizer = None
+        else:
+            self.quantizer = VectorQuantizer(
+                num_codes=codebook_size,
+                code_dim=code_dim,
+                beta=beta,
+                usage_ema_decay=usage_ema_decay,
+                dead_code_threshold=dead_code_threshold,
+                reseed_dead_codes=reseed_dead_codes,
+                reseed_buffer_size=reseed_buffer_size,
+            )
+
+    # ------------------------------------------------------------------ encoders
+    def _check_inputs(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
+        if audio_tokens.dim() != 3 or audio_tokens.shape[-1] != self.dim:
+            raise ValueError(
+                f"AudioDecomposition: audio_tokens must be [B, T, {self.dim}], got {tuple(audio_tokens.shape)}"
+            )
+        batch, frames = audio_tokens.shape[:2]
+        if frame_valid is None:
+            return torch.ones(batch, frames, dtype=torch.bool, device=audio_tokens.device)
+        if frame_valid.shape != (batch, frames):
+            raise ValueError(
+                f"AudioDecomposition: frame_valid must be [{batch}, {frames}], got {tuple(frame_valid.shape)}"
+            )
+        frame_valid = frame_valid.to(torch.bool)
+        has_frame = frame_valid.any(dim=1)
+        if not bool(has_frame.all()):
+            empty = torch.nonzero(~has_frame).flatten().tolist()
+            raise ValueError(f"AudioDecomposition: clip(s) at batch position {empty} have no valid frame")
+        return frame_valid
+
+    def _prototype_features(
+        self, memory: torch.Tensor, memory_valid: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prototypes attend over memory [N, S, C] (valid [N, S]) -> ([N, K, C], weights)."""
+        queries = repeat(self.prototypes, "k c -> n k c", n=memory.shape[0])
+        padding = ~memory_valid
+        # A row with no valid key (a padded frame far from any real frame) would give NaN (also in
+        # backward, through the softmax); let it attend everywhere, its output is replaced later.
+        padding = padding & ~padding.all(dim=-1, keepdim=True)
+        return self.decoder(queries.to(memory.dtype), memory, padding, need_weights=need_weights)
+
+    def _global_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> clip-level features [B, K, C] (pq_split: K chunks [B, K, C/K])."""
+        if self.variant == "pq_split":
+            weights = frame_valid.to(audio_tokens.dtype)[..., None]
+            pooled = (audio_tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            return rearrange(self.split_in(pooled), "b (k d) -> b k d", k=self.num_tokens)
+        features, _ = self._prototype_features(audio_tokens, frame_valid)
+        return features
+
+    def _local_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> frame-level features [B, T, K, C] (pq_split: [B, T, K, C/K])."""
+        batch = audio_tokens.shape[0]
+        windows, window_valid = frame_windows(audio_tokens, frame_valid, self.local_window)
+        if self.variant == "pq_split":
+            weights = window_valid.to(audio_tokens.dtype)[..., None]
+            pooled = (windows * weights).sum(2) / weights.sum(2).clamp_min(1.0)  # [B, T, C]
+            return rearrange(self.split_in(pooled), "b t (k d) -> b t k d", k=self.num_tokens)
+        memory = rearrange(windows, "b t w c -> (b t) w c")
+        memory_valid = rearrange(window_valid, "b t w -> (b t) w")
+        features, _ = self._prototype_features(memory, memory_valid)
+        return rearrange(features, "(b t) k c -> b t k c", b=batch)
+
+    def _to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Quantised features -> model-width tokens (pq_split projects each chunk back to C)."""
+        return self.split_out(codes) if self.variant == "pq_split" else codes
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        frame_valid = self._check_inputs(audio_tokens, frame_valid)
+        batch, frames = audio_tokens.shape[:2]
+        k = self.num_tokens
+        zero = audio_tokens.new_zeros((), dtype=torch.float32)
+
+        global_features = self._global_features(audio_tokens, frame_valid)  # [B, K, D]
+        local_features = self._local_features(audio_tokens, frame_valid) if self.local_calibration else None
+        frame_mask = frame_valid[:, :, None]  # [B, T, 1]
+
+        if self.quantizer is None:  # variant "none": unquantised prototype features
+            global_codes = global_features
+            global_indices = torch.full((batch, k), -1, dtype=torch.long, device=audio_tokens.device)
+            local_indices = repeat(global_indices, "b k -> b t k", t=frames)
+            broadcast = repeat(global_codes, "b k c -> b t k c", t=frames)
+            if local_features is None:
+                local_codes = broadcast
+            else:
+                local_codes = torch.where(frame_mask[..., None], local_features, broadcast)
+            return {
+                "global_codes": global_codes,
+                "local_codes": local_codes,
+                "vq_loss": zero,
+                "distill_loss": zero,
+                "perplexity": zero,
+                "usage": torch.zeros(self.codebook_size, device=audio_tokens.device),
+                "dead_codes": torch.zeros((), dtype=torch.long, device=audio_tokens.device),
+                "global_indices": global_indices,
+                "local_indices": local_indices,
+            }
+
+        global_q = self.quantizer(global_features, update_stats=True)
+        global_codes = self._to_tokens(global_q["quantized"])  # [B, K, C]
+        global_indices = global_q["indices"]  # [B, K]
+        broadcast_codes = repeat(global_codes, "b k c -> b t k c", t=frames)
+        broadcast_indices = repeat(global_indices, "b k -> b t k", t=frames)
+        vq_loss = global_q["loss"]
+
+        if local_features is None:
+            local_codes, local_indices, distill = broadcast_codes, broadcast_indices, zero
+        else:
+            local_valid = repeat(frame_valid, "b t -> b t k", k=k)
+            local_q = self.quantizer(
+                local_features, valid_mask=local_valid, detach_codebook=True, update_stats=False
+            )
+            vq_loss = vq_loss + local_q["loss"]  # beta * commitment only: the codebook is detached
+            local_codes = torch.where(frame_mask[..., None], self._to_tokens(local_q["quantized"]), broadcast_codes)
+            local_indices = torch.where(frame_mask, local_q["indices"], broadcast_indices)
+            distill = self._distillation(local_features, local_q["distances"], global_q, local_valid)
+
+        return {
+            "global_codes": global_codes,
+            "local_codes": local_codes,
+            "vq_loss": vq_loss,
+            "distill_loss": distill,
+            "perplexity": global_q["perplexity"],
+            "usage": global_q["counts"],
+            "dead_codes": global_q["dead_codes"],
+            "global_indices": global_indices,
+            "local_indices": local_indices,
+        }
+
+    def _distillation(
+        self,
+        local_features: torch.Tensor,
+        local_distances: torch.Tensor,
+        global_q: dict[str, torch.Tensor],
+        local_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Pull each local feature l_{t,i} toward sg(VQ(g_i)); mean over valid (b, t, i).
+
+        mse: mean over channels of (l - sg(VQ(g)))^2. ce: cross-entropy of
+        softmax(-||l - e_n||^2 / (D * tau)) over the (detached) codebook against the global code's
+        index; dividing by the code width D makes tau independent of C (and of pq_split's C/K).
+        """
+        frames = local_features.shape[1]
+        if self.distill_loss_kind == "mse":
+            target = repeat(global_q["quantized"].detach(), "b k d -> b t k d", t=frames)
+            per_token = (local_features.float() - target.float()).pow(2).mean(-1)  # [B, T, K]
+        else:
+            code_dim = local_features.shape[-1]
+            logits = -local_distances / (code_dim * self.distill_temperature)  # [B, T, K, N]
+            target_index = repeat(global_q["indices"], "b k -> b t k", t=frames)
+            per_token = F.cross_entropy(
+                rearrange(logits, "b t k n -> (b t k) n"), target_index.reshape(-1), reduction="none"
+            ).reshape(target_index.shape)
+        return _masked_mean(per_token, local_valid)
+
+    @torch.no_grad()
+    def attention_maps(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Head-averaged last-layer cross-attention of each prototype over the clip's frames.
+
+        audio_tokens [B, T, C] -> [B, K, T] (zero at padded frames), for inspecting which frames
+        each sub-space listens to. Not defined for ``pq_split`` (it has no attention).
+        """
+        if self.decoder is None:
+            raise ValueError(f"AudioDecomposition.attention_maps: variant {self.variant!r} has no prototype attention")
+        frame_valid = self._check_inputs(audio_tokens, frame_valid)
+        _, weights = self._prototype_features(audio_tokens, frame_valid, need_weights=True)
+        return weights

@@ -1,0 +1,265 @@
+"""Vector quantiser with one codebook (VQ-VAE style) and codebook-health statistics.
+
+The quantiser maps every input vector ``z`` ([..., D]) to its nearest codeword ``e_n`` (squared
+Euclidean distance), returns ``z + sg(e_n - z)`` (the straight-through estimator: the forward
+value is the codeword, the gradient reaches ``z`` unchanged) and the VQ-VAE losses
+
+    codebook loss   = || sg(z) - e_n ||^2      (moves the codebook toward the encoder outputs)
+    commitment loss = || z - sg(e_n) ||^2      (keeps the encoder close to its code)
+    loss            = codebook loss + beta * commitment loss
+
+each averaged over the valid positions and the D channels.
+
+Codebook health: every training-mode call with ``update_stats=True`` counts how often each code
+was chosen (summed over all processes when ``torch.distributed`` is initialised), updates an
+exponential moving average (EMA) of each code's share of the assignments and keeps the most
+recent inputs in a small ring buffer. A code is *dead* when its EMA share falls below
+``dead_code_threshold / num_codes`` (``dead_code_threshold`` is relative to a uniform share).
+With ``reseed_dead_codes=True`` the dead codewords are replaced, at the start of the next
+training-mode call (before the codebook enters the autograd graph, so no in-place modification of
+a tensor saved for backward), by inputs drawn from the ring buffer; under DDP rank 0's draw is
+broadcast so every process holds the same codebook.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from avseg.errors import ConfigError
+
+__all__ = ["VectorQuantizer", "squared_distances"]
+
+
+def _distributed_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def squared_distances(inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between vectors and codewords, computed in float32.
+
+    inputs [M, D], codebook [N, D] -> [M, N]. Autocast is switched off so that a bf16/fp16 run
+    still picks the true nearest codeword; the result is differentiable w.r.t. both arguments.
+    """
+    device_type = inputs.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        z = inputs.float()
+        e = codebook.float()
+        # ||z||^2 - 2 z.e + ||e||^2, clamped: rounding can make an exact match slightly negative.
+        dist_sq = z.pow(2).sum(-1, keepdim=True) - 2.0 * (z @ e.t()) + e.pow(2).sum(-1)[None, :]
+        return dist_sq.clamp_min(0.0)
+
+
+class VectorQuantizer(nn.Module):
+    """One codebook of ``num_codes`` codewords of width ``code_dim``.
+
+    ``forward(inputs [..., D], *, valid_mask [...] bool | None, detach_codebook, update_stats)``
+    returns a dict:
+
+    - ``quantized`` [..., D]: the nearest codewords with straight-through gradient to ``inputs``
+      (positions where ``valid_mask`` is false are quantised too, but take no part in losses or
+      statistics),
+    - ``indices`` long [...]: the chosen codes,
+    - ``distances`` float32 [..., N]: squared distances to every codeword (differentiable w.r.t.
+      the inputs; w.r.t. the codebook only when it is not detached),
+    - ``loss``, ``codebook_loss``, ``commitment_loss``: scalars (``loss`` = codebook + beta *
+      commitment; with ``detach_codebook=True`` the codebook term is zero and the codebook gets no
+      gradient from anything this call returns),
+    - ``counts`` float [N]: how often each code was chosen at valid positions (summed over
+      processes when the statistics are being updated under ``torch.distributed``),
+    - ``perplexity`` scalar: exp(entropy) of ``counts`` (1 = one code used, N = uniform use),
+    - ``dead_codes`` long scalar: codes whose EMA share is below ``dead_code_threshold / N``.
+
+    Statistics (EMA, ring buffer, re-seeding) change only in training mode with
+    ``update_stats=True``; evaluation never changes the module's state.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_codes: int,
+        code_dim: int,
+        beta: float = 0.25,
+        usage_ema_decay: float = 0.99,
+        dead_code_threshold: float = 0.01,
+        reseed_dead_codes: bool = False,
+        reseed_buffer_size: int = 1024,
+        init_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if int(num_codes) < 1:
+            raise ConfigError(f"codebook_size: got {num_codes}; allowed: an integer >= 1")
+        if int(code_dim) < 1:
+            raise ConfigError(f"code_dim: got {code_dim}; allowed: an integer >= 1")
+        if not beta >= 0.0:
+            raise ConfigError(f"beta: got {beta}; allowed: a number >= 0")
+        if not 0.0 <= usage_ema_decay < 1.0:
+            raise ConfigError(f"usage_ema_decay: got {usage_ema_decay}; allowed: 0 <= decay < 1")
+        if not dead_code_threshold >= 0.0:
+            raise ConfigError(f"dead_code_threshold: got {dead_code_threshold}; allowed: a number >= 0")
+        if int(reseed_buffer_size) < 1:
+            raise ConfigError(f"reseed_buffer_size: got {reseed_buffer_size}; allowed: an integer >= 1")
+        self.num_codes = int(num_codes)
+        self.code_dim = int(code_dim)
+        self.beta = float(beta)
+        self.usage_ema_decay = float(usage_ema_decay)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.reseed_dead_codes = bool(reseed_dead_codes)
+        self.reseed_buffer_size = int(reseed_buffer_size)
+
+        # N(0, init_std^2) codewords: the inputs are LayerNorm outputs (unit variance per channel),
+        # so codewords and inputs start on the same scale (VQ-VAE's tiny uniform init would make the
+        # codeword with the smallest norm win every assignment).
+        self.codebook = nn.Parameter(torch.randn(self.num_codes, self.code_dim) * init_std)
+        # EMA of each code's share of the assignments; starts uniform so no code is dead at step 0.
+        self.register_buffer("usage_ema", torch.full((self.num_codes,), 1.0 / self.num_codes))
+        self.register_buffer("num_reseeded", torch.zeros((), dtype=torch.long))
+        # The ring buffer of recent inputs is a plain attribute, not a registered buffer: DDP would
+        # otherwise broadcast it from rank 0 every step, and it has no place in a checkpoint.
+        self._recent_inputs: torch.Tensor | None = None
+        self._recent_count = 0
+        self._recent_next = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+            f"reseed_dead_codes={self.reseed_dead_codes}"
+        )
+
+    # ------------------------------------------------------------------ statistics
+    def dead_code_mask(self) -> torch.Tensor:
+        """bool [N]: codes whose EMA share is below ``dead_code_threshold / N``."""
+        return self.usage_ema < (self.dead_code_threshold / self.num_codes)
+
+    @staticmethod
+    def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
+        """exp(entropy) of a histogram [N]; 0 for an empty histogram."""
+        total = counts.sum()
+        probs = counts / total.clamp_min(1e-12)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+        return torch.where(total > 0, torch.exp(entropy), torch.zeros_like(entropy))
+
+    @torch.no_grad()
+    def _remember(self, flat_inputs: torch.Tensor) -> None:
+        """Push detached inputs [M, D] into the ring buffer of recent encoder outputs."""
+        if flat_inputs.shape[0] == 0:
+            return
+        if self._recent_inputs is None or self._recent_inputs.device != flat_inputs.device:
+            self._recent_inputs = flat_inputs.new_zeros(
+                (self.reseed_buffer_size, self.code_dim), dtype=torch.float32
+            )
+            self._recent_count = 0
+            self._recent_next = 0
+        rows = flat_inputs.detach().float()[-self.reseed_buffer_size :]
+        positions = (torch.arange(rows.shape[0], device=rows.device) + self._recent_next) % self.reseed_buffer_size
+        self._recent_inputs[positions] = rows
+        self._recent_next = (self._recent_next + rows.shape[0]) % self.reseed_buffer_size
+        self._recent_count = min(self._recent_count + rows.shape[0], self.reseed_buffer_size)
+
+    @torch.no_grad()
+    def reseed(self) -> int:
+        """Replace dead codewords by recent inputs; returns how many were replaced.
+
+        Called automatically at the start of a training-mode ``forward`` when
+        ``reseed_dead_codes`` is set. Every process must call it together under DDP (the dead
+        mask is identical everywhere because the EMA is built from all-reduced counts).
+        """
+        dead = self.dead_code_mask()
+        dead_idx = torch.nonzero(dead, as_tuple=False).flatten()
+        num_dead = int(dead_idx.numel())
+        if num_dead == 0:
+            return 0
+        if self._recent_inputs is None or self._recent_count == 0:
+            raise RuntimeError(
+                "VectorQuantizer.reseed: dead codes but no recent inputs recorded yet "
+                "(call forward in training mode with update_stats=True first)"
+            )
+        pool = self._recent_inputs[: self._recent_count]
+        if num_dead <= pool.shape[0]:
+            choice = torch.randperm(pool.shape[0], device=pool.device)[:num_dead]
+        else:
+            choice = torch.randint(pool.shape[0], (num_dead,), device=pool.device)
+        replacements = pool[choice].to(self.codebook.dtype).contiguous()
+        if _distributed_ready():
+            dist.broadcast(replacements, src=0)
+        self.codebook.data[dead_idx.to(self.codebook.device)] = replacements.to(self.codebook.device)
+        # A fresh code gets a uniform share again: a grace period before it can be declared dead.
+        self.usage_ema[dead_idx] = 1.0 / self.num_codes
+        self.num_reseeded += num_dead
+        return num_dead
+
+    @torch.no_grad()
+    def _update_usage(self, counts: torch.Tensor) -> None:
+        # An empty histogram leaves the EMA unchanged (decay 1), without a host-device sync.
+        total = counts.sum()
+        share = (counts / total.clamp_min(1e-12)).to(self.usage_ema.dtype)
+        decay = torch.where(total > 0, torch.tensor(self.usage_ema_decay, device=total.device), torch.ones((), device=total.device))
+        self.usage_ema.copy_(decay * self.usage_ema + (1.0 - decay) * share)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        detach_codebook: bool = False,
+        update_stats: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        if inputs.shape[-1] != self.code_dim:
+            raise ValueError(
+                f"VectorQuantizer: inputs have {inputs.shape[-1]} channels, the codebook {self.code_dim}"
+            )
+        lead_shape = inputs.shape[:-1]
+        if valid_mask is None:
+            valid_mask = torch.ones(lead_shape, dtype=torch.bool, device=inputs.device)
+        elif valid_mask.shape != lead_shape:
+            raise ValueError(
+                f"VectorQuantizer: valid_mask shape {tuple(valid_mask.shape)} != inputs' leading shape {tuple(lead_shape)}"
+            )
+        tracking = self.training and update_stats
+        flat = rearrange(inputs, "... d -> (...) d")
+        flat_valid = valid_mask.reshape(-1)
+
+        if tracking:
+            self._remember(flat[flat_valid])
+            if self.reseed_dead_codes:
+                self.reseed()  # before the codebook is used, so autograd never sees the change
+
+        codebook = self.codebook.detach() if detach_codebook else self.codebook
+        distances = squared_distances(flat, codebook)  # [M, N] float32
+        indices = distances.detach().argmin(dim=-1)
+        codewords = F.embedding(indices, codebook).to(inputs.dtype)  # [M, D]
+
+        weights = flat_valid.to(torch.float32)
+        denominator = weights.sum().clamp_min(1.0) * self.code_dim
+        commitment = ((flat.float() - codewords.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
+        if detach_codebook:
+            codebook_loss = commitment.new_zeros(())
+        else:
+            codebook_loss = ((codewords.float() - flat.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
+        loss = codebook_loss + self.beta * commitment
+
+        # Straight-through: forward value = codeword, gradient to the inputs = identity.
+        quantized = flat + (codewords - flat).detach()
+
+        counts = torch.zeros(self.num_codes, device=inputs.device, dtype=torch.float32)
+        counts.index_add_(0, indices, weights)
+        if tracking:
+            if _distributed_ready():
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            self._update_usage(counts)
+
+        return {
+            "quantized": quantized.reshape(inputs.shape),
+            "indices": indices.reshape(lead_shape),
+            "distances": distances.reshape(*lead_shape, self.num_codes),
+            "loss": loss,
+            "codebook_loss": codebook_loss,
+            "commitment_loss": commitment,
+            "counts": counts,
+            "perplexity": self.perplexity_of(counts),
+            "dead_codes": self.dead_code_mask().sum().to(torch.long),
+        }
