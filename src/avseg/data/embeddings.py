@@ -1,0 +1,182 @@
+"""Precompute VGGish embeddings [T, 128] for every WAV of an AVSBench tree.
+
+    python -m avseg.data.embeddings root=PATH subset=s4|ms3|avss out=DIR \
+        vggish_weights=PATH [random_init=true seed=0] [overwrite=false] [device=cpu]
+
+Each `<root>/<rel>/<name>.wav` gives `<out>/<rel>/<name>.npy` (`embedding_path`): S4
+`<out>/s4_data/audio_wav/<split>/<category>/<name>.npy`, MS3
+`<out>/ms3_data/audio_wav/<split>/<name>.npy`, AVSS `<out>/<label>/<uid>/audio.npy`.
+An embedding is VGGish(fit_examples(log_mel_examples(wav), T, mode)) with T = 5 and
+`repeat_last` for S4 / MS3, T = 10 and `zero_pad` for AVSS (AVSBENCH.md section 4), so the
+loader's `audio_source="embeddings"` gives what the model would compute from the WAV.
+`out` must lie outside the data tree; every file is written atomically (temp file + rename).
+Existing outputs are kept unless `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
+from avseg.errors import ConfigError, DataError
+from avseg.models.audio import VGGish
+
+SUBSET_LAYOUT: dict[str, tuple[int, FitMode]] = {
+    "s4": (5, "repeat_last"),
+    "ms3": (5, "repeat_last"),
+    "avss": (10, "zero_pad"),
+}
+
+
+def wav_files(root: str | os.PathLike, subset: str) -> list[Path]:
+    """Every WAV of a subset's tree, sorted: S4/MS3 `<subset>_data/audio_wav/**.wav`, AVSS
+    `<label>/<uid>/audio.wav`. Raises DataError when the audio folder is missing or empty."""
+    root = Path(root)
+    if subset in ("s4", "ms3"):
+        audio_dir = root / f"{subset}_data" / "audio_wav"
+        if not audio_dir.is_dir():
+            raise DataError(audio_dir, "audio folder not found")
+        files = sorted(audio_dir.rglob("*.wav"))
+    elif subset == "avss":
+        if not root.is_dir():
+            raise DataError(root, "AVSS root folder not found")
+        files = sorted(root.glob("*/*/audio.wav"))
+    else:
+        raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {subset!r}")
+    if not files:
+        raise DataError(root, f"no WAV files found for subset {subset}")
+    return files
+
+
+def embedding_path(wav_path: str | os.PathLike, *, root: str | os.PathLike, embeddings_dir: str | os.PathLike) -> Path:
+    """Where the embedding of `wav_path` (inside `root`) lives under `embeddings_dir`."""
+    relative = Path(wav_path).resolve().relative_to(Path(root).resolve())
+    return Path(embeddings_dir) / relative.with_suffix(".npy")
+
+
+def clip_embedding(
+    vggish: VGGish, wav_path: str | os.PathLike, subset: str, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """VGGish embedding of one clip's WAV: float32 [T, 128]."""
+    num_frames, mode = SUBSET_LAYOUT[subset]
+    wav, sample_rate = load_wav(wav_path)
+    examples = log_mel_examples(wav, sample_rate)
+    if examples.shape[0] == 0 and mode == "repeat_last":
+        raise DataError(wav_path, "audio shorter than one 0.96 s VGGish example")
+    examples = fit_examples(examples, num_frames, mode)
+    with torch.inference_mode():
+        return vggish(examples.to(device)).float().cpu().numpy()
+
+
+def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            np.save(temp_file, array)
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    child, parent = child.resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+def write_embeddings(
+    root: str | os.PathLike,
+    subset: str,
+    out: str | os.PathLike,
+    *,
+    vggish: VGGish,
+    overwrite: bool = False,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Path, bool]]:
+    """Write every clip's embedding; yields (output path, written) per WAV, `written` False when
+    an existing file was kept."""
+    root, out = Path(root), Path(out)
+    if subset not in SUBSET_LAYOUT:
+        raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {subset!r}")
+    if _is_within(out, root):
+        raise ConfigError(f"out={out} lies inside the data tree root={root}; choose a folder outside it")
+    vggish = vggish.to(device).eval()
+    for wav_path in wav_files(root, subset):
+        target = embedding_path(wav_path, root=root, embeddings_dir=out)
+        if target.exists() and not overwrite:
+            yield target, False
+            continue
+        _atomic_save_npy(clip_embedding(vggish, wav_path, subset, device), target)
+        yield target, True
+
+
+def _parse_overrides(argv: Sequence[str]) -> dict[str, str]:
+    allowed = {"root", "subset", "out", "vggish_weights", "random_init", "overwrite", "device", "seed"}
+    options: dict[str, str] = {}
+    for argument in argv:
+        key, sep, value = argument.partition("=")
+        if not sep or key not in allowed:
+            raise ConfigError(f"unknown argument {argument!r}; expected key=value with key in {sorted(allowed)}")
+        options[key] = value
+    for key in ("root", "subset", "out"):
+        if key not in options:
+            raise ConfigError(f"missing required argument {key}=...")
+    return options
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = _parse_overrides(sys.argv[1:] if argv is None else argv)
+    if options["subset"] not in SUBSET_LAYOUT:
+        raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {options['subset']!r}")
+    random_init = _parse_bool("random_init", options.get("random_init", "false"))
+    overwrite = _parse_bool("overwrite", options.get("overwrite", "false"))
+    weights = options.get("vggish_weights")
+    if random_init and weights:
+        raise ConfigError("random_init=true and vggish_weights are both set; choose one")
+    if random_init:
+        print("warning: random_init=true: embeddings come from an untrained VGGish", file=sys.stderr)
+        try:
+            seed = int(options.get("seed", "0"))
+        except ValueError:
+            raise ConfigError(f"seed must be an integer, got {options['seed']!r}") from None
+        torch.manual_seed(seed)  # a random VGGish is still reproducible
+        vggish = VGGish()
+    elif weights:
+        vggish = VGGish.from_state_dict_file(weights)
+    else:
+        raise ConfigError("vggish_weights=PATH (torchvggish vggish-10086976.pth) is required, or random_init=true")
+    start = time.perf_counter()
+    written = kept = 0
+    for _, was_written in write_embeddings(
+        options["root"], options["subset"], options["out"], vggish=vggish, overwrite=overwrite,
+        device=options.get("device", "cpu"),
+    ):
+        written += was_written
+        kept += not was_written
+    print(
+        f"embeddings: {written} written, {kept} kept (already present) under {options['out']} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

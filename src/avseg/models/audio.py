@@ -1,0 +1,253 @@
+"""Audio side of QDFormer: the VGGish network and the audio encoder giving F_a [B, T, C]."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from avseg.errors import CheckpointError, ConfigError
+from avseg.models.layers.position import sine_position_1d
+
+VGGISH_EMBEDDING_DIM = 128
+_VGGISH_FEATURE_PLAN: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+_PCA_QUANTIZE_MIN = -2.0
+_PCA_QUANTIZE_MAX = 2.0
+
+
+def _vggish_features() -> nn.Sequential:
+    """conv3x3+ReLU / max-pool stack; module indices match torchvggish's `features.N.*` keys."""
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for step in _VGGISH_FEATURE_PLAN:
+        if step == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(step), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = int(step)
+    return nn.Sequential(*layers)
+
+
+def _load_weights_file(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises several types for corrupt / unsafe files
+        raise CheckpointError(path, f"cannot load with weights_only=True: {err}") from err
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(path, f"expected a state dict of tensors, got {type(loaded).__name__}")
+    return loaded
+
+
+class VGGish(nn.Module):
+    """torchvggish's `VGG` network: log-mel examples [N, 1, 96, 64] -> embeddings [N, 128].
+
+    State-dict keys are exactly torchvggish's (`features.{0,3,6,8,11,13}.*`,
+    `embeddings.{0,2,4}.*`). The optional PCA + 8-bit quantisation postprocessing (AudioSet's
+    released embeddings) is off by default; its parameters are buffers outside the state dict,
+    loaded with `load_pca_params`.
+    """
+
+    def __init__(self, *, postprocess: bool = False):
+        super().__init__()
+        self.features = _vggish_features()
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 4 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, VGGISH_EMBEDDING_DIM),
+            nn.ReLU(inplace=True),
+        )
+        self.postprocess = postprocess
+        self.register_buffer("pca_eigen_vectors", torch.empty(0), persistent=False)
+        self.register_buffer("pca_means", torch.empty(0), persistent=False)
+
+    def forward(self, examples: torch.Tensor) -> torch.Tensor:
+        """[N, 1, 96, 64] -> [N, 128] (PCA-quantised values in 0..255 when `postprocess`)."""
+        if examples.ndim != 4 or tuple(examples.shape[1:]) != (1, 96, 64):
+            raise ValueError(f"VGGish expects [N, 1, 96, 64], got {tuple(examples.shape)}")
+        feature_map = self.features(examples)  # [N, 512, 6, 4]
+        # torchvggish flattens channels-last ([N, 6, 4, 512]) to match the TF weights.
+        embedding = self.embeddings(rearrange(feature_map, "n c h w -> n (h w c)"))
+        if self.postprocess:
+            embedding = self.apply_pca(embedding)
+        return embedding
+
+    def apply_pca(self, embedding: torch.Tensor) -> torch.Tensor:
+        """AudioSet postprocessing: PCA (with whitening), clip to [-2, 2], quantise to 0..255."""
+        if self.pca_eigen_vectors.numel() == 0:
+            raise RuntimeError("VGGish postprocess is on but no PCA parameters were loaded")
+        projected = (embedding - self.pca_means) @ self.pca_eigen_vectors.T
+        clipped = projected.clamp(_PCA_QUANTIZE_MIN, _PCA_QUANTIZE_MAX)
+        scale = 255.0 / (_PCA_QUANTIZE_MAX - _PCA_QUANTIZE_MIN)
+        return torch.round((clipped - _PCA_QUANTIZE_MIN) * scale)
+
+    def load_pca_params(self, path: str | os.PathLike) -> None:
+        """Load torchvggish's PCA file (keys `pca_eigen_vectors` [128, 128], `pca_means` [128])."""
+        params = _load_weights_file(path)
+        missing = sorted({"pca_eigen_vectors", "pca_means"} - set(params))
+        if missing:
+            raise CheckpointError(path, f"missing PCA keys {missing}")
+        vectors = torch.as_tensor(params["pca_eigen_vectors"], dtype=torch.float32)
+        means = torch.as_tensor(params["pca_means"], dtype=torch.float32).reshape(-1)
+        dim = VGGISH_EMBEDDING_DIM
+        if tuple(vectors.shape) != (dim, dim) or tuple(means.shape) != (dim,):
+            raise CheckpointError(
+                path, f"bad PCA shapes {tuple(vectors.shape)} / {tuple(means.shape)}, expected "
+                f"({dim}, {dim}) / ({dim},)"
+            )
+        device = self.features[0].weight.device
+        self.pca_eigen_vectors = vectors.to(device)
+        self.pca_means = means.to(device)
+
+    @classmethod
+    def from_state_dict_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        postprocess: bool = False,
+        pca_params: str | os.PathLike | None = None,
+    ) -> VGGish:
+        """Build a VGGish and load a torchvggish-format state dict (e.g. `vggish-10086976.pth`).
+
+        Loaded with `weights_only=True`, strictly: missing, unexpected or mis-shaped keys raise
+        CheckpointError naming the file and listing them.
+        """
+        if postprocess and pca_params is None:
+            raise ConfigError("VGGish: postprocess=True needs pca_params (path to the PCA file)")
+        state = _load_weights_file(path)  # first: a bad path fails before a 72M-parameter build
+        model = cls(postprocess=postprocess)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mis_shaped = sorted(
+            f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
+            for key in set(state) & set(expected)
+            if state[key].shape != expected[key].shape
+        )
+        if missing or unexpected or mis_shaped:
+            raise CheckpointError(
+                path,
+                f"not a torchvggish VGG state dict: missing keys {missing}, unexpected keys "
+                f"{unexpected}, shape mismatches {mis_shaped}",
+            )
+        model.load_state_dict(state, strict=True)
+        if pca_params is not None:
+            model.load_pca_params(pca_params)
+        return model
+
+
+class AudioEncoder(nn.Module):
+    """Audio tokens F_a [B, T, dim] from log-mel examples or precomputed VGGish embeddings.
+
+    `input="log_mel"`: VGGish (frozen by default) on [B, T, 1, 96, 64]; its weights come from
+    `vggish_weights` (a torchvggish state dict), or random init only when `random_init=True`.
+    `input="embeddings"`: [B, T, 128] used as they are (`vggish_weights` is not used).
+    Then Linear(128 -> dim) + LayerNorm + dropout + a 1-D sine position code over T. Frames with
+    `frame_valid` false are zeroed both before the projection (as the official AVSS code does to
+    the audio features) and in the output.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        input: Literal["log_mel", "embeddings"] = "log_mel",
+        vggish_weights: str | None = None,
+        random_init: bool = False,
+        freeze_vggish: bool = True,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if input not in ("log_mel", "embeddings"):
+            raise ConfigError(f"audio_encoder.input must be 'log_mel' or 'embeddings', got {input!r}")
+        if dim <= 0 or dim % 2:
+            raise ConfigError(f"audio_encoder dim must be a positive even number (sine code), got {dim}")
+        self.input = input
+        self.freeze_vggish = freeze_vggish
+        self.vggish: VGGish | None = None
+        if input == "log_mel":
+            if random_init and vggish_weights is not None:
+                raise ConfigError(
+                    "audio_encoder: random_init=true and vggish_weights are both set; choose one"
+                )
+            if random_init:
+                self.vggish = VGGish()
+            elif vggish_weights is None:
+                raise ConfigError(
+                    "audio_encoder.vggish_weights: a path to the torchvggish state dict "
+                    "(vggish-10086976.pth) is required; set audio_encoder.random_init=true to "
+                    "train from a random init instead"
+                )
+            else:
+                self.vggish = VGGish.from_state_dict_file(vggish_weights)
+            if freeze_vggish:
+                self.vggish.requires_grad_(False)
+                self.vggish.eval()
+        self.proj = nn.Linear(VGGISH_EMBEDDING_DIM, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dim = dim
+
+    def train(self, mode: bool = True) -> AudioEncoder:
+        super().train(mode)
+        if self.vggish is not None and self.freeze_vggish:
+            self.vggish.eval()  # a frozen VGGish stays in inference mode
+        return self
+
+    def embed(self, audio: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """VGGish embeddings [B, T, 128] of `audio` ([B, T, 1, 96, 64], or [B, T, 128] as is).
+
+        With `frame_valid`, VGGish runs on the valid frames only; padded frames get zeros.
+        """
+        if self.input == "embeddings":
+            if audio.ndim != 3 or audio.shape[-1] != VGGISH_EMBEDDING_DIM:
+                raise ValueError(
+                    f"AudioEncoder(input='embeddings') expects [B, T, 128], got {tuple(audio.shape)}"
+                )
+            return audio
+        if audio.ndim != 5:
+            raise ValueError(
+                f"AudioEncoder(input='log_mel') expects [B, T, 1, 96, 64], got {tuple(audio.shape)}"
+            )
+        if self.vggish is None:
+            raise RuntimeError("AudioEncoder(input='log_mel') has no VGGish")
+        batch, length = audio.shape[:2]
+        examples = rearrange(audio, "b t c h w -> (b t) c h w")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vggish):
+            if frame_valid is None:
+                embedding = self.vggish(examples)
+            else:
+                # Padded frames (e.g. AVSS v1 clips: 5 of 10) would be zeroed anyway: skip them.
+                valid = rearrange(frame_valid, "b t -> (b t)").to(torch.bool)
+                embedding = examples.new_zeros((batch * length, VGGISH_EMBEDDING_DIM))
+                if valid.any():
+                    valid_embedding = self.vggish(examples[valid]).to(embedding.dtype)
+                    embedding = embedding.index_put((valid,), valid_embedding)
+        return rearrange(embedding, "(b t) d -> b t d", b=batch)
+
+    def forward(self, audio: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """audio [B, T, 1, 96, 64] or [B, T, 128], frame_valid bool [B, T] -> F_a [B, T, dim]."""
+        batch, length = audio.shape[:2]
+        if frame_valid is not None and tuple(frame_valid.shape) != (batch, length):
+            raise ValueError(
+                f"frame_valid must be [B, T] = {(batch, length)}, got {tuple(frame_valid.shape)}"
+            )
+        embedding = self.embed(audio, frame_valid).to(self.proj.weight.dtype)
+        if frame_valid is not None:
+            keep = frame_valid.to(embedding.dtype)[..., None]
+            embedding = embedding * keep
+        tokens = self.dropout(self.norm(self.proj(embedding)))
+        position = sine_position_1d(length, self.dim, device=tokens.device, dtype=tokens.dtype)
+        tokens = tokens + position[None]
+        if frame_valid is not None:
+            tokens = tokens * keep
+        return tokens
