@@ -1,0 +1,369 @@
+"""Set criterion of QDFormer: per-frame Hungarian matching and the DETR-family losses.
+
+Targets (DESIGN.md section 1.7 / HELPERS.md):
+  - binary (AVS, ``semantic=False``, ``num_classes=1``): a labelled frame whose mask has any
+    foreground (value 1) holds one object of class 0 whose mask is the foreground;
+  - semantic (AVSS, ``semantic=True``, ``num_classes=70`` for AVSBench): every class c > 0 present in
+    the frame is one object of class c - 1 (no background logit; class 0 is background).
+Frames whose ``label_valid`` flag is false contribute nothing. A labelled frame without objects
+still supervises classification (every query -> "no object", i.e. all-zero class targets) but has
+no mask or box loss.
+
+Losses, each computed on the final output and on every ``aux_outputs`` entry (names suffixed
+``_aux{i}``), every one normalised by the number of ground-truth objects in the batch (averaged over
+DDP ranks, clamped to >= 1), as in Deformable DETR:
+  - ``loss_class``: sigmoid focal loss (alpha 0.25, gamma 2) over all queries and classes of the
+    labelled frames; unmatched queries have an all-zero target;
+  - ``loss_mask``: sigmoid focal loss of each matched mask, averaged over pixels;
+  - ``loss_dice``: 1 - soft dice of each matched mask;
+  - ``loss_bbox``: L1 distance of each matched normalised cxcywh box;
+  - ``loss_giou``: 1 - GIoU of each matched box.
+Masks are compared at the resolution picked by ``mask_resolution`` (see `avseg.models.matcher`).
+Boxes: the ground-truth box is the tight box of the full-resolution mask; the predicted box is
+``outputs["pred_boxes"]`` when present, else the tight box of ``sigmoid(mask) > 0.5``, which has no
+gradient (the two box terms are then reported, and still steer the matching, but train nothing).
+Plus the quantiser terms of ``outputs["quant"]`` when present: ``loss_vq`` (``vq_loss``) and
+``loss_distill`` (``distill_loss``). They depend on the audio only, so they are added whatever the
+label flags say.
+
+``forward`` returns the UNWEIGHTED named terms and ``loss``, the weighted total
+(defaults: class 2, L1 5, GIoU 2, mask 2, dice 5, VQ 0.5, distillation 1). A batch without any
+labelled frame (and without quantiser terms) gives ``loss == 0`` that is still connected to the
+graph, so ``backward()`` works and every rank of a DDP job runs the same collective operations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from avseg.errors import ConfigError
+from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_to_boxes
+from avseg.models.matcher import (
+    MASK_RESOLUTIONS,
+    HungarianMatcher,
+    align_masks,
+    predicted_boxes,
+    sigmoid_focal_terms,
+)
+
+__all__ = ["SetCriterion", "FrameTargets"]
+
+_SEGMENTATION_TERMS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
+
+
+class FrameTargets:
+    """Ground-truth objects of the labelled frames of a batch.
+
+    Attributes:
+        frame_ids: [F] long, positions of the labelled frames in the flattened (b, t) order.
+        labels: [n] long, masks: [n, h, w] float (at the loss resolution), boxes: [n, 4]
+            normalised cxcywh (from the full-resolution masks): all objects, frame-major.
+        counts: objects per labelled frame (F ints).
+        per_frame: F dicts with ``labels``, ``masks``, ``boxes`` (views of the flat tensors), the
+            matcher's input.
+    """
+
+    def __init__(self, frame_ids: Tensor, labels: Tensor, masks: Tensor, boxes: Tensor, counts: list[int]) -> None:
+        self.frame_ids = frame_ids
+        self.labels = labels
+        self.masks = masks
+        self.boxes = boxes
+        self.counts = counts
+        self.num_objects = int(sum(counts))
+        self.per_frame = [
+            {"labels": frame_labels, "masks": frame_masks, "boxes": frame_boxes}
+            for frame_labels, frame_masks, frame_boxes in zip(
+                labels.split(counts), masks.split(counts), boxes.split(counts)
+            )
+        ]
+
+
+def _zero_connected(*tensors: Tensor | None) -> Tensor:
+    """A zero scalar that depends on every given tensor (so backward reaches them, with zero grads)."""
+    total: Tensor | None = None
+    for tensor in tensors:
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        # nan_to_num keeps the anchor exactly 0 (a NaN prediction must show in its own term, not
+        # leak into every term through 0 * NaN) while staying in the graph.
+        term = torch.nan_to_num(tensor.float(), nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("criterion: no floating-point prediction tensor to attach the zero loss to")
+    return total
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched segmentation losses for binary (AVS) and semantic (AVSS) training.
+
+    ``forward(outputs, masks [B, T, H, W] long, label_valid [B, T] bool) -> dict[str, Tensor]``
+    where ``outputs`` holds ``pred_logits`` [B, T, Nq, num_classes], ``pred_masks``
+    [B, T, Nq, h, w], optionally ``pred_boxes`` [B, T, Nq, 4], ``aux_outputs`` (a list of dicts
+    with the same keys) and ``quant`` (a dict with ``vq_loss`` and ``distill_loss`` scalars).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        semantic: bool,
+        matcher: HungarianMatcher | None = None,
+        weight_class: float = 2.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        weight_mask: float = 2.0,
+        weight_dice: float = 5.0,
+        weight_vq: float = 0.5,
+        weight_distill: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        mask_resolution: str = "pred",
+    ) -> None:
+        """
+        Args:
+            num_classes: object classes (class logits per query): 1 for binary AVS, 70 for AVSS
+                (71 classes minus background).
+            semantic: AVSS mode (mask values are class indices 0..num_classes) or binary mode
+                (mask values 0 / 1; ``num_classes`` must be 1).
+            matcher: the Hungarian matcher; ``None`` builds one whose costs equal the loss weights.
+            weight_*: loss weights of the total; the returned terms are unweighted.
+            focal_alpha, focal_gamma: the sigmoid focal loss parameters (class and mask terms).
+            mask_resolution: ``"pred"`` or ``"target"`` (see `avseg.models.matcher`); must equal
+                the matcher's.
+        """
+        super().__init__()
+        if num_classes < 1:
+            raise ConfigError(f"criterion.num_classes={num_classes}: must be >= 1")
+        if not semantic and num_classes != 1:
+            raise ConfigError(
+                f"criterion.num_classes={num_classes}: binary AVS has exactly one object class (use 1), "
+                "or set semantic=true"
+            )
+        if mask_resolution not in MASK_RESOLUTIONS:
+            raise ConfigError(f"criterion.mask_resolution={mask_resolution!r}: allowed values are {MASK_RESOLUTIONS}")
+        weights = {
+            "loss_class": weight_class,
+            "loss_bbox": weight_bbox,
+            "loss_giou": weight_giou,
+            "loss_mask": weight_mask,
+            "loss_dice": weight_dice,
+            "loss_vq": weight_vq,
+            "loss_distill": weight_distill,
+        }
+        for name, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"criterion.weight_{name.removeprefix('loss_')}={value}: must be >= 0")
+        if matcher is None:
+            matcher = HungarianMatcher(
+                cost_class=weight_class,
+                cost_bbox=weight_bbox,
+                cost_giou=weight_giou,
+                cost_mask=weight_mask,
+                cost_dice=weight_dice,
+                focal_alpha=focal_alpha,
+                focal_gamma=focal_gamma,
+                mask_resolution=mask_resolution,
+            )
+        elif matcher.mask_resolution != mask_resolution:
+            raise ConfigError(
+                f"criterion.mask_resolution={mask_resolution!r} but the matcher uses {matcher.mask_resolution!r}: "
+                "set both to the same value"
+            )
+        self.num_classes = int(num_classes)
+        self.semantic = bool(semantic)
+        self.matcher = matcher
+        self.weight_dict: dict[str, float] = {name: float(value) for name, value in weights.items()}
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.mask_resolution = mask_resolution
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, semantic={self.semantic}, weights={self.weight_dict}"
+
+    # ------------------------------------------------------------------ targets
+    def build_targets(self, masks: Tensor, label_valid: Tensor, pred_size: tuple[int, int]) -> FrameTargets:
+        """Per-frame target instances of the labelled frames.
+
+        Args:
+            masks: [B, T, H, W] integer masks. label_valid: [B, T] bool.
+            pred_size: (h, w) of the predicted masks (the loss resolution in ``"pred"`` mode).
+        """
+        if masks.dim() != 4:
+            raise ValueError(f"criterion: masks must be [B, T, H, W], got {tuple(masks.shape)}")
+        if label_valid.shape != masks.shape[:2]:
+            raise ValueError(
+                f"criterion: label_valid {tuple(label_valid.shape)} does not match "
+                f"masks [B, T] = {tuple(masks.shape[:2])}"
+            )
+        if masks.is_floating_point():
+            raise ValueError(f"criterion: masks must be an integer tensor, got {masks.dtype}")
+        frame_masks = rearrange(masks, "b t h w -> (b t) h w")
+        frame_ids = label_valid.reshape(-1).to(torch.bool).nonzero().squeeze(1)
+        labelled = frame_masks[frame_ids].long()  # [F, H, W]
+        num_frames = labelled.shape[0]
+        if num_frames == 0:
+            return FrameTargets(
+                frame_ids,
+                labels=labelled.new_zeros((0,)),
+                masks=torch.zeros((0, *pred_size), device=labelled.device),
+                boxes=torch.zeros((0, 4), device=labelled.device),
+                counts=[],
+            )
+        highest = self.num_classes if self.semantic else 1
+        low, high = torch.aminmax(labelled)
+        if int(low) < 0 or int(high) > highest:
+            mode = "semantic" if self.semantic else "binary"
+            raise ValueError(
+                f"criterion ({mode}): mask values must be in [0, {highest}], got [{int(low)}, {int(high)}]"
+            )
+        # Which classes occur in which frame, with one bincount (no per-frame host syncs).
+        slots = highest + 1
+        offsets = torch.arange(num_frames, device=labelled.device)[:, None, None] * slots
+        counts = torch.bincount((labelled + offsets).reshape(-1), minlength=num_frames * slots)
+        present = counts.view(num_frames, slots)[:, 1:] > 0  # [F, highest]
+        object_frame, object_class = present.nonzero(as_tuple=True)  # frame-major order
+        object_masks = labelled[object_frame] == (object_class + 1)[:, None, None]  # [n, H, W] bool
+        object_boxes = masks_to_boxes(object_masks)
+        object_masks = object_masks.float()
+        if self.mask_resolution == "pred" and object_masks.shape[0] and object_masks.shape[-2:] != pred_size:
+            object_masks = F.interpolate(object_masks[:, None], size=pred_size, mode="area")[:, 0]
+        elif object_masks.shape[0] == 0 and self.mask_resolution == "pred":
+            object_masks = object_masks.new_zeros((0, *pred_size))
+        counts = present.sum(1).tolist()
+        return FrameTargets(frame_ids, labels=object_class, masks=object_masks, boxes=object_boxes, counts=counts)
+
+    @staticmethod
+    def _global_num_objects(num_objects: int, device: torch.device) -> float:
+        """Objects per rank averaged over the DDP world, clamped to >= 1 (Deformable DETR)."""
+        count = torch.tensor(float(num_objects), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(float(count), 1.0)
+
+    # ------------------------------------------------------------------ losses
+    def _select_frames(self, output: dict[str, Any], frame_ids: Tensor) -> dict[str, Tensor]:
+        for key in ("pred_logits", "pred_masks"):
+            if key not in output:
+                raise KeyError(f"criterion: model output is missing {key!r}")
+        pred_logits = output["pred_logits"]
+        pred_masks = output["pred_masks"]
+        if pred_logits.dim() != 4 or pred_masks.dim() != 5:
+            raise ValueError(
+                "criterion: expected pred_logits [B, T, Nq, K] and pred_masks [B, T, Nq, h, w], got "
+                f"{tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
+            )
+        if pred_logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"criterion: pred_logits has {pred_logits.shape[-1]} classes, the criterion expects {self.num_classes}"
+            )
+        selected = {
+            "pred_logits": rearrange(pred_logits, "b t q k -> (b t) q k")[frame_ids],
+            "pred_masks": rearrange(pred_masks, "b t q h w -> (b t) q h w")[frame_ids],
+        }
+        if output.get("pred_boxes") is not None:
+            selected["pred_boxes"] = rearrange(output["pred_boxes"], "b t q c -> (b t) q c")[frame_ids]
+        return selected
+
+    def _stream_losses(
+        self, output: dict[str, Any], targets: FrameTargets, num_objects: float
+    ) -> dict[str, Tensor]:
+        """The five segmentation terms of one decoder output (final or auxiliary)."""
+        frames = self._select_frames(output, targets.frame_ids)
+        anchor = _zero_connected(output["pred_logits"], output["pred_masks"], output.get("pred_boxes"))
+        if frames["pred_logits"].shape[0] == 0:
+            return {name: anchor for name in _SEGMENTATION_TERMS}
+        if frames["pred_logits"].shape[:2] != frames["pred_masks"].shape[:2]:
+            raise ValueError("criterion: pred_logits and pred_masks disagree on frames / queries")
+
+        indices = self.matcher(frames, targets.per_frame)
+        device = frames["pred_logits"].device
+        # Flat (frame, query) <-> object pairs; object ids index the flat target tensors.
+        first_object = [0]
+        for count in targets.counts[:-1]:
+            first_object.append(first_object[-1] + count)
+        frame_index = torch.cat(
+            [torch.full_like(query_ids, frame) for frame, (query_ids, _) in enumerate(indices)]
+        ).to(device)
+        query_index = torch.cat([query_ids for query_ids, _ in indices]).to(device)
+        object_index = torch.cat(
+            [target_ids + first for (_, target_ids), first in zip(indices, first_object)]
+        ).to(device)
+
+        # Classification over every query of every labelled frame; unmatched queries: all zeros.
+        logits = frames["pred_logits"].float()
+        class_target = torch.zeros_like(logits)
+        class_target[frame_index, query_index, targets.labels[object_index]] = 1.0
+        pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        # The anchor ties the mask (and box) predictions to the total even when nothing is matched.
+        losses = {"loss_class": (class_target * pos + (1 - class_target) * neg).sum() / num_objects + anchor}
+
+        if query_index.numel() == 0:
+            for name in ("loss_mask", "loss_dice", "loss_bbox", "loss_giou"):
+                losses[name] = anchor
+            return losses
+
+        # Matched masks and boxes, one (query, object) pair per row.
+        src_masks = frames["pred_masks"][frame_index, query_index].float()  # [M, h, w]
+        tgt_masks = targets.masks[object_index]
+        tgt_boxes = targets.boxes[object_index]
+        if "pred_boxes" in frames:
+            src_boxes = frames["pred_boxes"][frame_index, query_index].float()
+        else:
+            src_boxes = predicted_boxes(src_masks)
+
+        src_aligned, tgt_aligned = align_masks(src_masks, tgt_masks, self.mask_resolution)
+        src_flat = src_aligned.flatten(1)
+        tgt_flat = tgt_aligned.flatten(1)
+        pos, neg = sigmoid_focal_terms(src_flat, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        losses["loss_mask"] = (tgt_flat * pos + (1 - tgt_flat) * neg).mean(1).sum() / num_objects
+        prob = src_flat.sigmoid()
+        dice = 1 - (2 * (prob * tgt_flat).sum(1) + 1) / (prob.sum(1) + tgt_flat.sum(1) + 1)
+        losses["loss_dice"] = dice.sum() / num_objects
+        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        return losses
+
+    def forward(self, outputs: dict[str, Any], masks: Tensor, label_valid: Tensor) -> dict[str, Tensor]:
+        if "pred_masks" not in outputs or "pred_logits" not in outputs:
+            raise KeyError("criterion: outputs must hold 'pred_logits' and 'pred_masks'")
+        pred_masks = outputs["pred_masks"]
+        if pred_masks.dim() != 5:
+            raise ValueError(f"criterion: pred_masks must be [B, T, Nq, h, w], got {tuple(pred_masks.shape)}")
+        if pred_masks.shape[:2] != masks.shape[:2]:
+            raise ValueError(
+                f"criterion: predictions cover [B, T] = {tuple(pred_masks.shape[:2])}, masks {tuple(masks.shape[:2])}"
+            )
+        device = pred_masks.device
+        targets = self.build_targets(masks.to(device), label_valid.to(device), tuple(pred_masks.shape[-2:]))
+        num_objects = self._global_num_objects(targets.num_objects, pred_masks.device)
+
+        terms: dict[str, Tensor] = {}
+        for name, value in self._stream_losses(outputs, targets, num_objects).items():
+            terms[name] = value
+        for layer, aux in enumerate(outputs.get("aux_outputs") or []):
+            for name, value in self._stream_losses(aux, targets, num_objects).items():
+                terms[f"{name}_aux{layer}"] = value
+
+        quant = outputs.get("quant")
+        if quant is not None:
+            for source, name in (("vq_loss", "loss_vq"), ("distill_loss", "loss_distill")):
+                if source not in quant:
+                    raise KeyError(f"criterion: outputs['quant'] is missing {source!r}")
+                terms[name] = quant[source].float()
+
+        total: Tensor | None = None
+        for name, value in terms.items():
+            base = name.split("_aux", 1)[0]
+            weighted = self.weight_dict[base] * value
+            total = weighted if total is None else total + weighted
+        assert total is not None  # the final output always yields the five segmentation terms
+        terms["loss"] = total
+        return terms
