@@ -1,0 +1,609 @@
+"""Validate an AVSBench-format tree (real or SynthAVS) and list every problem with its path.
+
+    python -m avseg.data.check root=PATH subset=s4|ms3|avss [image_size=224] [workers=8]
+
+Checks, against the layouts in AVSBENCH.md: the CSV (and AVSS `label2idx.json`) parse; every CSV
+row has exactly its expected frames, masks, WAV (and pickle, when the tree has `audio_log_mel/`),
+per clip kind and split; no extra files and no clip folders without a CSV row inside the subset's
+data folders; every image is structurally whole (PNG chunks with valid CRCs up to IEND, JPEG end
+marker: PIL decodes a PNG that lost its tail), decodes fully (PIL `load()`), has the expected size
+(`image_size`) and matches its clip's frame size; binary masks hold one foreground value at most; AVSS colour masks
+hold only class colours and agree with `labels_semantic/`; WAVs decode fully at 16 kHz and are long
+enough for one log-mel example; pickles are plain tensors [5, 1, 96, 64] loaded through the
+restricted unpickler. Each file is read once; clips are checked in parallel threads.
+Entries at the root beside the CSV (e.g. another subset's folder, the SynthAVS sidecar) are not
+inspected.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from avseg.data.palette import AVSS_CLASSES, NUM_AVSS_CLASSES, decode_colour_mask
+from avseg.errors import ConfigError, DataError
+
+SUBSETS = ("s4", "ms3", "avss")
+SPLITS = ("train", "val", "test")
+EXPECTED_SAMPLE_RATE = 16000
+MIN_AUDIO_SECONDS = 0.975  # one 0.96 s VGGish example needs 96 hops of 10 ms + a 25 ms window
+AVSS_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One problem found in a tree: the file or folder concerned and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class _Clip:
+    """One CSV row: its files (relative POSIX paths -> kind) and the folders that hold them."""
+
+    name: str
+    files: dict[str, str] = field(default_factory=dict)
+    folders: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Layout:
+    """What the CSV says should exist, and where to look for extras."""
+
+    clips: list[_Clip]
+    scan_roots: list[str]  # relative folders walked for extra entries
+    problems: list[Problem]
+    num_classes: int = NUM_AVSS_CLASSES
+
+
+_KIND_WORDS = {
+    "frame": "frame",
+    "binary_mask": "mask",
+    "rgb_mask": "colour mask (labels_rgb)",
+    "index_mask": "index mask (labels_semantic)",
+    "wav": "audio WAV",
+    "pkl": "log-mel pickle",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV -> expected files
+
+
+def _read_csv(path: Path, problems: list[Problem]) -> tuple[list[str], list[list[str]]] | None:
+    if not path.is_file():
+        problems.append(Problem(str(path), "missing metadata CSV"))
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            table = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        problems.append(Problem(str(path), f"unreadable CSV: {err}"))
+        return None
+    if not table:
+        problems.append(Problem(str(path), "empty CSV (no header)"))
+        return None
+    return [h.strip() for h in table[0]], table[1:]
+
+
+def _safe_name(value: str) -> bool:
+    """A CSV value used as a path component: non-empty, no separators, not '.' or '..'."""
+    return bool(value) and value not in (".", "..") and "/" not in value and "\\" not in value and "\0" not in value
+
+
+def _column(header: list[str], name: str, position: int) -> int:
+    """The column's index by name when the header has it, else the official position."""
+    return header.index(name) if name in header else position
+
+
+def _rows(
+    csv_path: Path,
+    header: list[str],
+    table: list[list[str]],
+    columns: dict[str, int],
+    problems: list[Problem],
+) -> list[dict[str, str]]:
+    """Rows as dicts of the named columns; malformed rows are reported and skipped."""
+    rows = []
+    width = max(columns.values()) + 1
+    for line_no, row in enumerate(table, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < width:
+            problems.append(Problem(str(csv_path), f"line {line_no}: {len(row)} columns, expected at least {width}"))
+            continue
+        values = {key: row[index].strip() for key, index in columns.items()}
+        bad = [key for key in ("name", "category", "uid", "label") if key in values and not _safe_name(values[key])]
+        if bad:
+            problems.append(Problem(str(csv_path), f"line {line_no}: unusable {bad[0]} {values[bad[0]]!r}"))
+            continue
+        if values["split"] not in SPLITS:
+            problems.append(Problem(
+                str(csv_path), f"line {line_no}: split {values['split']!r} is not one of {list(SPLITS)}"
+            ))
+            continue
+        values["line"] = str(line_no)
+        rows.append(values)
+    return rows
+
+
+def _dedupe(csv_path: Path, rows: list[dict[str, str]], key: str, problems: list[Problem]) -> list[dict[str, str]]:
+    seen: dict[str, str] = {}
+    unique = []
+    for row in rows:
+        if row[key] in seen:
+            problems.append(Problem(
+                str(csv_path),
+                f"line {row['line']}: duplicate clip {row[key]!r} (first on line {seen[row[key]]})",
+            ))
+            continue
+        seen[row[key]] = row["line"]
+        unique.append(row)
+    return unique
+
+
+def _has_log_mel(root: Path, data_dir: str) -> bool:
+    return (root / data_dir / "audio_log_mel").is_dir()
+
+
+def _s4_layout(root: Path) -> _Layout:
+    problems: list[Problem] = []
+    csv_path = root / "s4_meta_data.csv"
+    parsed = _read_csv(csv_path, problems)
+    if parsed is None:
+        return _Layout([], [], problems)
+    header, table = parsed
+    columns = {
+        "name": 0,
+        "category": _column(header, "category", 2),
+        "split": _column(header, "split", 3),
+    }
+    rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
+    with_pkl = _has_log_mel(root, "s4_data")
+    clips = []
+    for row in rows:
+        name, category, split = row["name"], row["category"], row["split"]
+        frames = f"s4_data/visual_frames/{split}/{category}/{name}"
+        masks = f"s4_data/gt_masks/{split}/{category}/{name}"
+        clip = _Clip(name=name, folders=[frames, masks])
+        for k in range(1, 6):
+            clip.files[f"{frames}/{name}_{k}.png"] = "frame"
+        for k in ([1] if split == "train" else range(1, 6)):
+            clip.files[f"{masks}/{name}_{k}.png"] = "binary_mask"
+        clip.files[f"s4_data/audio_wav/{split}/{category}/{name}.wav"] = "wav"
+        if with_pkl:
+            clip.files[f"s4_data/audio_log_mel/{split}/{category}/{name}.pkl"] = "pkl"
+        clips.append(clip)
+    return _Layout(clips, ["s4_data"], problems)
+
+
+def _ms3_layout(root: Path) -> _Layout:
+    problems: list[Problem] = []
+    csv_path = root / "ms3_meta_data.csv"
+    parsed = _read_csv(csv_path, problems)
+    if parsed is None:
+        return _Layout([], [], problems)
+    header, table = parsed
+    columns = {"name": 0, "split": _column(header, "split", 1)}
+    rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
+    with_pkl = _has_log_mel(root, "ms3_data")
+    clips = []
+    for row in rows:
+        name, split = row["name"], row["split"]
+        frames = f"ms3_data/visual_frames/{name}"
+        masks = f"ms3_data/gt_masks/{split}/{name}"
+        clip = _Clip(name=name, folders=[frames, masks])
+        for k in range(1, 6):
+            clip.files[f"{frames}/{name}.mp4_{k}.png"] = "frame"
+            clip.files[f"{masks}/{name}_{k}.png"] = "binary_mask"
+        clip.files[f"ms3_data/audio_wav/{split}/{name}.wav"] = "wav"
+        if with_pkl:
+            clip.files[f"ms3_data/audio_log_mel/{split}/{name}.pkl"] = "pkl"
+        clips.append(clip)
+    return _Layout(clips, ["ms3_data"], problems)
+
+
+def _read_label2idx(root: Path, problems: list[Problem]) -> int:
+    """Number of classes in `label2idx.json` (71 when it cannot be used; the problem is listed)."""
+    path = root / "label2idx.json"
+    if not path.is_file():
+        problems.append(Problem(str(path), "missing label2idx.json"))
+        return NUM_AVSS_CLASSES
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.append(Problem(str(path), f"unreadable JSON: {err}"))
+        return NUM_AVSS_CLASSES
+    if not isinstance(mapping, dict):
+        problems.append(Problem(str(path), "expected a JSON object mapping class names to indices"))
+        return NUM_AVSS_CLASSES
+    if len(mapping) != NUM_AVSS_CLASSES:
+        problems.append(Problem(str(path), f"{len(mapping)} classes, expected {NUM_AVSS_CLASSES}"))
+    elif tuple(mapping) != AVSS_CLASSES:
+        first = next(i for i, (a, b) in enumerate(zip(mapping, AVSS_CLASSES)) if a != b)
+        problems.append(Problem(
+            str(path),
+            f"class order differs from the official one at position {first}: {list(mapping)[first]!r}",
+        ))
+    return max(len(mapping), 1)
+
+
+def _avss_layout(root: Path) -> _Layout:
+    problems: list[Problem] = []
+    num_classes = _read_label2idx(root, problems)
+    csv_path = root / "metadata.csv"
+    parsed = _read_csv(csv_path, problems)
+    if parsed is None:
+        return _Layout([], [], problems, num_classes)
+    header, table = parsed
+    missing = [c for c in ("uid", "split", "label") if c not in header]
+    if missing:
+        problems.append(Problem(str(csv_path), f"missing column(s) {missing}; header is {header}"))
+        return _Layout([], [], problems, num_classes)
+    columns = {c: header.index(c) for c in ("uid", "split", "label")}
+    rows = _rows(csv_path, header, table, columns, problems)
+    valid_rows = []
+    for row in rows:
+        if row["label"] not in AVSS_FRAMES:
+            problems.append(Problem(
+                str(csv_path), f"line {row['line']}: label {row['label']!r} is not one of {list(AVSS_FRAMES)}"
+            ))
+        else:
+            valid_rows.append(row)
+    rows = _dedupe(csv_path, valid_rows, "uid", problems)
+    clips = []
+    for row in rows:
+        uid, split, label = row["uid"], row["split"], row["label"]
+        folder = f"{label}/{uid}"
+        num_frames = AVSS_FRAMES[label]
+        labelled = [0] if (label == "v1s" and split == "train") else range(num_frames)
+        clip = _Clip(name=uid, folders=[folder])
+        for i in range(num_frames):
+            clip.files[f"{folder}/frames/{i}.jpg"] = "frame"
+        for i in labelled:
+            clip.files[f"{folder}/labels_rgb/{i}.png"] = "rgb_mask"
+        if (root / folder / "labels_semantic").is_dir():  # optional: some trees ship index masks
+            for i in labelled:
+                clip.files[f"{folder}/labels_semantic/{i}.png"] = "index_mask"
+        clip.files[f"{folder}/audio.wav"] = "wav"
+        clips.append(clip)
+    return _Layout(clips, [k for k in AVSS_FRAMES if (root / k).is_dir()], problems, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking for extras
+
+
+# Per subset: the deepest folder level (in path parts) at which a folder still stands for clips
+# (split, category, clip folder) under each data folder, and where clip-level files (WAV, pickle) sit.
+_ROW_DIR_DEPTH = {
+    "s4": {"visual_frames": 5, "gt_masks": 5, "audio_wav": 4, "audio_log_mel": 4},
+    "ms3": {"visual_frames": 3, "gt_masks": 4, "audio_wav": 3, "audio_log_mel": 3},
+}
+_ROW_FILE_DEPTH = {
+    "s4": {"audio_wav": 5, "audio_log_mel": 5},
+    "ms3": {"audio_wav": 4, "audio_log_mel": 4},
+}
+
+
+def _row_level(subset: str, parts: tuple[str, ...], is_dir: bool) -> bool:
+    """Whether a path (relative parts) sits where a clip's folder or file, or a folder grouping
+    clips (split, category), would: such an entry that is not expected has no CSV row."""
+    if subset == "avss":
+        return is_dir and len(parts) == 2  # <label>/<uid>
+    if len(parts) < 2:
+        return False
+    if is_dir:
+        depth = _ROW_DIR_DEPTH[subset].get(parts[1])
+        return depth is not None and len(parts) <= depth
+    return _ROW_FILE_DEPTH[subset].get(parts[1]) == len(parts)
+
+
+def _find_extras(root: Path, subset: str, layout: _Layout) -> tuple[set[str], list[Problem]]:
+    """Walk the data folders once. Returns the relative paths of all files found and the extras."""
+    expected_files = {path for clip in layout.clips for path in clip.files}
+    allowed_dirs: set[str] = set()
+    for clip in layout.clips:
+        for path in list(clip.files) + clip.folders:
+            parent = PurePosixPath(path) if path in clip.folders else PurePosixPath(path).parent
+            while str(parent) not in (".", ""):
+                allowed_dirs.add(str(parent))
+                parent = parent.parent
+    found: set[str] = set()
+    problems: list[Problem] = []
+    for scan_root in layout.scan_roots:
+        if not (root / scan_root).is_dir():
+            problems.append(Problem(str(root / scan_root), "missing data folder"))
+            continue
+        for directory, subdirs, files in os.walk(root / scan_root):
+            rel_dir = Path(directory).relative_to(root).as_posix()
+            keep = []
+            for sub in sorted(subdirs):
+                rel = f"{rel_dir}/{sub}"
+                if rel in allowed_dirs:
+                    keep.append(sub)
+                elif _row_level(subset, tuple(rel.split("/")), is_dir=True):
+                    problems.append(Problem(str(root / rel), "folder without a CSV row"))
+                else:
+                    problems.append(Problem(str(root / rel), "unexpected folder"))
+            subdirs[:] = keep  # never descend into what was already reported
+            for name in sorted(files):
+                rel = f"{rel_dir}/{name}"
+                if rel in expected_files:
+                    found.add(rel)
+                elif _row_level(subset, tuple(rel.split("/")), is_dir=False):
+                    problems.append(Problem(str(root / rel), "file without a CSV row"))
+                else:
+                    problems.append(Problem(str(root / rel), "unexpected file"))
+    return found, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# File validation
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The one read of an image file (decoding and structure checks work on these bytes)."""
+    return path.read_bytes()
+
+
+def _png_structure_problem(data: bytes) -> str | None:
+    """Walk the PNG chunks: each must fit in the file with a correct CRC, and IEND must end it.
+
+    PIL decodes a PNG that lost its tail (IEND, even part of the last IDAT chunk's CRC) without
+    complaint, so a truncated file would otherwise pass.
+    """
+    position = len(_PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunk_type = data[position + 4 : position + 8]
+        end = position + 12 + length
+        name = chunk_type.decode("latin-1")
+        if end > len(data):
+            return f"truncated PNG: chunk {name!r} needs {end - len(data)} more bytes"
+        crc = int.from_bytes(data[end - 4 : end], "big")
+        if zlib.crc32(data[position + 4 : end - 4]) != crc:
+            return f"corrupt PNG: CRC mismatch in chunk {name!r}"
+        if chunk_type == b"IEND":
+            if end != len(data):
+                return f"corrupt PNG: {len(data) - end} bytes after the IEND chunk"
+            return None
+        position = end
+    return "truncated PNG: no IEND chunk"
+
+
+def _open_image(path: Path) -> tuple[Image.Image | None, str | None]:
+    """Read once, check the container structure (PNG chunks, JPEG end marker) and decode fully.
+    Returns (image, None) or (None, problem)."""
+    try:
+        data = _read_bytes(path)
+    except OSError as err:
+        return None, f"unreadable file: {err}"
+    if data.startswith(_PNG_SIGNATURE):
+        problem = _png_structure_problem(data)
+        if problem:
+            return None, problem
+    elif data.startswith(b"\xff\xd8") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None, "truncated JPEG: no end-of-image marker"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on oddities it can still decode
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        return image, None
+    except Exception as err:  # noqa: BLE001 - any decoder failure is reported, whatever its type
+        return None, f"unreadable image: {type(err).__name__}: {err}"
+
+
+def _check_binary_values(image: Image.Image) -> str | None:
+    if image.mode == "1":
+        return None
+    if image.mode not in ("L", "P"):
+        return f"mask mode {image.mode} is not a single-channel binary mask (L, 1 or P)"
+    values = np.unique(np.asarray(image))
+    nonzero = values[values != 0]
+    if len(nonzero) > 1:
+        shown = ", ".join(str(int(v)) for v in values[:8])
+        return f"non-binary mask: values {shown}{' ...' if len(values) > 8 else ''} (expected 0 and one foreground value)"
+    return None
+
+
+def _check_file(
+    root: Path, rel: str, kind: str, image_size: int | None, num_classes: int
+) -> tuple[list[str], tuple[int, int] | None, np.ndarray | None]:
+    """Validate one file. Returns (problem messages, image size or None, class indices [H, W] of
+    a decodable AVSS mask or None)."""
+    path = root / rel
+    messages: list[str] = []
+    if kind in ("wav",):
+        from avseg.data.audio import load_wav
+
+        try:
+            samples, sample_rate = load_wav(path)
+        except DataError as err:
+            return [err.problem], None, None
+        if sample_rate != EXPECTED_SAMPLE_RATE:
+            messages.append(f"sample rate {sample_rate} Hz, expected {EXPECTED_SAMPLE_RATE} Hz")
+        if len(samples) < MIN_AUDIO_SECONDS * sample_rate:
+            messages.append(f"{len(samples) / sample_rate:.3f} s of audio, shorter than one 0.96 s log-mel example")
+        return messages, None, None
+    if kind == "pkl":
+        from avseg.data.safe_pickle import load_tensor_pickle
+
+        try:
+            tensor = load_tensor_pickle(path)
+        except DataError as err:  # UnsafePickleError is a DataError
+            return [err.problem], None, None
+        if tuple(tensor.shape) != (5, 1, 96, 64):
+            messages.append(f"log-mel shape {list(tensor.shape)}, expected [5, 1, 96, 64]")
+        elif not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
+            messages.append("log-mel holds non-float or non-finite values")
+        return messages, None, None
+    image, error = _open_image(path)
+    if image is None:
+        return [error], None, None
+    size = image.size
+    if image_size is not None and size != (image_size, image_size):
+        messages.append(f"size {size[0]}x{size[1]}, expected {image_size}x{image_size}")
+    if kind == "binary_mask":
+        message = _check_binary_values(image)
+        if message:
+            messages.append(message)
+        return messages, size, None
+    if kind == "rgb_mask":
+        if image.mode not in ("RGB", "RGBA", "P"):
+            messages.append(f"colour mask mode {image.mode}, expected RGB")
+            return messages, size, None
+        rgb = np.asarray(image.convert("RGB"))
+        indices, unknown = decode_colour_mask(rgb, num_classes)
+        if unknown.any():
+            colours = np.unique(rgb[unknown].reshape(-1, 3), axis=0)
+            shown = ", ".join(str(tuple(int(x) for x in c)) for c in colours[:4])
+            messages.append(
+                f"{int(unknown.sum())} pixels with unknown colours {shown}{' ...' if len(colours) > 4 else ''}"
+            )
+            return messages, size, None
+        return messages, size, indices
+    if kind == "index_mask":
+        if image.mode not in ("L", "P"):
+            messages.append(f"index mask mode {image.mode}, expected L or P")
+            return messages, size, None
+        indices = np.asarray(image).astype(np.int64)
+        if indices.max(initial=0) >= num_classes:
+            bad = np.unique(indices[indices >= num_classes])
+            messages.append(f"class indices {[int(b) for b in bad[:8]]} outside 0..{num_classes - 1}")
+            return messages, size, None
+        return messages, size, indices
+    return messages, size, None  # frame
+
+
+def _check_clip(root: Path, clip: _Clip, present: set[str], image_size: int | None, num_classes: int) -> list[Problem]:
+    """Validate a clip's files (each read once) and cross-check sizes and AVSS mask pairs."""
+    problems: list[Problem] = []
+    frame_sizes: dict[str, tuple[int, int]] = {}
+    mask_sizes: dict[str, tuple[int, int]] = {}
+    decoded: dict[str, np.ndarray] = {}  # frame index -> class indices of its first decoded mask
+    for rel, kind in clip.files.items():
+        if rel not in present:
+            problems.append(Problem(str(root / rel), f"missing {_KIND_WORDS[kind]}"))
+            continue
+        messages, size, indices = _check_file(root, rel, kind, image_size, num_classes)
+        problems.extend(Problem(str(root / rel), message) for message in messages)
+        if indices is not None:  # AVSS: labels_rgb/<i>.png and labels_semantic/<i>.png must agree
+            stem = PurePosixPath(rel).stem
+            other = decoded.setdefault(stem, indices)
+            if other is not indices and other.shape == indices.shape and not np.array_equal(other, indices):
+                differing = int((other != indices).sum())
+                problems.append(Problem(str(root / rel), f"labels_semantic and labels_rgb disagree at {differing} pixels"))
+        if size is None:
+            continue
+        if kind == "frame":
+            frame_sizes[rel] = size
+        else:
+            mask_sizes[rel] = size
+    if image_size is None and frame_sizes:
+        reference = Counter(frame_sizes.values()).most_common(1)[0][0]
+        for rel, size in {**frame_sizes, **mask_sizes}.items():
+            if size != reference:
+                problems.append(Problem(
+                    str(root / rel),
+                    f"size {size[0]}x{size[1]} differs from the clip's frames ({reference[0]}x{reference[1]})",
+                ))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def check_tree(
+    root: str | os.PathLike, subset: str, *, image_size: int | None = None, workers: int | None = None
+) -> list[Problem]:
+    """Every problem in the `subset` tree at `root` (the folder holding the CSV), sorted by path."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"subset: {subset!r} is not one of {list(SUBSETS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+        raise ConfigError(f"image_size: expected a positive integer or None, got {image_size!r}")
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem(str(root), "not a folder")]
+    layout = {"s4": _s4_layout, "ms3": _ms3_layout, "avss": _avss_layout}[subset](root)
+    problems = list(layout.problems)
+    present, extras = _find_extras(root, subset, layout)
+    problems.extend(extras)
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL
+        results = pool.map(
+            lambda clip: _check_clip(root, clip, present, image_size, layout.num_classes), layout.clips
+        )
+        for clip_problems in results:
+            problems.extend(clip_problems)
+    return sorted(set(problems))
+
+
+def _parse_args(argv: Sequence[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected key=value (root=PATH subset=s4|ms3|avss [image_size=N])")
+        key, value = arg.split("=", 1)
+        if key not in ("root", "subset", "image_size", "workers"):
+            raise ConfigError(f"{key}: unknown key; allowed: root, subset, image_size, workers")
+        args[key] = value
+    for key in ("root", "subset"):
+        if key not in args:
+            raise ConfigError(f"{key}: required (root=PATH subset=s4|ms3|avss [image_size=N])")
+    return args
+
+
+def _positive_int(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise ConfigError(f"{key}: expected a positive integer, got {text!r}") from err
+    if value <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print one line per problem (`<path>: <message>`); exit 1 if there is any, 2 on bad usage."""
+    try:
+        args = _parse_args(sys.argv[1:] if argv is None else argv)
+        image_size = _positive_int("image_size", args["image_size"]) if "image_size" in args else None
+        workers = _positive_int("workers", args["workers"]) if "workers" in args else None
+        problems = check_tree(args["root"], args["subset"], image_size=image_size, workers=workers)
+    except ConfigError as err:
+        print(f"avseg.data.check: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"avseg.data.check: {len(problems)} problem(s) in {args['root']}", file=sys.stderr)
+        return 1
+    print(f"avseg.data.check: {args['subset']} tree at {args['root']} is clean", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
