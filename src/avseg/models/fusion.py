@@ -1,0 +1,283 @@
+"""Audio-visual fusion (``fpn_type: audio_dual``), deformable encoder and the mask-feature FPN.
+
+Per frame (all ``N = B*T`` frames in one batch):
+
+1. gated early fusion: the visual tokens of every level cross-attend to the frame's K decomposed
+   audio tokens and are multiplied by the result (ReferFormer's multiplicative fusion);
+2. a multi-scale deformable transformer encoder over the 4 fused levels (strides 8..64);
+3. the "dual" cross-modal block at the coarsest FPN level (stride 32): audio tokens attend to the
+   visual tokens, visual tokens attend back to the updated audio tokens, and every audio token
+   becomes a dynamic 1x1 filter whose response maps (max-pooled over tokens) gate the visual map;
+4. a top-down FPN from stride 32 to stride 4 (with the backbone's res2) giving mask features
+   ``[N, mask_dim, H/4, W/4]``.
+
+``fpn_type``: ``audio_dual`` (all of the above), ``audio`` (no dual block), ``none`` (no audio in
+the pixel path at all: steps 1 and 3 skipped; the ablation baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from avseg.errors import ConfigError
+from avseg.models.layers.attention import GatedCrossAttention, ResidualCrossAttention
+from avseg.models.layers.mlp import FeedForward
+from avseg.models.layers.position import sine_position_2d
+from avseg.ops import MSDeformAttn
+
+FPN_TYPES = ("audio_dual", "audio", "none")
+
+
+def flatten_levels(levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N, C, h_l, w_l]`` per level -> tokens ``[N, S, C]``, ``spatial_shapes [L, 2]`` (h, w),
+    ``level_start_index [L]`` (both long)."""
+    device = levels[0].device
+    shapes = torch.tensor([list(x.shape[-2:]) for x in levels], dtype=torch.long, device=device)
+    areas = shapes.prod(1)
+    start = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
+    tokens = torch.cat([rearrange(x, "n c h w -> n (h w) c") for x in levels], dim=1)
+    return tokens, shapes, start
+
+
+def level_positions(levels: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """2-D sine code of every level, concatenated: ``[S, dim]`` (no batch dimension)."""
+    x = levels[0]
+    codes = [
+        rearrange(sine_position_2d(h, w, dim, device=x.device, dtype=x.dtype), "c h w -> (h w) c")
+        for h, w in (lvl.shape[-2:] for lvl in levels)
+    ]
+    return torch.cat(codes, dim=0)
+
+
+def encoder_reference_points(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Pixel centres of every level, normalised to [0, 1]: ``[S, 2]`` (x, y); no padding."""
+    x = levels[0]
+    points = []
+    for h, w in (lvl.shape[-2:] for lvl in levels):
+        ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
+    return torch.cat(points, dim=0)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable DETR encoder layer (post-norm). Key names match Deformable DETR / ReferFormer:
+    ``self_attn.{sampling_offsets,attention_weights,value_proj,output_proj}``, ``norm1``,
+    ``linear1``, ``linear2``, ``norm2``."""
+
+    def __init__(
+        self, *, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int, backend: str
+    ) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(
+            dim=dim, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
+        )
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """``src [N, S, C]``, ``pos [N or 1, S, C]``, ``reference_points [N, S, L, 2]`` -> ``[N, S, C]``."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(torch.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    """Stack of deformable encoder layers with a learned per-level embedding (``level_embed``)."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_layers: int,
+        num_levels: int,
+        num_heads: int,
+        num_points: int,
+        ffn_dim: int,
+        dropout: float,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
+        nn.init.normal_(self.level_embed)
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(
+                dim=dim,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                num_levels=num_levels,
+                num_heads=num_heads,
+                num_points=num_points,
+                backend=backend,
+            )
+            for _ in range(num_layers)
+        )
+
+    def positions(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sine code plus level embedding, ``[1, S, C]``."""
+        pos = level_positions(levels, self.dim)
+        level_ids = torch.cat(
+            [torch.full((h * w,), i, device=pos.device, dtype=torch.long) for i, (h, w) in enumerate(x.shape[-2:] for x in levels)]
+        )
+        return (pos + self.level_embed[level_ids])[None]
+
+    def forward(
+        self, src: torch.Tensor, pos: torch.Tensor, levels: Sequence[torch.Tensor], spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``src [N, S, C]`` (flattened fused levels) -> memory ``[N, S, C]``."""
+        num_levels = len(levels)
+        reference = encoder_reference_points(levels)  # [S, 2]
+        reference = reference[None, :, None, :].expand(src.shape[0], -1, num_levels, -1)
+        for layer in self.layers:
+            src = layer(src, pos, reference, spatial_shapes, level_start_index)
+        return src
+
+
+class DualCrossModalBlock(nn.Module):
+    """Visual <-> audio cross-attention both ways plus audio-token dynamic 1x1 filters.
+
+    ``forward(visual [N, C, h, w], audio [N, K, C]) -> (visual [N, C, h, w], audio [N, K, C])``.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float, num_groups: int = 32) -> None:
+        super().__init__()
+        self.audio_to_visual = ResidualCrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.audio_ffn = FeedForward(dim=dim, hidden_dim=ffn_dim, dropout=dropout)
+        self.audio_norm = nn.LayerNorm(dim)
+        self.visual_to_audio = ResidualCrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.filter_proj = nn.Linear(dim, dim)
+        self.out_norm = nn.GroupNorm(num_groups, dim)
+
+    def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = visual.shape
+        pos = rearrange(sine_position_2d(h, w, c, device=visual.device, dtype=visual.dtype), "c h w -> 1 (h w) c")
+        tokens = rearrange(visual, "n c h w -> n (h w) c")
+        # audio tokens gather the visual evidence of their source
+        audio = self.audio_to_visual(audio, tokens, memory_pos=pos)
+        audio = self.audio_norm(audio + self.audio_ffn(audio))
+        # visual tokens read the updated audio tokens
+        tokens = self.visual_to_audio(tokens, audio, query_pos=pos)
+        # each audio token -> one 1x1 filter; response maps max-pooled over tokens gate the map
+        filters = self.filter_proj(audio)  # [N, K, C]
+        response = torch.einsum("nkc,nsc->nks", filters, tokens) / math.sqrt(c)
+        gate = torch.sigmoid(response.amax(dim=1))[..., None]  # [N, S, 1]
+        tokens = tokens * (1.0 + gate)
+        out = rearrange(tokens, "n (h w) c -> n c h w", h=h, w=w)
+        return self.out_norm(out), audio
+
+
+def _conv_gn_relu(in_ch: int, out_ch: int, num_groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+        nn.GroupNorm(min(num_groups, out_ch), out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class AudioVisualFusion(nn.Module):
+    """Steps 1-4 of the module docstring.
+
+    ``forward(levels [p3, p4, p5, p6] each [N, C, h, w], res2 [N, C2, H/4, W/4], audio [N, K, C])``
+    -> dict with ``memory [N, S, C]``, ``spatial_shapes [L, 2]``, ``level_start_index [L]``,
+    ``memory_pos [1, S, C]``, ``mask_features [N, mask_dim, H/4, W/4]``, ``audio [N, K, C]``
+    (after the dual block).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        res2_channels: int,
+        fpn_type: str = "audio_dual",
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+        num_encoder_layers: int = 6,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        mask_dim: int = 8,
+        stride4_dim: int = 64,
+        ms_deform_backend: str = "auto",
+        num_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        if fpn_type not in FPN_TYPES:
+            raise ConfigError(f"model.fusion.fpn_type: {fpn_type!r} is not one of {FPN_TYPES}")
+        if num_levels != 4:
+            raise ConfigError(f"model.fusion.num_levels: the neck gives 4 levels (strides 8..64), got {num_levels}")
+        self.fpn_type = fpn_type
+        self.dim = dim
+        self.mask_dim = mask_dim
+        self.early_fusion = (
+            GatedCrossAttention(dim=dim, num_heads=num_heads, dropout=0.0) if fpn_type != "none" else None
+        )
+        self.encoder = DeformableEncoder(
+            dim=dim,
+            num_layers=num_encoder_layers,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            backend=ms_deform_backend,
+        )
+        self.dual = (
+            DualCrossModalBlock(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, num_groups=num_groups)
+            if fpn_type == "audio_dual"
+            else None
+        )
+        # top-down FPN: stride 32 -> 16 -> 8 at width C, then stride 4 at the narrower stride4_dim
+        self.out16 = _conv_gn_relu(dim, dim, num_groups)
+        self.out8 = _conv_gn_relu(dim, dim, num_groups)
+        self.reduce8 = nn.Conv2d(dim, stride4_dim, kernel_size=1)  # applied before upsampling (cheaper, same result)
+        self.lateral4 = nn.Conv2d(res2_channels, stride4_dim, kernel_size=1)
+        self.out4 = _conv_gn_relu(stride4_dim, stride4_dim, num_groups)
+        self.mask_proj = nn.Conv2d(stride4_dim, mask_dim, kernel_size=1)
+
+    def forward(self, levels: Sequence[torch.Tensor], res2: torch.Tensor, audio: torch.Tensor) -> dict:
+        src, spatial_shapes, level_start_index = flatten_levels(levels)
+        pos = self.encoder.positions(levels)
+        if self.early_fusion is not None:
+            src = self.early_fusion(src, audio, visual_pos=pos)
+        memory = self.encoder(src, pos, levels, spatial_shapes, level_start_index)
+
+        # back to maps (stride 8, 16, 32; the stride-64 level serves the decoder only)
+        maps = []
+        for (h, w), start in zip(spatial_shapes.tolist(), level_start_index.tolist()):
+            maps.append(rearrange(memory[:, start : start + h * w], "n (h w) c -> n c h w", h=h, w=w))
+        top = maps[2]
+        if self.dual is not None:
+            top, audio = self.dual(top, audio)
+        y16 = self.out16(maps[1] + F.interpolate(top, size=maps[1].shape[-2:], mode="nearest"))
+        y8 = self.out8(maps[0] + F.interpolate(y16, size=maps[0].shape[-2:], mode="nearest"))
+        y4 = self.lateral4(res2) + F.interpolate(self.reduce8(y8), size=res2.shape[-2:], mode="nearest")
+        mask_features = self.mask_proj(self.out4(y4))
+        return {
+            "memory": memory,
+            "memory_pos": pos,
+            "spatial_shapes": spatial_shapes,
+            "level_start_index": level_start_index,
+            "mask_features": mask_features,
+            "audio": audio,
+        }

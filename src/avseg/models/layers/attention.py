@@ -1,0 +1,79 @@
+"""Multi-head attention wrappers (batch-first) used by the fusion and decoder modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``query`` tokens over ``memory`` tokens, batch first.
+
+    ``forward(query [N, Lq, C], memory [N, Lk, C], query_pos=None, memory_pos=None,
+    memory_padding_mask=None [N, Lk] bool, True = ignore) -> [N, Lq, C]`` (the attention output
+    only; residual, gating and norm are the caller's choice). Positions are added to queries and
+    keys, not to values (DETR convention).
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        query_pos: torch.Tensor | None = None,
+        memory_pos: torch.Tensor | None = None,
+        memory_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q = query if query_pos is None else query + query_pos
+        k = memory if memory_pos is None else memory + memory_pos
+        out, _ = self.attn(q, k, memory, key_padding_mask=memory_padding_mask, need_weights=False)
+        return out
+
+
+class GatedCrossAttention(nn.Module):
+    """Visual tokens attend to audio tokens; the result gates the visual tokens multiplicatively.
+
+    ``x' = x * attn(x + pos, audio)`` as in ReferFormer's vision-language fusion, which the paper's
+    ``audio_dual`` fusion builds on. ``forward(visual [N, S, C], audio [N, K, C], visual_pos
+    [N, S, C] | None, audio_pos [N, K, C] | None) -> [N, S, C]``.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+
+    def forward(
+        self,
+        visual: torch.Tensor,
+        audio: torch.Tensor,
+        *,
+        visual_pos: torch.Tensor | None = None,
+        audio_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        gate = self.cross(visual, audio, query_pos=visual_pos, memory_pos=audio_pos)
+        return visual * gate
+
+
+class ResidualCrossAttention(nn.Module):
+    """Cross-attention with residual, dropout and post-LayerNorm: ``norm(x + drop(attn(x, m)))``."""
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        query_pos: torch.Tensor | None = None,
+        memory_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = self.cross(query, memory, query_pos=query_pos, memory_pos=memory_pos)
+        return self.norm(query + self.dropout(out))

@@ -1,0 +1,88 @@
+"""QDFormer: backbone + audio encoder + decomposition + audio-visual fusion/encoder + decoder."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from avseg.models.backbone import VisualBackbone
+from avseg.models.decoder import SemanticGuidedDecoder
+from avseg.models.fusion import AudioVisualFusion
+from avseg.models.neck import MultiLevelProjection
+
+
+class QDFormer(nn.Module):
+    """The whole network. Built by ``avseg.models.build.build_qdformer`` from the ``model`` config.
+
+    ``forward(frames [B, T, 3, H, W], audio [B, T, 1, 96, 64] or [B, T, 128], frame_valid [B, T]
+    bool | None) -> dict``:
+
+    - ``pred_masks`` [B, T, Nq, H/4, W/4] mask logits, ``pred_logits`` [B, T, Nq, num_classes]
+      class logits (sigmoid, no background), ``pred_boxes`` [B, T, Nq, 4] (cxcywh in [0, 1]);
+    - ``aux_outputs``: one dict with those three keys per earlier decoder layer (first to last);
+    - ``quant``: the decomposition dict (``global_codes``, ``local_codes``, ``vq_loss``,
+      ``distill_loss``, ``perplexity``, ``usage``, ``dead_codes``, indices).
+
+    All B*T frames go through the backbone, fusion, encoder and decoder as one batch; only the
+    decomposition sees the clip (it is where frames interact), and padded frames (``frame_valid``
+    false) are excluded from it and from the audio tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: VisualBackbone,
+        audio_encoder: nn.Module,
+        decomposition: nn.Module,
+        neck: MultiLevelProjection,
+        fusion: AudioVisualFusion,
+        decoder: SemanticGuidedDecoder,
+        num_classes: int,
+        aux_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.audio_encoder = audio_encoder
+        self.decomposition = decomposition
+        self.neck = neck
+        self.fusion = fusion
+        self.decoder = decoder
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+
+    def forward(
+        self, frames: torch.Tensor, audio: torch.Tensor, frame_valid: torch.Tensor | None = None
+    ) -> dict:
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"QDFormer expects frames [B, T, 3, H, W], got {tuple(frames.shape)}")
+        batch, length = frames.shape[:2]
+        if frame_valid is not None:
+            frame_valid = frame_valid.to(device=frames.device, dtype=torch.bool)
+
+        features = self.backbone(rearrange(frames, "b t c h w -> (b t) c h w"))
+        audio_tokens = self.audio_encoder(audio, frame_valid)  # [B, T, C]
+        quant = self.decomposition(audio_tokens, frame_valid)
+        codes = rearrange(quant["local_codes"], "b t k c -> (b t) k c")
+
+        levels = self.neck(features[1:])
+        fused = self.fusion(levels, features[0], codes)
+        decoded = self.decoder(
+            codes, fused["memory"], fused["spatial_shapes"], fused["level_start_index"], fused["mask_features"]
+        )
+
+        def frame_major(x: torch.Tensor) -> torch.Tensor:
+            return rearrange(x, "(b t) ... -> b t ...", b=batch, t=length)
+
+        per_layer = [
+            {
+                "pred_logits": frame_major(decoded["logits"][i]),
+                "pred_boxes": frame_major(decoded["boxes"][i]),
+                "pred_masks": frame_major(decoded["masks"][i]),
+            }
+            for i in range(decoded["logits"].shape[0])
+        ]
+        out = dict(per_layer[-1])
+        out["aux_outputs"] = per_layer[:-1] if self.aux_loss else []
+        out["quant"] = quant
+        return out

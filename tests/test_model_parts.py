@@ -1,0 +1,171 @@
+"""Neck, fusion, decoder, heads and postprocessing on tiny tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avseg.errors import ConfigError
+from avseg.models.decoder import DynamicMaskHead, SemanticGuidedDecoder
+from avseg.models.fusion import AudioVisualFusion, flatten_levels
+from avseg.models.neck import MultiLevelProjection
+from avseg.models.postprocess import binary_logits, semantic_scores
+
+DIM = 32
+
+
+def _levels(n: int = 3):
+    return [torch.randn(n, DIM, s, s) for s in (8, 4, 2, 1)]
+
+
+def test_neck_projects_three_levels_and_adds_stride_64():
+    neck = MultiLevelProjection(in_channels=[16, 24, 40], dim=DIM)
+    c3, c4, c5 = torch.randn(2, 16, 8, 8), torch.randn(2, 24, 4, 4), torch.randn(2, 40, 2, 2)
+    levels = neck([c3, c4, c5])
+    assert [tuple(x.shape) for x in levels] == [(2, DIM, 8, 8), (2, DIM, 4, 4), (2, DIM, 2, 2), (2, DIM, 1, 1)]
+
+
+def test_flatten_levels_offsets():
+    tokens, shapes, start = flatten_levels(_levels(2))
+    assert tokens.shape == (2, 64 + 16 + 4 + 1, DIM)
+    assert shapes.tolist() == [[8, 8], [4, 4], [2, 2], [1, 1]]
+    assert start.tolist() == [0, 64, 80, 84]
+
+
+@pytest.mark.parametrize("fpn_type", ["audio_dual", "audio", "none"])
+def test_fusion_shapes(fpn_type):
+    fusion = AudioVisualFusion(
+        dim=DIM, res2_channels=12, fpn_type=fpn_type, num_heads=4, num_points=2, num_encoder_layers=1,
+        ffn_dim=64, dropout=0.0, mask_dim=8, stride4_dim=32, ms_deform_backend="torch",
+    )
+    audio = torch.randn(3, 4, DIM)
+    out = fusion(_levels(), torch.randn(3, 12, 16, 16), audio)
+    assert out["memory"].shape == (3, 85, DIM)
+    assert out["mask_features"].shape == (3, 8, 16, 16)
+    assert out["audio"].shape == audio.shape
+    out["mask_features"].sum().backward()
+    if fpn_type != "none":
+        assert fusion.early_fusion.cross.attn.in_proj_weight.grad is not None
+
+
+def test_fusion_uses_audio_only_when_configured():
+    torch.manual_seed(0)
+    levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
+    for fpn_type, should_change in (("audio_dual", True), ("none", False)):
+        fusion = AudioVisualFusion(
+            dim=DIM, res2_channels=12, fpn_type=fpn_type, num_heads=4, num_points=2, num_encoder_layers=1,
+            ffn_dim=64, dropout=0.0, ms_deform_backend="torch",
+        ).eval()
+        a = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
+        b = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
+        assert (not torch.allclose(a, b)) == should_change
+
+
+def test_fusion_rejects_unknown_fpn_type():
+    with pytest.raises(ConfigError, match="fpn_type"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, fpn_type="dual")
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+def test_decoder_heads_shapes(extra):
+    decoder = SemanticGuidedDecoder(
+        dim=DIM, num_classes=70, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
+        dropout=0.0, extra_queries=extra, ms_deform_backend="torch",
+    )
+    memory, shapes, start = flatten_levels(_levels())
+    out = decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
+    q = 4 + extra
+    assert out["logits"].shape == (3, 3, q, 70)
+    assert out["boxes"].shape == (3, 3, q, 4)
+    assert out["masks"].shape == (3, 3, q, 16, 16)
+    assert (out["boxes"] > 0).all() and (out["boxes"] < 1).all()
+
+
+def test_decoder_rejects_more_queries_than_table():
+    decoder = SemanticGuidedDecoder(
+        dim=DIM, num_classes=1, mask_dim=8, num_layers=1, num_heads=4, num_points=2, max_queries=3,
+        ms_deform_backend="torch",
+    )
+    memory, shapes, start = flatten_levels(_levels())
+    with pytest.raises(ValueError, match="max_queries"):
+        decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
+
+
+def test_dynamic_mask_head_matches_per_query_convolutions():
+    torch.manual_seed(0)
+    head = DynamicMaskHead(dim=DIM, mask_dim=5, channels=4, num_layers=3)
+    queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
+    masks = head(queries, centres, feats)
+    assert masks.shape == (2, 3, 6, 7)
+    # reference: explicit conv2d per (frame, query) with the generated weights
+    params = head.controller(queries)
+    ys = (torch.arange(6) + 0.5) / 6
+    xs = (torch.arange(7) + 0.5) / 7
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    for n in range(2):
+        for q in range(3):
+            rel = torch.stack((centres[n, q, 0] - gx, centres[n, q, 1] - gy))
+            x = torch.cat((feats[n], rel))[None]
+            offset = 0
+            for i, (o, c) in enumerate(head.layer_shapes):
+                w = params[n, q, offset : offset + o * c].view(o, c, 1, 1)
+                offset += o * c
+                b = params[n, q, offset : offset + o]
+                offset += o
+                x = torch.nn.functional.conv2d(x, w, b)
+                if i < 2:
+                    x = x.relu()
+            torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def _outputs(num_classes: int):
+    torch.manual_seed(1)
+    return {
+        "pred_logits": torch.randn(2, 3, 4, num_classes),
+        "pred_masks": torch.randn(2, 3, 4, 8, 8),
+    }
+
+
+def test_binary_logits_picks_best_query_per_frame():
+    out = _outputs(1)
+    logits = binary_logits(out, 8)  # same size: upsampling is the identity
+    assert logits.shape == (6, 8, 8)
+    best = out["pred_logits"][..., 0].argmax(-1)
+    for b in range(2):
+        for t in range(3):
+            torch.testing.assert_close(logits[b * 3 + t], out["pred_masks"][b, t, best[b, t]])
+    assert binary_logits(out, (224, 200)).shape == (6, 224, 200)
+
+
+def test_semantic_scores_channels_and_background():
+    out = _outputs(70)
+    scores = semantic_scores(out, 8)
+    assert scores.shape == (6, 71, 8, 8)
+    class_prob, mask_prob = out["pred_logits"].sigmoid(), out["pred_masks"].sigmoid()
+    for b, t, c in [(0, 0, 0), (1, 2, 69), (0, 1, 33)]:
+        claims = torch.stack(
+            [mask_prob[b, t, q] * class_prob[b, t, q, c] / max(class_prob[b, t, q].max(), 0.5) for q in range(4)]
+        )
+        torch.testing.assert_close(scores[b * 3 + t, c + 1], claims.amax(0))
+    torch.testing.assert_close(scores[:, 0], 1 - scores[:, 1:].amax(1))
+    # score_floor = 1: the plain product of class and mask probabilities
+    plain = semantic_scores(out, 8, score_floor=1.0)
+    product = (class_prob[..., None, None] * mask_prob[:, :, :, None]).amax(2).flatten(0, 1)
+    torch.testing.assert_close(plain[:, 1:], product)
+    assert semantic_scores(out, 224).shape == (6, 71, 224, 224)
+
+
+def test_semantic_weak_query_claims_in_proportion_to_its_score():
+    out = {"pred_logits": torch.full((1, 1, 1, 70), -20.0), "pred_masks": torch.full((1, 1, 1, 2, 2), 20.0)}
+    out["pred_logits"][..., 4] = torch.logit(torch.tensor(0.2))
+    scores = semantic_scores(out, 2)
+    torch.testing.assert_close(scores[0, 5], torch.full((2, 2), 0.4), atol=1e-4, rtol=0)
+    assert (scores.argmax(1) == 0).all()  # a 0.2-score query does not beat the background
+
+
+def test_semantic_background_wins_where_no_query_claims_the_pixel():
+    out = {"pred_logits": torch.full((1, 1, 2, 70), -20.0), "pred_masks": torch.full((1, 1, 2, 4, 4), -20.0)}
+    out["pred_logits"][0, 0, 0, 5] = 20.0  # query 0 is confident class 5 ...
+    out["pred_masks"][0, 0, 0, :2] = 20.0  # ... on the top half only
+    labels = semantic_scores(out, 4).argmax(1)[0]
+    assert (labels[:2] == 6).all() and (labels[2:] == 0).all()
