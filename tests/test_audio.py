@@ -289,3 +289,18 @@ def test_fit_examples_errors():
         fit_examples(_numbered_examples(2), 5, "reflect")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\[n, 1, 96, 64\]"):
         fit_examples(torch.zeros(2, 96, 64), 5, "zero_pad")
+
+
+def test_sample_rate_without_small_ratio_to_16k_is_refused_before_resampling(tmp_path):
+    """A corrupted header's odd rate (44101 Hz) would make the sinc resampler build a huge kernel."""
+    import soundfile
+
+    from avseg.data.audio import load_wav, log_mel_examples
+    from avseg.errors import DataError
+
+    path = tmp_path / "odd_rate.wav"
+    soundfile.write(path, np.zeros(44101, dtype=np.float32), 44101, subtype="PCM_16")
+    with pytest.raises(DataError, match="odd_rate.wav.*44101 Hz"):
+        load_wav(path)
+    with pytest.raises(ValueError, match="44101 Hz"):
+        log_mel_examples(np.zeros(44101, dtype=np.float32), 44101)

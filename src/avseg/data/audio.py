@@ -11,6 +11,7 @@ torchaudio (torchvggish uses resampy).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from pathlib import Path
@@ -83,6 +84,26 @@ def _wav_data_layout(path: Path, handle: BinaryIO, file_size: int) -> tuple[int,
     raise DataError(path, "bad header: no 'data' chunk found")
 
 
+SAMPLE_RATE_RANGE = (1000, 768000)
+# torchaudio's sinc resampler builds a kernel of about (16 kHz/g) x (rate/g) taps, g = gcd(rate, 16 kHz):
+# a corrupted header's odd rate (e.g. 44101 Hz) would need gigabytes. Every common rate has rate/g <= 441.
+MAX_REDUCED_RATE = 1000
+
+
+def check_sample_rate(path: str | os.PathLike, sample_rate: int) -> None:
+    """Refuse a sample rate no audio file has, or one the resampler cannot reach 16 kHz from cheaply."""
+    low, high = SAMPLE_RATE_RANGE
+    if not low <= sample_rate <= high:
+        raise DataError(path, f"sample rate {sample_rate} Hz is outside {low}..{high} Hz (AVSBench WAVs are 16 kHz)")
+    reduced = sample_rate // math.gcd(sample_rate, VGGISH_SAMPLE_RATE)
+    if reduced > MAX_REDUCED_RATE:
+        raise DataError(
+            path,
+            f"sample rate {sample_rate} Hz has no small ratio to 16 kHz (resampling would need a "
+            f"{VGGISH_SAMPLE_RATE // (sample_rate // reduced)}x{reduced}-tap kernel); convert the file to 16 kHz",
+        )
+
+
 def load_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read a WAV file as mono float32 [n] (channels averaged) and its sample rate.
 
@@ -112,6 +133,7 @@ def load_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise DataError(path, "no audio samples")
     if not np.isfinite(samples).all():
         raise DataError(path, "non-finite sample values")
+    check_sample_rate(path, int(sample_rate))
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     return np.ascontiguousarray(mono, dtype=np.float32), int(sample_rate)
 
@@ -181,6 +203,11 @@ def log_mel_examples(wav: np.ndarray, sample_rate: int) -> torch.Tensor:
         raise ValueError(f"log_mel_examples expects a mono waveform [n], got shape {wav.shape}")
     if sample_rate <= 0:
         raise ValueError(f"log_mel_examples: sample_rate must be positive, got {sample_rate}")
+    reduced = int(sample_rate) // math.gcd(int(sample_rate), VGGISH_SAMPLE_RATE)
+    if reduced > MAX_REDUCED_RATE:
+        raise ValueError(
+            f"log_mel_examples: sample rate {sample_rate} Hz has no small ratio to 16 kHz; resample it first"
+        )
     signal = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float64))
     if not torch.isfinite(signal).all():
         raise ValueError("log_mel_examples: waveform holds non-finite values")
