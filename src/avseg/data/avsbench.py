@@ -213,7 +213,8 @@ def read_label2idx(path: Path) -> tuple[str, ...]:
     try:
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle, object_pairs_hook=no_duplicates)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # RecursionError: absurdly nested JSON ("[[[[..."); still a bad file, not a crash
         raise DataError(path, f"cannot read label2idx.json ({type(error).__name__}: {error})") from error
     if not isinstance(content, dict):
         raise DataError(path, "label2idx.json must be a JSON object of class name -> index")

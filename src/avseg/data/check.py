@@ -113,6 +113,14 @@ def _column(header: list[str], name: str, position: int) -> int:
     return header.index(name) if name in header else position
 
 
+def _header_lacks_columns(csv_path: Path, header: list[str], columns: dict[str, int], problems: list[Problem]) -> bool:
+    """A header too short for a column the layout reads (by name, else by official position)."""
+    missing = [f"{name!r} (or position {index})" for name, index in columns.items() if index >= len(header)]
+    if missing:
+        problems.append(Problem(str(csv_path), f"header {header} has no column {', '.join(missing)}"))
+    return bool(missing)
+
+
 def _rows(
     csv_path: Path,
     header: list[str],
@@ -175,6 +183,8 @@ def _s4_layout(root: Path) -> _Layout:
         "category": _column(header, "category", 2),
         "split": _column(header, "split", 3),
     }
+    if _header_lacks_columns(csv_path, header, columns, problems):
+        return _Layout([], ["s4_data"], problems)
     rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
     with_pkl = _has_log_mel(root, "s4_data")
     clips = []
@@ -202,6 +212,8 @@ def _ms3_layout(root: Path) -> _Layout:
         return _Layout([], [], problems)
     header, table = parsed
     columns = {"name": 0, "split": _column(header, "split", 1)}
+    if _header_lacks_columns(csv_path, header, columns, problems):
+        return _Layout([], ["ms3_data"], problems)
     rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
     with_pkl = _has_log_mel(root, "ms3_data")
     clips = []
@@ -228,7 +240,7 @@ def _read_label2idx(root: Path, problems: list[Problem]) -> int:
         return NUM_AVSS_CLASSES
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         problems.append(Problem(str(path), f"unreadable JSON: {err}"))
         return NUM_AVSS_CLASSES
     if not isinstance(mapping, dict):

@@ -78,6 +78,10 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         raise _RefusedGlobal("persistent_load", f"persistent id {pid!r} is not allowed")
 
 
+# An official log-mel pickle [5, 1, 96, 64] float32 is about 123 KB; AVSS ships none.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+
+
 def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
     """Load a pickled tensor (e.g. an official `.pkl` log-mel [5, 1, 96, 64]), detached, on CPU.
 
@@ -88,13 +92,18 @@ def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise DataError(path, f"{size} bytes is far larger than a log-mel pickle (limit {MAX_PICKLE_BYTES})")
     try:
-        with open(path, "rb") as handle:
-            loaded = _TensorOnlyUnpickler(handle).load()
+        # Read the bytes first: a corrupt length field then cannot make the unpickler allocate or
+        # read past the file (OverflowError / MemoryError below cover what remains).
+        payload = path.read_bytes()
+        loaded = _TensorOnlyUnpickler(io.BytesIO(payload)).load()
     except _RefusedGlobal as err:
         raise UnsafePickleError(path, f"refused global {err.qualified_name} ({err.reason})") from err
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError,
-            AttributeError, IndexError, KeyError, struct.error) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
+            IndexError, KeyError, struct.error, OverflowError, MemoryError, OSError) as err:
         raise DataError(path, f"corrupt or unsupported pickle: {type(err).__name__}: {err}") from err
     if not isinstance(loaded, torch.Tensor):
         raise DataError(path, f"pickle holds a {type(loaded).__name__}, expected a torch tensor")
