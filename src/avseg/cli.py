@@ -1,0 +1,96 @@
+"""The top-level error handler of avseg's commands (``avseg.train``, ``avseg.eval``, ``avseg.predict``).
+
+An `avseg.errors.AvsegError` (bad data, an unusable checkpoint or weights file, a bad config) is an
+expected failure with a message that already names the file or key and the problem: the user
+needs that message, not a stack trace. `run_main` / `guarded` catch it, flush what the command
+printed so far, print any detail lines of a multi-line message, then ``error: <first line>`` as
+the LAST line, and exit with status 1. Anything else (a bug) propagates with its traceback.
+
+Under a Hydra multirun the error is re-raised instead, so that Hydra records the job as failed
+and goes on with the other jobs.
+
+Use as the Hydra task function's innermost decorator::
+
+    @hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+    @guarded
+    def main(cfg: DictConfig) -> ...:
+        return run(cfg)
+
+or call ``run_main(run, cfg)`` inside the task function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from avseg.errors import AvsegError
+
+__all__ = ["EXIT_ERROR", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
+
+EXIT_ERROR = 1
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def in_hydra_multirun() -> bool:
+    """True inside a Hydra multirun job (False outside Hydra or in a single run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return False
+    if not HydraConfig.initialized():
+        return False
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def error_lines(error: BaseException) -> list[str]:
+    """What to print for ``error``: its detail lines, then ``error: <headline>`` last.
+
+    The headline is the message's first line (for a DataError / CheckpointError it starts with the
+    file's path); a multi-line message's other lines come first so the headline stays the last
+    thing printed.
+    """
+    text = str(error).strip() or type(error).__name__
+    headline, *details = text.splitlines()
+    headline = headline.strip()
+    details = [line.rstrip() for line in details if line.strip()]
+    if details and headline.endswith(":"):
+        headline = f"{headline} (listed above)"
+    return [*details, f"error: {headline}"]
+
+
+def report_error(error: BaseException, *, stream=None) -> None:
+    """Flush stdout (buffered output must not land after the error), then print ``error_lines``."""
+    stream = sys.stderr if stream is None else stream
+    with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout must not hide the error
+        sys.stdout.flush()
+    stream.write("\n".join(error_lines(error)) + "\n")
+    stream.flush()
+
+
+def run_main(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn(*args, **kwargs)``; an `AvsegError` is printed as one final ``error: ...`` line and the
+    process exits with status 1 (re-raised under a Hydra multirun)."""
+    try:
+        return fn(*args, **kwargs)
+    except AvsegError as error:
+        if in_hydra_multirun():
+            raise
+        report_error(error)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def guarded(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator form of `run_main`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return run_main(fn, *args, **kwargs)
+
+    return wrapper

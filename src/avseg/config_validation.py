@@ -1,0 +1,549 @@
+"""Start-up validation of a composed Hydra config, before any data or weights file is read.
+
+``validate_config(cfg)`` checks every section the config has (``model``, ``data``, ``trainer``,
+``callbacks``, and the top-level keys of ``train.yaml`` / ``eval.yaml``), collects EVERY violation
+(one line each, naming the full key, the value given and the allowed values) and raises one
+`avseg.errors.ConfigError` listing them all, so a typo costs one restart, not one per key.
+``config_problems(cfg)`` returns the same lines without raising.
+
+What is checked (docs/RELIABILITY.md has the table):
+
+- ``model.decomposition``: ``variant`` in pq | pq_split | vq | none; ``num_subspaces`` (K) an int
+  >= 1; ``codebook_size`` an int >= K (K = 1 for vq); pq_split: ``model.dim`` % K == 0; other
+  variants: ``num_heads`` divides ``model.dim``; ``distill_loss`` in mse | ce; beta >= 0;
+  ``local_window`` >= 0; ``dropout`` in [0, 1); ``distill_temperature`` > 0; ``num_layers`` >= 1.
+- ``model``: ``dim`` an int >= 1; ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70
+  for avss (71 classes with background, which has no logit); ``ms_deform_backend``;
+  ``fusion.fpn_type``; files named by ``init_from``, ``backbone.weights`` and
+  ``audio_encoder.vggish_weights`` exist (the latter only when the encoder reads log-mel and is
+  not randomly initialised); ``metric.frames_per_batch`` null or a positive multiple of the clip
+  length T (5 for s4 / ms3 / avs, 10 for avss).
+- ``data``: ``subset`` in s4 | ms3 | avss | avs and equal to the experiment's ``expected_subset``;
+  real data (``synth`` null): ``root`` (``roots.s4`` / ``roots.ms3`` for avs) an existing folder
+  holding its metadata CSV; ``audio_source`` / ``mask_source`` values, ``embeddings_dir`` existing
+  when embeddings are read; ``pkl`` on SynthAVS needs ``synth.write_pkl``; sizes and counts.
+- ``trainer``: ``accelerator`` (Lightning's registry + auto / gpu), ``devices``, ``num_nodes``,
+  ``strategy`` (a registered name or a ``_target_`` naming a Lightning Strategy; the nccl backend
+  needs GPUs), ``precision`` (Lightning's accepted values), ``max_epochs`` / ``min_epochs`` /
+  ``max_steps`` (not both unlimited; min <= max), clipping, accumulation, logging interval,
+  ``limit_*_batches``, ``deterministic``.
+- top level: ``seed`` an int, ``skip_nonfinite`` a bool, ``ckpt_path`` null or an existing file,
+  ``callbacks.checkpoint.every_n_train_steps`` an int >= 0; eval's ``split``, ``perturb``,
+  ``perturb_snr_db``, ``device``, ``batch_size``.
+
+Unknown keys are left to the components that own them (they report them with their own
+`ConfigError`); this module adds the cross-section checks and the ones that must come before any
+data is read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from avseg.errors import ConfigError
+
+__all__ = [
+    "validate_config",
+    "config_problems",
+    "DECOMPOSITION_VARIANTS",
+    "DISTILL_LOSSES",
+    "SUBSETS",
+    "CLIP_LENGTH",
+    "OBJECT_CLASSES",
+    "METADATA_CSV",
+]
+
+DECOMPOSITION_VARIANTS = ("pq", "pq_split", "vq", "none")
+DISTILL_LOSSES = ("mse", "ce")
+SUBSETS = ("s4", "ms3", "avss", "avs")
+# frames per clip (T) and object classes of the class head (no background logit) per subset
+CLIP_LENGTH = {"s4": 5, "ms3": 5, "avs": 5, "avss": 10}
+OBJECT_CLASSES = {"s4": 1, "ms3": 1, "avs": 1, "avss": 70}
+METADATA_CSV = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv", "avss": "metadata.csv"}
+AUDIO_SOURCES = {"s4": ("wav", "pkl", "embeddings"), "ms3": ("wav", "pkl", "embeddings"),
+                 "avs": ("wav", "pkl", "embeddings"), "avss": ("wav", "embeddings")}
+MASK_SOURCES = ("rgb", "semantic")
+MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
+FPN_TYPES = ("audio_dual", "audio", "none")
+AUDIO_INPUTS = ("log_mel", "embeddings")
+GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
+EVAL_SPLITS = ("train", "val", "test")
+PERTURBATIONS = ("none", "mute", "swap", "noise")
+
+_ABSENT = object()  # a key the config does not have (as opposed to a key set to null)
+
+
+class _Reader:
+    """Reads keys of a composed config, recording unresolvable or missing values as problems."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = _ABSENT) -> Any:
+        """The resolved value (plain Python containers), ``default`` when absent; ``_ABSENT`` again
+        (with a problem recorded) when it cannot be resolved or is a required ``???``."""
+        try:
+            if OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(self.cfg, parent) if parent else self.cfg
+                if isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):
+                    self.problems.append(f"{key}: required, but not set (???); give {key}=...")
+                return default
+            value = OmegaConf.select(self.cfg, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException as error:
+            first_line = str(error).strip().splitlines()[0]
+            self.problems.append(f"{key}: cannot be resolved ({first_line})")
+            return _ABSENT
+        if isinstance(value, (DictConfig, ListConfig)):
+            try:
+                return OmegaConf.to_container(value, resolve=True)
+            except OmegaConfBaseException as error:
+                first_line = str(error).strip().splitlines()[0]
+                self.problems.append(f"{key}: cannot be resolved ({first_line})")
+                return _ABSENT
+        return value
+
+    def has(self, key: str) -> bool:
+        return OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False) is not _ABSENT or self._is_missing(key)
+
+    def _is_missing(self, key: str) -> bool:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(self.cfg, parent, throw_on_resolution_failure=False) if parent else self.cfg
+        return isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf)
+
+    def add(self, key: str, value: Any, allowed: str) -> None:
+        self.problems.append(f"{key}={value!r}: allowed: {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# value predicates
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(r: _Reader, key: str, value: Any, low: int, *, nullable: bool = False, note: str = "") -> bool:
+    if value is _ABSENT or (nullable and value is None):
+        return True
+    if _is_int(value) and value >= low:
+        return True
+    r.add(key, value, f"{'null or ' if nullable else ''}an integer >= {low}{note}")
+    return False
+
+
+def _number_in(r: _Reader, key: str, value: Any, check: Callable[[float], bool], allowed: str, *, nullable: bool = False) -> None:
+    if value is _ABSENT or (nullable and value is None):
+        return
+    if not (_is_number(value) and check(float(value))):
+        r.add(key, value, f"{'null or ' if nullable else ''}{allowed}")
+
+
+def _one_of(r: _Reader, key: str, value: Any, allowed: Sequence[Any]) -> bool:
+    if value is _ABSENT:
+        return True
+    if value in allowed and not isinstance(value, bool):
+        return True
+    r.problems.append(f"{key}={value!r}: allowed values are {' | '.join(str(a) for a in allowed)}")
+    return False
+
+
+def _bool(r: _Reader, key: str, value: Any) -> None:
+    if value is not _ABSENT and not isinstance(value, bool):
+        r.add(key, value, "true | false")
+
+
+def _expand(path: Any) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
+def _existing_file(r: _Reader, key: str, value: Any, what: str) -> None:
+    if value is _ABSENT or value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not _expand(value).is_file():
+        r.problems.append(f"{key}={value!r}: no such file; allowed: null or the path of an existing {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _subset(r: _Reader) -> str | None:
+    subset = r.get("data.subset")
+    if subset is _ABSENT:
+        return None
+    return subset if _one_of(r, "data.subset", subset, SUBSETS) else None
+
+
+def _check_decomposition(r: _Reader, dim: Any) -> None:
+    base = "model.decomposition"
+    if not r.has(base):
+        return
+    variant = r.get(f"{base}.variant")
+    variant_ok = _one_of(r, f"{base}.variant", variant, DECOMPOSITION_VARIANTS)
+    k = r.get(f"{base}.num_subspaces")
+    k_ok = _int_at_least(r, f"{base}.num_subspaces", k, 1)
+    num_tokens = 1 if variant == "vq" else k
+    codebook = r.get(f"{base}.codebook_size")
+    if codebook is not _ABSENT:
+        if not _is_int(codebook) or codebook < 1:
+            r.add(f"{base}.codebook_size", codebook, f"an integer >= num_subspaces (K = {num_tokens if k_ok else '?'})")
+        elif k_ok and _is_int(num_tokens) and codebook < num_tokens:
+            r.problems.append(
+                f"{base}.codebook_size={codebook!r}: must be >= num_subspaces ({num_tokens}); "
+                f"allowed: an integer >= K = {num_tokens}, or a lower num_subspaces"
+            )
+    if variant_ok and k_ok and _is_int(k) and _is_int(dim) and dim >= 1:
+        if variant == "pq_split" and dim % k != 0:
+            divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+            r.add(f"{base}.num_subspaces", k, f"a divisor of model.dim={dim} for pq_split (dim is split into K equal chunks): {divisors}")
+    if variant_ok and variant != "pq_split":
+        heads = r.get(f"{base}.num_heads")
+        if heads is not _ABSENT and _is_int(dim) and dim >= 1 and (not _is_int(heads) or heads < 1 or dim % heads):
+            r.add(f"{base}.num_heads", heads, f"a positive divisor of model.dim={dim}")
+        _int_at_least(r, f"{base}.num_layers", r.get(f"{base}.num_layers"), 1)
+    _one_of(r, f"{base}.distill_loss", r.get(f"{base}.distill_loss"), DISTILL_LOSSES)
+    _number_in(r, f"{base}.beta", r.get(f"{base}.beta"), lambda v: v >= 0, "a number >= 0")
+    _int_at_least(r, f"{base}.local_window", r.get(f"{base}.local_window"), 0, note=" (frames each side of t)")
+    _number_in(r, f"{base}.distill_temperature", r.get(f"{base}.distill_temperature"), lambda v: v > 0, "a number > 0")
+    _number_in(r, f"{base}.dropout", r.get(f"{base}.dropout"), lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _number_in(r, f"{base}.dead_code_threshold", r.get(f"{base}.dead_code_threshold"), lambda v: v >= 0, "a number >= 0")
+    _number_in(r, f"{base}.usage_ema_decay", r.get(f"{base}.usage_ema_decay"), lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _bool(r, f"{base}.local_calibration", r.get(f"{base}.local_calibration"))
+    _bool(r, f"{base}.reseed_dead_codes", r.get(f"{base}.reseed_dead_codes"))
+
+
+def _check_model(r: _Reader, subset: str | None) -> None:
+    if not r.has("model"):
+        return
+    dim = r.get("model.dim")
+    dim_ok = _int_at_least(r, "model.dim", dim, 1)
+    _check_decomposition(r, dim if dim_ok else None)
+
+    num_classes = r.get("model.num_classes")
+    if num_classes is not _ABSENT:
+        if subset is not None:
+            expected = OBJECT_CLASSES[subset]
+            if num_classes != expected or isinstance(num_classes, bool):
+                task = "semantic (71 classes, background has no logit)" if subset == "avss" else "binary"
+                r.add("model.num_classes", num_classes, f"{expected} for data.subset={subset} ({task})")
+        elif num_classes not in (1, 70) or isinstance(num_classes, bool):
+            r.add("model.num_classes", num_classes, "1 (binary: s4, ms3, avs) | 70 (semantic: avss)")
+
+    _one_of(r, "model.ms_deform_backend", r.get("model.ms_deform_backend"), MS_DEFORM_BACKENDS)
+    _one_of(r, "model.fusion.fpn_type", r.get("model.fusion.fpn_type"), FPN_TYPES)
+    _bool(r, "model.aux_loss", r.get("model.aux_loss"))
+    _existing_file(r, "model.init_from", r.get("model.init_from"), "checkpoint (the ReferFormer-family weights)")
+
+    if r.has("model.backbone"):
+        weights = r.get("model.backbone.weights")
+        random_init = r.get("model.backbone.random_init", False)
+        _bool(r, "model.backbone.random_init", random_init)
+        _existing_file(r, "model.backbone.weights", weights, "backbone state dict (nothing is downloaded)")
+        if weights is None and random_init is False:
+            r.problems.append(
+                "model.backbone.weights=None: allowed: the path of a local state dict, or set "
+                "model.backbone.random_init=true to train from scratch"
+            )
+    if r.has("model.audio_encoder"):
+        audio_input = r.get("model.audio_encoder.input")
+        _one_of(r, "model.audio_encoder.input", audio_input, AUDIO_INPUTS)
+        random_init = r.get("model.audio_encoder.random_init", False)
+        _bool(r, "model.audio_encoder.random_init", random_init)
+        weights = r.get("model.audio_encoder.vggish_weights")
+        if audio_input == "log_mel":
+            _existing_file(r, "model.audio_encoder.vggish_weights", weights, "torchvggish state dict (vggish.pth)")
+            if weights is None and random_init is False:
+                r.problems.append(
+                    "model.audio_encoder.vggish_weights=None: allowed: the path of a torchvggish state dict, "
+                    "or model.audio_encoder.random_init=true"
+                )
+        audio_source = r.get("data.audio_source")
+        if audio_input == "embeddings" and audio_source not in (_ABSENT, "embeddings"):
+            r.add("data.audio_source", audio_source, "embeddings (model.audio_encoder.input=embeddings)")
+        if audio_input == "log_mel" and audio_source == "embeddings":
+            r.add("data.audio_source", audio_source, "wav | pkl (model.audio_encoder.input=log_mel)")
+
+    fpb = r.get("model.metric.frames_per_batch")
+    if fpb is not _ABSENT and fpb is not None:
+        frames = CLIP_LENGTH.get(subset) if subset else None
+        if not _is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
+            allowed = f"a positive multiple of the clip length T={frames}" if frames else "a positive multiple of the clip length T"
+            r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or {allowed}")
+
+
+def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:
+    if root is None:
+        r.problems.append(f"{key}=None: allowed: the folder holding {METADATA_CSV[subset]} (real data), or a data=synth_* config")
+        return
+    if not isinstance(root, (str, os.PathLike)):
+        r.add(key, root, f"the path of the folder holding {METADATA_CSV[subset]}")
+        return
+    folder = _expand(root)
+    if not folder.is_dir():
+        r.problems.append(
+            f"{key}={str(root)!r}: no such folder; allowed: the folder holding {METADATA_CSV[subset]} "
+            "(set AVSEG_DATA or data.root; docs/DATA.md)"
+        )
+    elif not (folder / METADATA_CSV[subset]).is_file():
+        r.problems.append(f"{key}={str(root)!r}: has no {METADATA_CSV[subset]}; allowed: the folder holding it (docs/DATA.md)")
+
+
+def _check_data(r: _Reader, subset: str | None) -> None:
+    if not r.has("data"):
+        return
+    expected = r.get("expected_subset", None)
+    if expected not in (_ABSENT, None) and subset is not None and subset != expected:
+        r.problems.append(
+            f"data.subset={subset!r}: this experiment expects data.subset={expected}; "
+            f"allowed: data={expected} (or one of its variants), or another experiment"
+        )
+    synth = r.get("data.synth", None)
+    root = r.get("data.root", None)
+    roots = r.get("data.roots", None)
+    if synth not in (_ABSENT, None):
+        if not isinstance(synth, Mapping):
+            r.add("data.synth", synth, "null (real data) or a mapping of SynthAVS options")
+        else:
+            if synth.get("cache_dir") is None:
+                r.problems.append("data.synth.cache_dir=None: allowed: a folder where generated trees are cached")
+            _int_at_least(r, "data.synth.image_size", synth.get("image_size", _ABSENT), 8)
+            _int_at_least(r, "data.synth.num_classes", synth.get("num_classes", _ABSENT), 1)
+            clips = synth.get("clips_per_split", _ABSENT)
+            if clips is not _ABSENT and not (isinstance(clips, Mapping) and all(_is_int(v) and v >= 1 for v in clips.values())):
+                r.add("data.synth.clips_per_split", clips, "a mapping train/val/test -> an integer >= 1")
+        if root not in (_ABSENT, None) or roots not in (_ABSENT, None):
+            r.problems.append("data.root / data.roots: allowed: null when data.synth is set (the tree is generated)")
+        pkl_allowed = subset is not None and "pkl" in AUDIO_SOURCES[subset]
+        if pkl_allowed and r.get("data.audio_source", None) == "pkl" and isinstance(synth, Mapping) and not synth.get("write_pkl", False):
+            r.add("data.audio_source", "pkl", "wav | embeddings, or set data.synth.write_pkl=true (SynthAVS writes no .pkl otherwise)")
+    elif subset is not None:
+        if subset == "avs":
+            if root not in (_ABSENT, None):
+                r.add("data.root", root, "null for data.subset=avs (it reads data.roots.s4 and data.roots.ms3)")
+            if not isinstance(roots, Mapping) or set(roots) != {"s4", "ms3"}:
+                r.add("data.roots", roots, "a mapping with exactly the keys s4 and ms3")
+            else:
+                for member in ("s4", "ms3"):
+                    _check_data_root(r, f"data.roots.{member}", roots[member], member)
+        else:
+            if roots not in (_ABSENT, None):
+                r.add("data.roots", roots, f"null for data.subset={subset} (use data.root)")
+            if root is not _ABSENT:
+                _check_data_root(r, "data.root", root, subset)
+
+    if subset is not None:
+        audio_source = r.get("data.audio_source")
+        _one_of(r, "data.audio_source", audio_source, AUDIO_SOURCES[subset])
+        embeddings_dir = r.get("data.embeddings_dir", None)
+        if audio_source == "embeddings":
+            if embeddings_dir in (_ABSENT, None):
+                r.problems.append("data.embeddings_dir=None: allowed: the folder of precomputed .npy embeddings (data.audio_source=embeddings)")
+            elif not _expand(embeddings_dir).is_dir():
+                r.problems.append(f"data.embeddings_dir={str(embeddings_dir)!r}: no such folder; allowed: the folder of precomputed .npy embeddings")
+    _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
+    _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
+    _int_at_least(r, "data.batch_size", r.get("data.batch_size"), 1)
+    _int_at_least(r, "data.eval_batch_size", r.get("data.eval_batch_size"), 1, nullable=True)
+    _int_at_least(r, "data.num_workers", r.get("data.num_workers"), 0)
+    if r.get("data.num_workers", 0) == 0 and r.get("data.persistent_workers", False) is True:
+        r.add("data.persistent_workers", True, "false when data.num_workers=0 (there are no workers to keep)")
+    if r.get("data.num_workers", 0) == 0 and r.get("data.prefetch_factor", None) not in (None, _ABSENT):
+        r.add("data.prefetch_factor", r.get("data.prefetch_factor"), "null when data.num_workers=0")
+    repeats = r.get("data.repeats", None)
+    if repeats not in (_ABSENT, None):
+        if not isinstance(repeats, Mapping) or not all(_is_int(v) and v >= 0 for v in repeats.values()) or not any(repeats.values()):
+            r.add("data.repeats", repeats, "null or a mapping subset -> an integer >= 0, not all 0")
+
+
+_EXTRA_ACCELERATORS = ("auto", "gpu")
+_EXTRA_STRATEGIES = ("auto",)
+
+
+def _lightning_names() -> tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]]:
+    """(accelerators, strategies, precisions) that the installed Lightning accepts."""
+    from typing import get_args
+
+    import lightning.fabric.connector as connector
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = _EXTRA_ACCELERATORS + tuple(sorted(AcceleratorRegistry.available_accelerators()))
+    strategies = _EXTRA_STRATEGIES + tuple(StrategyRegistry.available_strategies())
+    precisions = (
+        get_args(connector._PRECISION_INPUT_STR)
+        + get_args(connector._PRECISION_INPUT_STR_ALIAS)
+        + get_args(connector._PRECISION_INPUT_INT)
+    )
+    return accelerators, strategies, precisions
+
+
+def _valid_devices(value: Any) -> bool:
+    if _is_int(value):
+        return value >= 1 or value == -1
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("auto", "-1"):
+            return True
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return bool(parts) and all(p.isdigit() for p in parts) and (len(parts) > 1 or text.endswith(",") or int(parts[0]) >= 1)
+    if isinstance(value, list):
+        return bool(value) and all(_is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value)
+    return False
+
+
+def _limit_batches(r: _Reader, key: str, value: Any) -> None:
+    if value is _ABSENT or value is None:
+        return
+    if _is_int(value) and value >= 0:
+        return
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return
+    r.add(key, value, "null, an integer >= 0 (batches) or a float in [0, 1] (fraction)")
+
+
+def _check_trainer(r: _Reader) -> None:
+    if not r.has("trainer"):
+        return
+    accelerators, strategies, precisions = _lightning_names()
+    accelerator = r.get("trainer.accelerator")
+    _one_of(r, "trainer.accelerator", accelerator, accelerators)
+    devices = r.get("trainer.devices")
+    if devices is not _ABSENT and not _valid_devices(devices):
+        r.add("trainer.devices", devices, "auto | -1 (all) | an integer >= 1 | a list of device indices | '0,1'")
+    _int_at_least(r, "trainer.num_nodes", r.get("trainer.num_nodes"), 1)
+
+    strategy = r.get("trainer.strategy")
+    if strategy is not _ABSENT:
+        if isinstance(strategy, str):
+            _one_of(r, "trainer.strategy", strategy, strategies)
+        elif isinstance(strategy, Mapping) and "_target_" in strategy:
+            _check_strategy_target(r, strategy, accelerator)
+        else:
+            r.add("trainer.strategy", strategy, f"a Lightning strategy name ({' | '.join(strategies[:6])} | ...) or a mapping with _target_")
+
+    precision = r.get("trainer.precision")
+    if precision is not _ABSENT and (precision not in precisions or isinstance(precision, bool)):
+        r.add("trainer.precision", precision, " | ".join(str(p) for p in precisions))
+    elif accelerator == "cpu" and precision in ("16-mixed", "16", 16, "transformer-engine", "transformer-engine-float16"):
+        # Lightning would silently switch fp16 AMP to bf16 on CPU; say so instead
+        r.add("trainer.precision", precision, "32-true | 64-true | bf16-mixed | bf16-true | 16-true on trainer.accelerator=cpu")
+
+    max_epochs = r.get("trainer.max_epochs", None)
+    min_epochs = r.get("trainer.min_epochs", None)
+    max_steps = r.get("trainer.max_steps", -1)
+    epochs_ok = max_epochs in (_ABSENT, None) or (_is_int(max_epochs) and (max_epochs >= 1 or max_epochs == -1))
+    if not epochs_ok:
+        r.add("trainer.max_epochs", max_epochs, "null, -1 (no epoch limit) or an integer >= 1")
+    steps_ok = max_steps in (_ABSENT, None) or (_is_int(max_steps) and (max_steps >= 1 or max_steps == -1))
+    if not steps_ok:
+        r.add("trainer.max_steps", max_steps, "-1 (no step limit) or an integer >= 1")
+    if epochs_ok and steps_ok and max_epochs == -1 and max_steps in (-1, None, _ABSENT):
+        r.problems.append("trainer.max_epochs=-1 with trainer.max_steps=-1: allowed: at least one finite limit (training would never stop)")
+    if min_epochs not in (_ABSENT, None):
+        if not _is_int(min_epochs) or min_epochs < 0:
+            r.add("trainer.min_epochs", min_epochs, "null or an integer >= 0")
+        elif _is_int(max_epochs) and max_epochs >= 1 and min_epochs > max_epochs:
+            r.add("trainer.min_epochs", min_epochs, f"an integer <= trainer.max_epochs={max_epochs}")
+
+    _number_in(r, "trainer.gradient_clip_val", r.get("trainer.gradient_clip_val"), lambda v: v >= 0, "a number >= 0", nullable=True)
+    _one_of(r, "trainer.gradient_clip_algorithm", r.get("trainer.gradient_clip_algorithm", None) or _ABSENT, GRADIENT_CLIP_ALGORITHMS)
+    _int_at_least(r, "trainer.accumulate_grad_batches", r.get("trainer.accumulate_grad_batches"), 1)
+    _int_at_least(r, "trainer.log_every_n_steps", r.get("trainer.log_every_n_steps"), 1, nullable=True)
+    _int_at_least(r, "trainer.check_val_every_n_epoch", r.get("trainer.check_val_every_n_epoch"), 1, nullable=True)
+    _int_at_least(r, "trainer.num_sanity_val_steps", r.get("trainer.num_sanity_val_steps"), -1, nullable=True)
+    for stage in ("train", "val", "test", "predict"):
+        _limit_batches(r, f"trainer.limit_{stage}_batches", r.get(f"trainer.limit_{stage}_batches"))
+    val_interval = r.get("trainer.val_check_interval")
+    _limit_batches(r, "trainer.val_check_interval", val_interval)
+    deterministic = r.get("trainer.deterministic")
+    if deterministic not in (_ABSENT, None, True, False, "warn"):
+        r.add("trainer.deterministic", deterministic, "true | false | warn | null")
+    fast_dev_run = r.get("trainer.fast_dev_run")
+    if fast_dev_run is not _ABSENT and not (isinstance(fast_dev_run, bool) or (_is_int(fast_dev_run) and fast_dev_run >= 0)):
+        r.add("trainer.fast_dev_run", fast_dev_run, "true | false | an integer >= 0 (batches)")
+
+
+def _check_strategy_target(r: _Reader, strategy: Mapping[str, Any], accelerator: Any) -> None:
+    target = strategy["_target_"]
+    try:
+        from hydra.utils import get_class
+        from lightning.pytorch.strategies import Strategy
+
+        cls = get_class(str(target))
+    except Exception as error:  # noqa: BLE001 - hydra wraps import failures in several types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        r.problems.append(f"trainer.strategy._target_={target!r}: cannot be imported ({first_line}); allowed: a lightning.pytorch.strategies class")
+        return
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        r.add("trainer.strategy._target_", target, "a subclass of lightning.pytorch.strategies.Strategy")
+    backend = strategy.get("process_group_backend")
+    if backend not in (None, "nccl", "gloo", "mpi", "ucc", "xccl", "hccl"):
+        r.add("trainer.strategy.process_group_backend", backend, "null | nccl | gloo | mpi | ucc")
+    elif backend == "nccl" and accelerator == "cpu":
+        r.add("trainer.strategy.process_group_backend", backend, "gloo on trainer.accelerator=cpu (nccl needs CUDA GPUs)")
+
+
+def _check_top_level(r: _Reader) -> None:
+    seed = r.get("seed")
+    if seed is not _ABSENT and not _is_int(seed):
+        r.add("seed", seed, "an integer")
+    _bool(r, "skip_nonfinite", r.get("skip_nonfinite"))
+    _bool(r, "test", r.get("test"))
+    ckpt = r.get("ckpt_path", None)
+    if ckpt not in (_ABSENT, None):
+        if not isinstance(ckpt, (str, os.PathLike)) or not _expand(ckpt).is_file():
+            hint = "<run dir>/checkpoints/last.ckpt to resume" if r.has("trainer") else "a checkpoint written by avseg.train"
+            r.problems.append(f"ckpt_path={ckpt!r}: no such file; allowed: null or an existing checkpoint file ({hint})")
+    every = r.get("callbacks.checkpoint.every_n_train_steps", None)
+    if every not in (_ABSENT, None):
+        _int_at_least(r, "callbacks.checkpoint.every_n_train_steps", every, 0, note=" (0: at epoch ends only)")
+    # avseg.eval
+    if r.has("perturb"):
+        _one_of(r, "split", r.get("split"), EVAL_SPLITS)
+        _one_of(r, "perturb", r.get("perturb"), PERTURBATIONS)
+        _number_in(r, "perturb_snr_db", r.get("perturb_snr_db"), lambda v: True, "a finite number (dB)")
+        _int_at_least(r, "batch_size", r.get("batch_size"), 1, nullable=True)
+        _int_at_least(r, "num_workers", r.get("num_workers"), 0, nullable=True)
+    device = r.get("device")
+    if device is not _ABSENT:
+        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            r.add("device", device, "auto | cpu | cuda | cuda:N")
+
+
+def config_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """Every violation in ``cfg``, one line each (``key=value: allowed: ...``); [] when valid."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(dict(cfg))
+    reader = _Reader(cfg)
+    subset = _subset(reader)
+    _check_model(reader, subset)
+    _check_data(reader, subset)
+    _check_trainer(reader)
+    _check_top_level(reader)
+    # one line per problem, each once, in the order found
+    return list(dict.fromkeys(reader.problems))
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Raise one `ConfigError` listing every violation in ``cfg``; return None when it is valid.
+
+    Reads no data and opens no weights file (it only asks whether the named paths exist), so
+    ``avseg.train`` / ``avseg.eval`` call it first thing.
+    """
+    problems = config_problems(cfg)
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise ConfigError(f"invalid configuration ({count}):\n  " + "\n  ".join(problems))

@@ -1,0 +1,402 @@
+"""Training callbacks (Lightning) and the sweep summary (Hydra).
+
+- `LastCheckpoint`: ``last.ckpt`` every N optimizer steps and at every epoch end (crash-safe
+  through `avseg.lit.checkpoint_io.AtomicCheckpointIO`).
+- `ResumeState`: RNG states (as tensors, so ``torch.load(weights_only=True)`` reads them) and the
+  training loader's position, for exact mid-epoch resume.
+- `CodebookMonitor`: per-epoch codebook usage (histogram to wandb, used/dead counts to every logger).
+- `MaskOverlayLogger`: predicted and ground-truth masks over a few fixed validation clips.
+- `SweepSummary`: a Hydra callback writing ``summary.md`` / ``summary.csv`` in a multirun's sweep
+  directory, one row per job (failed jobs included).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+from avseg.lit.checkpoint_io import atomic_write_bytes
+from avseg.lit.sampler import ResumableDataLoader
+
+__all__ = [
+    "LastCheckpoint",
+    "ResumeState",
+    "CodebookMonitor",
+    "MaskOverlayLogger",
+    "SweepSummary",
+    "write_json_atomic",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints and resume
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``<dirpath>/<filename>`` every ``every_n_train_steps`` optimizer steps (0: never
+    mid-epoch) and at the end of every training epoch (after validation), overwriting it atomically.
+
+    It subclasses Lightning's ``Checkpoint`` so that Lightning runs it after the other callbacks,
+    and the checkpoint it writes holds their latest state (the best-checkpoint tracker included).
+    """
+
+    def __init__(self, *, dirpath: str, filename: str = "last.ckpt", every_n_train_steps: int = 0) -> None:
+        super().__init__()
+        if every_n_train_steps < 0:
+            raise ValueError(f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps}: must be >= 0")
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.every_n_train_steps = int(every_n_train_steps)
+        self._last_step_saved = -1
+
+    @property
+    def last_model_path(self) -> str:
+        return str(self.dirpath / self.filename)
+
+    @property
+    def state_key(self) -> str:
+        return f"LastCheckpoint{{'filename': '{self.filename}'}}"
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+
+    def _save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.last_model_path, weights_only=False)  # the full training state
+        self._last_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._skip(trainer) or self.every_n_train_steps == 0:
+            return
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step_saved:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        # An epoch cut short (max_steps, a stop request) must not be recorded as finished: its
+        # last step-interval checkpoint is the resumable one.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done < trainer.num_training_batches:
+            return
+        self._save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_model_path": self.last_model_path, "every_n_train_steps": self.every_n_train_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # nothing to restore: the path is this run's own, the interval may change between runs
+        return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "numpy_name": str(np_name),
+        "python_version": int(py_version),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+        "python_gauss": None if py_gauss is None else float(py_gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            int(state["numpy_pos"]),
+            int(state["numpy_has_gauss"]),
+            float(state["numpy_gauss"]),
+        )
+    )
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_internal"].tolist()), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+class ResumeState(Callback):
+    """Makes a resumed run continue exactly where the checkpoint was written.
+
+    - Saves the RNG states at checkpoint time; on resume restores them when training starts (after
+      the sanity check and the data loader set-up, which must not shift the streams).
+    - Tells the `ResumableDataLoader` how many batches of the current epoch were trained on (the
+      trainer's count; the loader itself is one batch ahead because Lightning prefetches).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending_rng: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ResumeState"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loop = trainer.fit_loop
+        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
+        for loader in loaders:
+            if isinstance(loader, ResumableDataLoader):
+                loader.progress_fn = lambda: (trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed)
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": capture_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict.get("rng")
+
+
+# --------------------------------------------------------------------------------------------------
+# logging
+
+
+def _wandb_loggers(trainer: Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class CodebookMonitor(Callback):
+    """Per-epoch codebook usage: ``train/codebook_used_epoch`` and ``train/codebook_dead_epoch``
+    (codes never selected during the epoch) to every logger, and the usage histogram to wandb.
+
+    The module accumulates ``code_usage_epoch`` (float [N] counts) from the quantiser's ``usage``
+    each training step; per-step perplexity / dead counts are logged by the module itself.
+    """
+
+    def __init__(self, *, histogram_every_n_epochs: int = 1) -> None:
+        super().__init__()
+        self.histogram_every_n_epochs = int(histogram_every_n_epochs)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if hasattr(pl_module, "code_usage_epoch"):
+            pl_module.code_usage_epoch = None
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        usage = getattr(pl_module, "code_usage_epoch", None)
+        if usage is None:
+            return
+        usage = usage.detach().float()
+        if trainer.world_size > 1:
+            usage = pl_module.all_gather(usage).reshape(-1, usage.numel()).sum(0)
+        used = int((usage > 0).sum())
+        pl_module.log("train/codebook_used_epoch", float(used), rank_zero_only=True, sync_dist=False)
+        pl_module.log("train/codebook_dead_epoch", float(usage.numel() - used), rank_zero_only=True, sync_dist=False)
+        every = self.histogram_every_n_epochs
+        if not trainer.is_global_zero or every <= 0 or trainer.current_epoch % every != 0:
+            return
+        for logger in _wandb_loggers(trainer):
+            import wandb
+
+            counts = usage.cpu().numpy()
+            edges = np.arange(counts.size + 1, dtype=np.float64)
+            logger.experiment.log(
+                {"train/codebook_usage": wandb.Histogram(np_histogram=(counts, edges)), "trainer/global_step": trainer.global_step}
+            )
+
+
+_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def overlay_masks(frame: torch.Tensor, mask: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """An ImageNet-normalised frame [3, H, W] with a label mask [H, W] blended on: uint8 [H, W, 3]."""
+    image = (frame.detach().cpu().float() * _IMAGENET_STD + _IMAGENET_MEAN).clamp(0, 1)
+    image = (image.permute(1, 2, 0).numpy() * 255.0).astype(np.float32)
+    labels = mask.detach().cpu().long().numpy()
+    if labels.shape != image.shape[:2]:
+        labels = torch.nn.functional.interpolate(
+            torch.from_numpy(labels)[None, None].float(), size=image.shape[:2], mode="nearest"
+        )[0, 0].long().numpy()
+    colour = colours[np.clip(labels, 0, len(colours) - 1)].astype(np.float32)
+    blended = np.where(labels[..., None] > 0, (1 - alpha) * image + alpha * colour, image)
+    return blended.clip(0, 255).astype(np.uint8)
+
+
+class MaskOverlayLogger(Callback):
+    """Ground truth (left) and prediction (right) overlays for the first ``num_clips`` clips of the
+    (unshuffled, hence fixed) validation set, every ``every_n_epochs`` epochs, to wandb; with
+    ``save_png=true`` also as PNG files in ``<run dir>/overlays/``.
+
+    Uses the ``pred_labels`` [B, T, H, W] that ``AVSLitModule.validation_step`` returns.
+    """
+
+    def __init__(self, *, num_clips: int = 4, every_n_epochs: int = 1, save_png: bool = False) -> None:
+        super().__init__()
+        self.num_clips = int(num_clips)
+        self.every_n_epochs = int(every_n_epochs)
+        self.save_png = bool(save_png)
+        self._rows: list[tuple[str, np.ndarray]] = []
+
+    def _active(self, trainer: Trainer) -> bool:
+        return (
+            trainer.is_global_zero
+            and not trainer.sanity_checking
+            and self.num_clips > 0
+            and self.every_n_epochs > 0
+            and trainer.current_epoch % self.every_n_epochs == 0
+            and (bool(_wandb_loggers(trainer)) or self.save_png)
+        )
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._active(trainer) or len(self._rows) >= self.num_clips or not isinstance(outputs, dict):
+            return
+        predictions = outputs.get("pred_labels")
+        if predictions is None:
+            return
+        from avseg.data.palette import voc_colormap
+
+        colours = np.asarray(voc_colormap(256), dtype=np.uint8).reshape(-1, 3)
+        frames, masks, frame_valid = batch["frames"], batch["masks"], batch["frame_valid"]
+        for clip in range(frames.shape[0]):
+            if len(self._rows) >= self.num_clips:
+                break
+            tiles = []
+            for t in range(frames.shape[1]):
+                if not bool(frame_valid[clip, t]):
+                    continue
+                truth = overlay_masks(frames[clip, t], masks[clip, t], colours)
+                predicted = overlay_masks(frames[clip, t], predictions[clip, t], colours)
+                tiles.append(np.concatenate([truth, predicted], axis=1))
+            if tiles:
+                self._rows.append((str(batch["video_id"][clip]), np.concatenate(tiles, axis=0)))
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._rows or not self._active(trainer):
+            return
+        captions = [f"{video_id} (left: ground truth, right: prediction)" for video_id, _ in self._rows]
+        images = [image for _, image in self._rows]
+        for logger in _wandb_loggers(trainer):
+            logger.log_image(key="val/overlays", images=images, caption=captions, step=trainer.global_step)
+        if self.save_png:
+            from PIL import Image
+
+            folder = Path(trainer.default_root_dir) / "overlays"
+            for (video_id, image) in self._rows:
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in video_id)
+                atomic_write_bytes(folder / f"epoch{trainer.current_epoch:03d}_{safe_id}.png", buffer.getvalue())
+        self._rows = []
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps (Hydra callback)
+
+JOB_STATUS_FILE = "job_status.json"
+
+
+class SweepSummary(HydraCallback):
+    """After every multirun job, records ``<job dir>/job_status.json`` (job number, overrides, ok /
+    failed, error) and rewrites ``summary.csv`` and ``summary.md`` in the sweep directory from all
+    jobs' status files and ``metrics.json`` files. Rewriting after each job (atomically) keeps the
+    summary complete even when the sweep stops early, and works when jobs run on other machines
+    (the submitit launcher) since each row comes from files in the shared sweep directory.
+    """
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else config.hydra
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        from hydra.core.utils import JobStatus
+
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        ok = job_return.status == JobStatus.COMPLETED
+        error = ""
+        if not ok:
+            value = job_return._return_value
+            # the whole message on one line (a config error lists one problem per line)
+            error = " ".join(f"{type(value).__name__}: {value}".split())[:500] if value is not None else "unknown"
+        record = {
+            "job": int(hydra_cfg.job.num),
+            "overrides": " ".join(str(o) for o in job_return.overrides or []),
+            "status": "ok" if ok else "failed",
+            "error": error,
+            "dir": str(job_dir),
+        }
+        write_json_atomic(job_dir / JOB_STATUS_FILE, record)
+        write_sweep_summary(Path(hydra_cfg.sweep.dir))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        write_sweep_summary(Path(config.hydra.sweep.dir))
+
+
+def write_sweep_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
+    """Builds ``summary.csv`` / ``summary.md`` from the job folders of ``sweep_dir``."""
+    rows = []
+    for status_file in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}")):
+        record = json.loads(status_file.read_text())
+        metrics_file = status_file.parent / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        rows.append((record, metrics))
+    if not rows:
+        return None
+    rows.sort(key=lambda row: row[0]["job"])
+    metric_names = sorted({name for _, metrics in rows for name in metrics})
+    header = ["job", "status", "overrides", *metric_names, "error"]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "" if value is None else str(value)
+
+    table = [[cell(record["job"]), record["status"], record["overrides"], *[cell(metrics.get(m)) for m in metric_names], record["error"]] for record, metrics in rows]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(table)
+    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
+    atomic_write_bytes(csv_path, buffer.getvalue().encode())
+    failed = sum(record["status"] != "ok" for record, _ in rows)
+    lines = [
+        f"# Sweep summary: {sweep_dir.name}",
+        "",
+        f"{len(rows)} jobs, {len(rows) - failed} ok, {failed} failed.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for row in table:
+        lines.append("| " + " | ".join(value.replace("|", "\\|") for value in row) + " |")
+    atomic_write_bytes(md_path, ("\n".join(lines) + "\n").encode())
+    return csv_path, md_path
