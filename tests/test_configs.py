@@ -164,7 +164,7 @@ def test_backbone_gets_its_own_learning_rate() -> None:
 
 
 def test_validation_reports_every_bad_key_on_its_own_line() -> None:
-    from avseg.train import validate_config
+    from avseg.config_validation import validate_config
 
     cfg = compose_train(
         [
@@ -190,7 +190,7 @@ def test_validation_reports_every_bad_key_on_its_own_line() -> None:
 
 
 def test_validation_codebook_smaller_than_subspaces() -> None:
-    from avseg.train import validate_config
+    from avseg.config_validation import validate_config
 
     cfg = compose_train(["model.decomposition.codebook_size=2"])
     with pytest.raises(ConfigError, match=r"model.decomposition.codebook_size=2: must be >= num_subspaces \(4\)"):
@@ -226,7 +226,7 @@ def test_bad_config_value_is_config_error_not_crash() -> None:
     HydraConfig.instance().set_config(cfg)
     with pytest.raises(Exception) as info:
         hydra.utils.instantiate(_tiny(OmegaConf.to_container(cfg.model, resolve=True)))
-    from avseg.train import avseg_cause
+    from avseg.cli import avseg_cause
 
     cause = avseg_cause(info.value)
     assert isinstance(cause, ConfigError)

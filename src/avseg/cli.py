@@ -29,7 +29,7 @@ from typing import ParamSpec, TypeVar
 
 from avseg.errors import AvsegError
 
-__all__ = ["EXIT_ERROR", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
+__all__ = ["EXIT_ERROR", "avseg_cause", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
 
 EXIT_ERROR = 1
 
@@ -74,15 +74,30 @@ def report_error(error: BaseException, *, stream=None) -> None:
     stream.flush()
 
 
+def avseg_cause(error: BaseException) -> AvsegError | None:
+    """The project's own error behind ``error``, if any: Hydra's ``instantiate`` (and other
+    libraries) wrap the exceptions raised inside them, so the chain is followed."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, AvsegError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def run_main(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """``fn(*args, **kwargs)``; an `AvsegError` is printed as one final ``error: ...`` line and the
-    process exits with status 1 (re-raised under a Hydra multirun)."""
+    """``fn(*args, **kwargs)``; an `AvsegError` (also when wrapped by another exception) is printed
+    as one final ``error: ...`` line and the process exits with status 1 (re-raised under a Hydra
+    multirun). Any other exception is a bug and propagates with its traceback."""
     try:
         return fn(*args, **kwargs)
-    except AvsegError as error:
-        if in_hydra_multirun():
+    except Exception as error:
+        cause = avseg_cause(error)
+        if cause is None or in_hydra_multirun():
             raise
-        report_error(error)
+        report_error(cause)
         raise SystemExit(EXIT_ERROR) from None
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +37,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from avseg.errors import AvsegError, ConfigError
+from avseg.cli import run_main
+from avseg.config_validation import validate_config
+from avseg.errors import ConfigError
 
 __all__ = [
     "main",
@@ -263,6 +264,7 @@ def run(cfg: DictConfig, *, output_dir: Path, overrides: Sequence[str] = ()) -> 
     perturb = str(cfg.perturb)
     snr_db = cfg.get("perturb_snr_db")
     data_source = _choose_data_config(cfg, overrides)
+    validate_config(cfg)  # every bad key at once, before any data or weights are read
     audio_source = str(cfg.data.get("audio_source", "wav"))
     check_perturbation(perturb, audio_source=audio_source, snr_db=snr_db)
     device = resolve_device(str(cfg.device))
@@ -346,16 +348,11 @@ def run(cfg: DictConfig, *, output_dir: Path, overrides: Sequence[str] = ()) -> 
 
 @hydra.main(config_path="../../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    from hydra.types import RunMode
-
     hydra_cfg = HydraConfig.get()
-    try:
-        return run(cfg, output_dir=Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
-    except AvsegError as error:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise
-        print(f"\nerror: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    # a bad input or config: one clear `error:` line, not a deep stack trace (avseg.cli)
+    return run_main(
+        run, cfg, output_dir=Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task)
+    )
 
 
 if __name__ == "__main__":

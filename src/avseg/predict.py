@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +53,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
-from avseg.errors import AvsegError, ConfigError, DataError
+from avseg.cli import run_main
+from avseg.errors import ConfigError, DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -524,11 +524,8 @@ def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path="../../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    try:
-        return run(cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
-    except AvsegError as error:
-        print(f"\nerror: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    # a bad input or config: one clear `error:` line, not a deep stack trace (avseg.cli)
+    return run_main(run, cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

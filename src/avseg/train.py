@@ -9,7 +9,6 @@ See docs/TRAINING.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,88 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from avseg.errors import AvsegError, CheckpointError, ConfigError
+from avseg.cli import run_main
+from avseg.config_validation import validate_config
+from avseg.errors import CheckpointError
 
-__all__ = ["main", "run", "validate_config", "avseg_cause"]
-
-
-def avseg_cause(error: BaseException) -> AvsegError | None:
-    """The project's own error behind ``error`` (Hydra's instantiate wraps exceptions), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, AvsegError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+__all__ = ["main", "run"]
 
 
 def _select(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Start-up checks before any data is read: every violation is one line naming the key and the
-    allowed values; all of them are reported together as one `ConfigError`."""
-    problems: list[str] = []
-    dim = _select(cfg, "model.dim")
-    dec = _select(cfg, "model.decomposition") or {}
-    variant = dec.get("variant")
-    variants = ("pq", "pq_split", "vq", "none")
-    if variant not in variants:
-        problems.append(f"model.decomposition.variant={variant!r}: allowed values are {' | '.join(variants)}")
-    k, n = dec.get("num_subspaces"), dec.get("codebook_size")
-    if not isinstance(k, int) or k < 1:
-        problems.append(f"model.decomposition.num_subspaces={k!r}: an int >= 1")
-    if not isinstance(n, int) or n < 1:
-        problems.append(f"model.decomposition.codebook_size={n!r}: an int >= 1")
-    elif isinstance(k, int) and k >= 1 and variant != "vq" and n < k:
-        problems.append(f"model.decomposition.codebook_size={n}: must be >= num_subspaces ({k})")
-    if variant == "pq_split" and isinstance(k, int) and k >= 1 and isinstance(dim, int) and dim % k != 0:
-        problems.append(f"model.decomposition.num_subspaces={k}: pq_split chunks must divide model.dim={dim}")
-    beta = dec.get("beta")
-    if beta is not None and not (isinstance(beta, (int, float)) and beta >= 0):
-        problems.append(f"model.decomposition.beta={beta!r}: a number >= 0")
-    data_classes = {"s4": 1, "ms3": 1, "avs": 1, "avss": 70}
-    subset = _select(cfg, "data.subset")
-    if subset not in data_classes:
-        problems.append(f"data.subset={subset!r}: allowed values are {' | '.join(data_classes)}")
-    elif _select(cfg, "model.num_classes") != data_classes[subset]:
-        problems.append(
-            f"model.num_classes={_select(cfg, 'model.num_classes')!r}: must be {data_classes[subset]} for data.subset={subset}"
-        )
-    expected = _select(cfg, "expected_subset")
-    if expected is not None and subset != expected:
-        problems.append(f"data.subset={subset!r}: this experiment expects data.subset={expected}")
-    for key in ("data.batch_size", "data.eval_batch_size"):
-        value = _select(cfg, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            problems.append(f"{key}={value!r}: an int >= 1")
-    fpb = _select(cfg, "model.metric.frames_per_batch")
-    frames = {"s4": 5, "ms3": 5, "avs": 5, "avss": 10}.get(subset)
-    if fpb is not None and frames is not None and (not isinstance(fpb, int) or fpb < 1 or fpb % frames):
-        problems.append(f"model.metric.frames_per_batch={fpb!r}: null or a positive multiple of the clip length ({frames})")
-    clip = _select(cfg, "trainer.gradient_clip_val")
-    if clip is not None and not (isinstance(clip, (int, float)) and clip >= 0):
-        problems.append(f"trainer.gradient_clip_val={clip!r}: null or a number >= 0")
-    accelerators = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-    accelerator = _select(cfg, "trainer.accelerator")
-    if accelerator not in accelerators:
-        problems.append(f"trainer.accelerator={accelerator!r}: allowed values are {' | '.join(accelerators)}")
-    max_epochs = _select(cfg, "trainer.max_epochs")
-    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < -1 or max_epochs == 0):
-        problems.append(f"trainer.max_epochs={max_epochs!r}: an int >= 1 (or -1 for no limit)")
-    every = _select(cfg, "callbacks.checkpoint.every_n_train_steps")
-    if every is not None and (not isinstance(every, int) or every < 0):
-        problems.append(f"callbacks.checkpoint.every_n_train_steps={every!r}: an int >= 0 (0 = epoch ends only)")
-    if not isinstance(_select(cfg, "skip_nonfinite"), bool):
-        problems.append(f"skip_nonfinite={_select(cfg, 'skip_nonfinite')!r}: true | false")
-    ckpt = _select(cfg, "ckpt_path")
-    if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
-        problems.append(f"ckpt_path={ckpt}: no such file (give <run dir>/checkpoints/last.ckpt to resume)")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def _single_console_log() -> None:
@@ -199,16 +125,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> dict[str, float] | None:
     from avseg.lit.runtime import finish_wandb
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg)
-    except Exception as error:
-        cause = avseg_cause(error)
-        if cause is None or multirun:
-            raise  # multirun: Hydra records the job as failed (summary.csv) and runs the other jobs
-        # a bad input or config: one clear message, not a deep stack trace
-        print(f"\nerror: {cause}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        # a bad input or config: one clear `error:` line, not a deep stack trace (avseg.cli)
+        return run_main(run, cfg)
     finally:
         finish_wandb()
 
