@@ -304,3 +304,48 @@ def test_reseeding_through_the_module_keeps_training_finite():
         optimizer.step()
         assert torch.isfinite(out["vq_loss"])
     assert int(module.quantizer.num_reseeded) > 0
+
+
+def test_data_initialised_codebook_does_not_collapse_on_offset_audio_tokens():
+    # Audio tokens sharing a large common component (what a near-constant audio encoder gives):
+    # the N(0, 1) codebook maps every prototype feature to one code; the data-initialised one
+    # with re-seeding (the qdformer_tiny setting) keeps several codes in use.
+    generator = torch.Generator().manual_seed(3)
+    sources = torch.randn(6, DIM, generator=generator)
+
+    def batch() -> torch.Tensor:
+        pick = torch.randint(6, (8, 5), generator=generator)
+        return sources[pick] + 0.1 * torch.randn(8, 5, DIM, generator=generator) + 3.0
+
+    codes_in_use = {}
+    for init in ("normal", "data"):
+        module = _module("pq", codebook_size=32, codebook_init=init, reseed_dead_codes=init == "data",
+                         usage_ema_decay=0.9, dead_code_threshold=0.1)
+        module.train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        for _ in range(6):
+            out = module(batch())
+            optimizer.zero_grad()
+            (out["vq_loss"] + out["distill_loss"]).backward()
+            optimizer.step()
+        assert bool(module.quantizer.data_initialised)
+        module.eval()
+        with torch.no_grad():
+            indices = module(batch())["global_indices"]
+        codes_in_use[init] = len(set(indices.flatten().tolist()))
+    assert codes_in_use["data"] >= 4
+    assert codes_in_use["data"] > codes_in_use["normal"]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [({"codebook_init": "uniform"}, "codebook_init"), ({"usage_ema_decay": 1.0}, "usage_ema_decay")])
+def test_anti_collapse_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"model\.decomposition\.{key}: got .*; allowed: "):
+        _module("pq", **overrides)
+
+
+def test_tiny_model_config_turns_the_anti_collapse_mechanism_on():
+    cfg = OmegaConf.load(CONF_DIR.parent / "qdformer_tiny.yaml")
+    options = dict(cfg.decomposition)
+    assert options["codebook_init"] == "data" and options["reseed_dead_codes"] is True
+    module = AudioDecomposition(dim=64, **options)
+    assert module.quantizer.codebook_init == "data" and module.quantizer.reseed_dead_codes

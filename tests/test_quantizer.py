@@ -273,3 +273,166 @@ def test_counts_are_all_reduced_and_reseeding_is_identical_across_ranks(tmp_path
     code0 = (torch.eye(6, 4) * 3.0)[0]
     for row in rank0["codebook"][2:]:
         assert torch.equal(row, code0) or torch.allclose(row, code0 + 0.01), row
+
+
+# ---------------------------------------------------------------- anti-collapse: data-dependent init
+def _clustered_inputs(count: int, code_dim: int, seed: int = 0) -> torch.Tensor:
+    """Encoder-like outputs: 4 tight clusters far from the origin (offset 20 on every channel)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, code_dim, generator=generator) * 0.5 + 20.0
+    labels = torch.arange(count) % 4
+    return centres[labels] + 0.05 * torch.randn(count, code_dim, generator=generator)
+
+
+def test_normal_init_collapses_on_offset_inputs_and_data_init_does_not():
+    # The collapse seen in the demo: inputs that share a large common component sit far from every
+    # N(0, 1) codeword, so one codeword is nearest to all of them (perplexity 1).
+    inputs = _clustered_inputs(64, 16)
+    normal = _quantizer(num_codes=32, code_dim=16)
+    normal.train()
+    assert float(normal(inputs)["perplexity"]) == pytest.approx(1.0)
+    data = _quantizer(num_codes=32, code_dim=16, codebook_init="data")
+    data.train()
+    assert not bool(data.data_initialised)
+    data(inputs)  # fills the ring buffer with 64 >= 32 inputs and initialises
+    assert bool(data.data_initialised)
+    out = data(inputs)
+    # k-means++ draws cover all four clusters: every cluster gets its own code(s)
+    assert len(set(out["indices"].tolist())) >= 4
+    assert float(out["perplexity"]) >= 3.9
+    # every codeword is one of the inputs (distinct draws) or a slightly perturbed copy
+    nearest_input = torch.cdist(data.codebook.detach(), inputs).min(dim=1).values
+    assert float(nearest_input.max()) < 0.5
+
+
+def test_data_init_waits_for_enough_inputs_and_happens_once():
+    quantizer = _quantizer(num_codes=8, code_dim=4, codebook_init="data")
+    initial = quantizer.codebook.detach().clone()
+    quantizer.train()
+    quantizer(torch.randn(5, 4))
+    assert not bool(quantizer.data_initialised)  # 5 < 8 inputs seen
+    assert torch.equal(quantizer.codebook.detach(), initial)
+    quantizer.eval()
+    quantizer(torch.randn(20, 4))  # evaluation never initialises
+    assert not bool(quantizer.data_initialised)
+    quantizer.train()
+    quantizer(torch.randn(5, 4))  # 10 >= 8: initialised from the buffer, before this call's lookup
+    assert bool(quantizer.data_initialised)
+    after_init = quantizer.codebook.detach().clone()
+    assert not torch.equal(after_init, initial)
+    torch.testing.assert_close(quantizer.usage_ema.sum(), torch.tensor(1.0))
+    quantizer(torch.randn(30, 4) + 10.0)
+    assert torch.equal(quantizer.codebook.detach(), after_init)  # never again
+    # the flag is in the state dict: a resumed run does not re-initialise
+    restored = _quantizer(num_codes=8, code_dim=4, codebook_init="data", seed=5)
+    restored.load_state_dict(quantizer.state_dict())
+    assert bool(restored.data_initialised)
+    restored.train()
+    restored(torch.randn(30, 4))
+    assert torch.equal(restored.codebook.detach(), after_init)
+
+
+def test_data_init_with_fewer_distinct_inputs_than_codes_perturbs_the_copies():
+    quantizer = _quantizer(num_codes=8, code_dim=4, codebook_init="data")
+    inputs = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0]]).repeat(4, 1)  # 2 distinct
+    quantizer.init_from_data(inputs)
+    codebook = quantizer.codebook.detach()
+    assert torch.isfinite(codebook).all()
+    assert len({tuple(row.tolist()) for row in codebook}) == 8  # no exact duplicates
+    # every codeword is one of the two inputs or a copy perturbed by ~5 % of the spread (2.0 on
+    # channel 0, clamped to 1e-3 on the others)
+    assert float(torch.cdist(codebook, inputs[:2]).min(dim=1).values.max()) < 0.5
+
+
+def test_data_init_plus_reseeding_keeps_many_codes_alive_while_training():
+    # a toy encoder trained with the VQ loss: with data init + re-seeding, many codes stay in use
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    quantizer = VectorQuantizer(
+        num_codes=16, code_dim=16, codebook_init="data", reseed_dead_codes=True,
+        usage_ema_decay=0.8, dead_code_threshold=0.1,
+    )
+    quantizer.train()
+    optimizer = torch.optim.Adam([*encoder.parameters(), *quantizer.parameters()], lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(8, 8, generator=generator) * 3
+    used: set[int] = set()
+    for step in range(30):
+        batch = centres[torch.randint(8, (16,), generator=generator)] + 0.1 * torch.randn(16, 8, generator=generator)
+        out = quantizer(encoder(batch))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        if step >= 20:
+            used |= set(out["indices"].tolist())
+    assert len(used) >= 6
+    assert float(out["perplexity"]) > 3.0
+
+
+def test_codebook_init_must_be_known():
+    with pytest.raises(ConfigError, match="codebook_init"):
+        VectorQuantizer(num_codes=4, code_dim=4, codebook_init="kmeans")
+    with pytest.raises(RuntimeError, match="no valid inputs"):
+        _quantizer(num_codes=4, code_dim=4, codebook_init="data").init_from_data(torch.zeros(0, 4))
+
+
+def test_ema_codebook_update_moves_codes_to_the_mean_of_their_inputs():
+    quantizer = _quantizer(num_codes=4, code_dim=3, codebook_update="ema", codebook_ema_decay=0.5)
+    with torch.no_grad():
+        quantizer.codebook.copy_(torch.eye(4, 3) * 4.0)
+    quantizer.ema_sum.copy_(quantizer.codebook.detach())
+    quantizer.train()
+    inputs = torch.tensor([[5.0, 0.0, 0.0], [3.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
+    out = quantizer(inputs)
+    assert out["indices"].tolist() == [0, 0, 1]
+    assert float(out["codebook_loss"]) == 0.0  # the codebook learns by EMA, not by a loss
+    # code 0: count 0.5*1 + 0.5*2 = 1.5, sum 0.5*[4,0,0] + 0.5*[8,1,0] = [6, 0.5, 0]; code = sum / count
+    codebook = quantizer.codebook.detach()
+    torch.testing.assert_close(codebook[0], torch.tensor([6.0, 0.5, 0.0]) / 1.5, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(codebook[1], torch.tensor([0.5 * 0.0, 0.5 * 4 + 0.5 * 5.0, 0.0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(codebook[2:], (torch.eye(4, 3) * 4.0)[2:], atol=1e-4, rtol=1e-4)  # unused: unchanged
+    assert quantizer.codebook.grad is None
+    inputs.requires_grad_(True)
+    quantizer(inputs)["loss"].backward()
+    assert quantizer.codebook.grad is None and inputs.grad is not None  # commitment still trains the encoder
+    # evaluation never updates the codebook
+    quantizer.eval()
+    before = quantizer.codebook.detach().clone()
+    quantizer(inputs.detach() + 1.0)
+    assert torch.equal(quantizer.codebook.detach(), before)
+    with pytest.raises(ConfigError, match="codebook_update"):
+        VectorQuantizer(num_codes=4, code_dim=4, codebook_update="adam")
+    with pytest.raises(ConfigError, match="codebook_ema_decay"):
+        VectorQuantizer(num_codes=4, code_dim=4, codebook_ema_decay=1.0)
+
+
+def test_ring_buffer_is_saved_so_a_resumed_quantizer_reseeds_identically():
+    quantizer = _quantizer(num_codes=8, code_dim=4, codebook_init="data", reseed_dead_codes=True,
+                           usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_buffer_size=32)
+    quantizer.train()
+    quantizer(torch.randn(12, 4))  # data init
+    quantizer(torch.randn(3, 4) + 5.0)
+    state = quantizer.state_dict()
+    restored = _quantizer(num_codes=8, code_dim=4, codebook_init="data", reseed_dead_codes=True,
+                          usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_buffer_size=32, seed=9)
+    restored.load_state_dict(state)
+    restored.train()
+    assert restored._recent_count == quantizer._recent_count == 15
+    batch = torch.randn(2, 4)
+    torch.manual_seed(3)
+    quantizer(batch)  # re-seeds the dead codes from the ring buffer
+    torch.manual_seed(3)
+    restored(batch)
+    assert int(quantizer.num_reseeded) > 0
+    assert torch.equal(quantizer.codebook.detach(), restored.codebook.detach())
+
+
+def test_state_without_the_ring_buffer_loads_with_an_empty_buffer():
+    quantizer = _quantizer(num_codes=4, code_dim=4)
+    quantizer.train()
+    quantizer(torch.randn(3, 4))
+    state = {k: v for k, v in quantizer.state_dict().items() if not k.startswith("recent_")}
+    restored = _quantizer(num_codes=4, code_dim=4, seed=2)
+    restored.load_state_dict(state, strict=True)
+    assert restored._recent_inputs is None and restored._recent_count == 0
+    assert torch.equal(restored.codebook, quantizer.codebook)

@@ -368,3 +368,109 @@ def test_embeddings_command_random_init_is_seeded(saved_vggish, tmp_path, capsys
     with torch.no_grad():
         expected = model(fit_examples(log_mel_examples(wav, rate), 5, "repeat_last")).numpy()
     np.testing.assert_allclose(written, expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the small trainable log-mel CNN (network="log_mel_cnn", the CPU / SynthAVS option)
+
+
+def _cnn_encoder(dim: int = 16, seed: int = 0) -> AudioEncoder:
+    torch.manual_seed(seed)
+    return AudioEncoder(
+        dim=dim, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, dropout=0.0
+    )
+
+
+def test_log_mel_cnn_encoder_shapes_padding_and_gradients():
+    encoder = _cnn_encoder()
+    assert encoder.vggish is None and encoder.log_mel_cnn is not None
+    assert sum(p.numel() for p in encoder.parameters()) < 300_000  # vs 72 M for VGGish
+    audio = _examples(count=6).reshape(2, 3, 1, 96, 64)
+    frame_valid = torch.tensor([[True, True, True], [True, False, False]])
+    tokens = encoder(audio, frame_valid)
+    assert tuple(tokens.shape) == (2, 3, 16)
+    assert tokens[1, 1:].abs().sum() == 0
+    assert torch.isfinite(tokens).all()
+    tokens.sum().backward()
+    # trained from scratch: every CNN parameter gets a gradient
+    assert all(p.grad is not None and p.requires_grad for p in encoder.log_mel_cnn.parameters())
+    assert encoder.log_mel_cnn.features[0].weight.grad.abs().sum() > 0
+
+
+def test_log_mel_cnn_runs_on_valid_frames_only_and_distinguishes_inputs():
+    encoder = _cnn_encoder().eval()
+    audio = _examples(count=6).reshape(2, 3, 1, 96, 64)
+    frame_valid = torch.tensor([[True, True, True], [True, False, False]])
+    seen: list[int] = []
+    hook = encoder.log_mel_cnn.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            masked = encoder.embed(audio, frame_valid)
+            full = encoder.embed(audio)
+    finally:
+        hook.remove()
+    assert seen == [4, 6]
+    torch.testing.assert_close(masked[frame_valid], full[frame_valid])
+    assert masked[~frame_valid].abs().sum() == 0
+    # silence (the log-mel of a zero waveform) and a tone give different embeddings
+    silence = torch.full((1, 1, 1, 96, 64), float(np.log(0.01)))
+    tone = silence.clone()
+    tone[..., 20:24] = 2.0  # energy in a few mel bands
+    with torch.no_grad():
+        assert (encoder.embed(silence) - encoder.embed(tone)).abs().max() > 1e-3
+
+
+def test_log_mel_cnn_trains_to_separate_two_sound_classes():
+    # a few Adam steps on two "pitches" must make the tokens linearly separable (mean gap grows)
+    encoder = _cnn_encoder(dim=8)
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(8, 1, 96, 64, generator=generator) * 0.3 - 4.0
+    high = low.clone()
+    low[..., 5:9] += 4.0
+    high[..., 50:54] += 4.0
+    audio = torch.cat([low, high]).reshape(16, 1, 1, 96, 64)
+    target = torch.cat([torch.zeros(8), torch.ones(8)])
+    head = nn.Linear(8, 1)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=1e-2)
+    encoder.train()
+    for _ in range(15):
+        logits = head(encoder(audio)[:, 0]).squeeze(-1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    encoder.eval()
+    with torch.no_grad():
+        accuracy = ((head(encoder(audio)[:, 0]).squeeze(-1) > 0).float() == target).float().mean()
+    assert accuracy == 1.0
+
+
+def test_log_mel_cnn_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="network"):
+        AudioEncoder(dim=8, input="log_mel", network="resnet", random_init=True)  # type: ignore[arg-type]
+    for bad in (
+        {"vggish_weights": str(tmp_path / "vggish.pth"), "random_init": False, "freeze_vggish": False},
+        {"random_init": False, "freeze_vggish": False},
+        {"random_init": True, "freeze_vggish": True},
+    ):
+        with pytest.raises(ConfigError, match="log_mel_cnn is trained from scratch"):
+            AudioEncoder(dim=8, input="log_mel", network="log_mel_cnn", **bad)
+    encoder = _cnn_encoder()
+    with pytest.raises(ValueError, match=r"\[N, 1, 96, 64\]"):
+        encoder.log_mel_cnn(torch.zeros(2, 1, 96, 32))
+
+
+def test_log_mel_cnn_yaml_instantiates_and_round_trips_through_a_state_dict(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / "audio_encoder" / "log_mel_cnn.yaml"
+    torch.manual_seed(0)
+    encoder = instantiate(OmegaConf.load(conf), dim=16).eval()
+    assert encoder.network == "log_mel_cnn" and not encoder.freeze_vggish
+    torch.manual_seed(1)
+    other = instantiate(OmegaConf.load(conf), dim=16).eval()
+    other.load_state_dict(encoder.state_dict(), strict=True)
+    audio = _examples(count=2).reshape(1, 2, 1, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other(audio), encoder(audio))

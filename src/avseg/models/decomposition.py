@@ -32,7 +32,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from avseg.errors import ConfigError
-from avseg.models.quantizer import VectorQuantizer
+from avseg.models.quantizer import CODEBOOK_INITS, CODEBOOK_UPDATES, VectorQuantizer
 
 __all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
 
@@ -168,6 +168,10 @@ class AudioDecomposition(nn.Module):
         reseed_dead_codes: bool = False,
         usage_ema_decay: float = 0.99,
         reseed_buffer_size: int = 1024,
+        codebook_init: str = "normal",
+        prototype_init_std: float = 1.0,
+        codebook_update: str = "loss",
+        codebook_ema_decay: float = 0.8,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -202,6 +206,16 @@ class AudioDecomposition(nn.Module):
             raise _config_error("dropout", dropout, "0 <= dropout < 1")
         if not dead_code_threshold >= 0:
             raise _config_error("dead_code_threshold", dead_code_threshold, "a number >= 0")
+        if not prototype_init_std > 0:
+            raise _config_error("prototype_init_std", prototype_init_std, "a number > 0")
+        if codebook_update not in CODEBOOK_UPDATES:
+            raise _config_error("codebook_update", codebook_update, " | ".join(CODEBOOK_UPDATES))
+        if not 0 <= codebook_ema_decay < 1:
+            raise _config_error("codebook_ema_decay", codebook_ema_decay, "0 <= decay < 1")
+        if codebook_init not in CODEBOOK_INITS:
+            raise _config_error("codebook_init", codebook_init, " | ".join(CODEBOOK_INITS))
+        if not 0 <= usage_ema_decay < 1:
+            raise _config_error("usage_ema_decay", usage_ema_decay, "0 <= decay < 1")
 
         self.dim = dim
         self.variant = variant
@@ -220,8 +234,12 @@ class AudioDecomposition(nn.Module):
             self.decoder = None
             code_dim = self.chunk_dim
         else:
-            # Learnable prototype queries, N(0, 1): the pre-norm layers normalise them anyway.
-            self.prototypes = nn.Parameter(torch.randn(num_tokens, dim))
+            # Learnable prototype queries, N(0, prototype_init_std^2). The pre-norm layers normalise
+            # them before attending, so the scale does not change what they attend to; it sets how
+            # much of the residual stream (and so of g_i) is the prototype itself rather than
+            # audio. N(0, 1) lets the prototype dominate: each sub-space then maps to one fixed
+            # code whatever the audio (measured on the demo, docs/MODEL.md "Codebook collapse").
+            self.prototypes = nn.Parameter(torch.randn(num_tokens, dim) * prototype_init_std)
             self.decoder = PrototypeDecoder(
                 dim=dim,
                 num_layers=num_layers,
@@ -241,6 +259,9 @@ class AudioDecomposition(nn.Module):
                 dead_code_threshold=dead_code_threshold,
                 reseed_dead_codes=reseed_dead_codes,
                 reseed_buffer_size=reseed_buffer_size,
+                codebook_init=codebook_init,
+                codebook_update=codebook_update,
+                codebook_ema_decay=codebook_ema_decay,
             )
 
     # ------------------------------------------------------------------ encoders

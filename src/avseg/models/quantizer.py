@@ -31,7 +31,10 @@ from torch import nn
 
 from avseg.errors import ConfigError
 
-__all__ = ["VectorQuantizer", "squared_distances"]
+__all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES"]
+
+CODEBOOK_INITS = ("normal", "data")
+CODEBOOK_UPDATES = ("loss", "ema")
 
 
 def _distributed_ready() -> bool:
@@ -88,6 +91,9 @@ class VectorQuantizer(nn.Module):
         reseed_dead_codes: bool = False,
         reseed_buffer_size: int = 1024,
         init_std: float = 1.0,
+        codebook_init: str = "normal",
+        codebook_update: str = "loss",
+        codebook_ema_decay: float = 0.8,
     ) -> None:
         super().__init__()
         if int(num_codes) < 1:
@@ -100,6 +106,12 @@ class VectorQuantizer(nn.Module):
             raise ConfigError(f"usage_ema_decay: got {usage_ema_decay}; allowed: 0 <= decay < 1")
         if not dead_code_threshold >= 0.0:
             raise ConfigError(f"dead_code_threshold: got {dead_code_threshold}; allowed: a number >= 0")
+        if codebook_init not in CODEBOOK_INITS:
+            raise ConfigError(f"codebook_init: got {codebook_init!r}; allowed: {' | '.join(CODEBOOK_INITS)}")
+        if codebook_update not in CODEBOOK_UPDATES:
+            raise ConfigError(f"codebook_update: got {codebook_update!r}; allowed: {' | '.join(CODEBOOK_UPDATES)}")
+        if not 0.0 <= codebook_ema_decay < 1.0:
+            raise ConfigError(f"codebook_ema_decay: got {codebook_ema_decay}; allowed: 0 <= decay < 1")
         if int(reseed_buffer_size) < 1:
             raise ConfigError(f"reseed_buffer_size: got {reseed_buffer_size}; allowed: an integer >= 1")
         self.num_codes = int(num_codes)
@@ -109,6 +121,9 @@ class VectorQuantizer(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.reseed_dead_codes = bool(reseed_dead_codes)
         self.reseed_buffer_size = int(reseed_buffer_size)
+        self.codebook_init = codebook_init
+        self.codebook_update = codebook_update
+        self.codebook_ema_decay = float(codebook_ema_decay)
 
         # N(0, init_std^2) codewords: the inputs are LayerNorm outputs (unit variance per channel),
         # so codewords and inputs start on the same scale (VQ-VAE's tiny uniform init would make the
@@ -117,16 +132,52 @@ class VectorQuantizer(nn.Module):
         # EMA of each code's share of the assignments; starts uniform so no code is dead at step 0.
         self.register_buffer("usage_ema", torch.full((self.num_codes,), 1.0 / self.num_codes))
         self.register_buffer("num_reseeded", torch.zeros((), dtype=torch.long))
-        # The ring buffer of recent inputs is a plain attribute, not a registered buffer: DDP would
-        # otherwise broadcast it from rank 0 every step, and it has no place in a checkpoint.
-        self._recent_inputs: torch.Tensor | None = None
+        # codebook_init="data": the codebook is replaced by encoder outputs at the first
+        # training-mode call; this flag (saved in checkpoints, so a resumed run does not redo it)
+        # says whether that happened. With "normal" there is nothing to do.
+        self.register_buffer("data_initialised", torch.tensor(codebook_init != "data"))
+        # codebook_update="ema" (k-means style, VQ-VAE appendix): EMA of each code's assignment
+        # count and of the sum of its assigned inputs; codeword = sum / count. Saved in checkpoints
+        # only in that mode (with "loss" they are unused, and older checkpoints lack them).
+        ema = codebook_update == "ema"
+        self.register_buffer("ema_count", torch.ones(self.num_codes), persistent=ema)
+        self.register_buffer("ema_sum", self.codebook.detach().clone(), persistent=ema)
+        # The ring buffer of recent inputs: buffers, so a resumed run re-seeds and data-initialises
+        # from the same inputs as an uninterrupted one. Under DDP rank 0's copy is broadcast to the
+        # others each step, which changes nothing: re-seeding and data init use rank 0's draw.
+        # The counters are mirrored in Python ints so a training step needs no device sync.
+        self.register_buffer("recent_inputs", torch.zeros(self.reseed_buffer_size, self.code_dim))
+        self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("recent_next", torch.zeros((), dtype=torch.long))
         self._recent_count = 0
         self._recent_next = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # Checkpoints written before the ring buffer was saved load with an empty buffer (filled
+        # again by the next training calls).
+        absent = [name for name in ("recent_inputs", "recent_count", "recent_next") if prefix + name not in state_dict]
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        if absent:
+            self.recent_inputs.zero_()
+            self.recent_count.zero_()
+            self.recent_next.zero_()
+        self._recent_count = int(self.recent_count)
+        self._recent_next = int(self.recent_next)
+
+    @property
+    def _recent_inputs(self) -> torch.Tensor | None:
+        """The ring buffer [reseed_buffer_size, D] (rows past ``_recent_count`` unused), or None when empty."""
+        return self.recent_inputs if self._recent_count > 0 else None
 
     def extra_repr(self) -> str:
         return (
             f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
-            f"reseed_dead_codes={self.reseed_dead_codes}"
+            f"codebook_init={self.codebook_init}, reseed_dead_codes={self.reseed_dead_codes}"
         )
 
     # ------------------------------------------------------------------ statistics
@@ -147,17 +198,13 @@ class VectorQuantizer(nn.Module):
         """Push detached inputs [M, D] into the ring buffer of recent encoder outputs."""
         if flat_inputs.shape[0] == 0:
             return
-        if self._recent_inputs is None or self._recent_inputs.device != flat_inputs.device:
-            self._recent_inputs = flat_inputs.new_zeros(
-                (self.reseed_buffer_size, self.code_dim), dtype=torch.float32
-            )
-            self._recent_count = 0
-            self._recent_next = 0
-        rows = flat_inputs.detach().float()[-self.reseed_buffer_size :]
+        rows = flat_inputs.detach()[-self.reseed_buffer_size :].to(self.recent_inputs.dtype)
         positions = (torch.arange(rows.shape[0], device=rows.device) + self._recent_next) % self.reseed_buffer_size
-        self._recent_inputs[positions] = rows
+        self.recent_inputs[positions.to(self.recent_inputs.device)] = rows.to(self.recent_inputs.device)
         self._recent_next = (self._recent_next + rows.shape[0]) % self.reseed_buffer_size
         self._recent_count = min(self._recent_count + rows.shape[0], self.reseed_buffer_size)
+        self.recent_next.fill_(self._recent_next)
+        self.recent_count.fill_(self._recent_count)
 
     @torch.no_grad()
     def reseed(self) -> int:
@@ -186,10 +233,89 @@ class VectorQuantizer(nn.Module):
         if _distributed_ready():
             dist.broadcast(replacements, src=0)
         self.codebook.data[dead_idx.to(self.codebook.device)] = replacements.to(self.codebook.device)
+        self.ema_count[dead_idx] = 1.0
+        self.ema_sum[dead_idx] = self.codebook.detach()[dead_idx]
         # A fresh code gets a uniform share again: a grace period before it can be declared dead.
         self.usage_ema[dead_idx] = 1.0 / self.num_codes
         self.num_reseeded += num_dead
         return num_dead
+
+    def _ready_for_data_init(self) -> bool:
+        """True once the ring buffer holds min(N, buffer size) inputs, on every process."""
+        needed = min(self.num_codes, self.reseed_buffer_size)
+        ready = torch.tensor(int(self._recent_count >= needed), device=self.codebook.device)
+        if _distributed_ready():
+            dist.all_reduce(ready, op=dist.ReduceOp.MIN)  # every rank initialises at the same call
+        return bool(ready)
+
+    @torch.no_grad()
+    def init_from_data(self, flat_inputs: torch.Tensor) -> None:
+        """Data-dependent init: every codeword becomes one of the inputs [M, D], k-means++ style.
+
+        Called automatically (``codebook_init="data"``) at the first training-mode call at which
+        the ring buffer of recent inputs holds at least min(N, ``reseed_buffer_size``) inputs
+        (until then the N(0, ``init_std``^2) codebook is used); the usage EMA restarts uniform.
+
+        The first codeword is a random input; each next one is drawn with probability
+        proportional to the squared distance to the nearest codeword chosen so far, so the
+        codebook spreads over the inputs instead of starting in a random region that only one
+        code reaches (the measured cause of the one-code collapse, docs/MODEL.md). When the batch
+        has fewer distinct inputs than codes, draws repeat; the copies get a small perturbation
+        (5 % of the inputs' per-channel spread) so they are not exact ties, and the ones that stay
+        unused are what dead-code re-seeding is for. Under DDP rank 0's codebook is broadcast.
+        The draws use torch's global generator (seeded runs are reproducible).
+        """
+        inputs = flat_inputs.detach().float()
+        if inputs.shape[0] == 0:
+            raise RuntimeError("VectorQuantizer.init_from_data: no valid inputs in the first training batch")
+        generator_device = inputs.device
+        chosen = torch.empty(self.num_codes, dtype=torch.long, device=generator_device)
+        chosen[0] = torch.randint(inputs.shape[0], (1,), device=generator_device)[0]
+        # repeated[n]: codeword n equals one already chosen (its squared distance to the set is 0)
+        repeated = torch.zeros(self.num_codes, dtype=torch.bool, device=generator_device)
+        nearest = (inputs - inputs[chosen[0]]).pow(2).sum(-1)  # [M] squared distance to the chosen set
+        for code in range(1, self.num_codes):
+            total = nearest.sum()
+            if float(total) > 0:
+                pick = torch.multinomial(nearest / total, 1)[0]
+            else:  # every input already chosen (fewer distinct inputs than codes): uniform draw
+                pick = torch.randint(inputs.shape[0], (1,), device=generator_device)[0]
+            chosen[code] = pick
+            repeated[code] = nearest[pick] <= 0
+            nearest = torch.minimum(nearest, (inputs - inputs[pick]).pow(2).sum(-1))
+        spread = inputs.std(dim=0, unbiased=False) if inputs.shape[0] > 1 else inputs.new_zeros(self.code_dim)
+        spread = spread.clamp_min(1e-3)  # identical inputs still give distinct copies
+        codebook = inputs[chosen]
+        codebook = codebook + repeated[:, None].float() * 0.05 * spread[None, :] * torch.randn_like(codebook)
+        codebook = codebook.to(self.codebook.dtype).contiguous()
+        if _distributed_ready():
+            dist.broadcast(codebook, src=0)
+        self.codebook.data.copy_(codebook.to(self.codebook.device))
+        self.usage_ema.fill_(1.0 / self.num_codes)
+        self.ema_count.fill_(1.0)
+        self.ema_sum.copy_(self.codebook.detach())
+        self.data_initialised.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(
+        self, flat: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """k-means step by EMA: codeword n <- EMA(sum of inputs assigned to n) / EMA(count of n).
+
+        ``counts`` are already all-reduced; the sums are all-reduced here, so every process keeps
+        the same codebook. Codes unused this batch keep their value (their sum and count decay
+        together); Laplace smoothing (1e-5) keeps the division finite.
+        """
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat * weights[:, None])
+        if _distributed_ready():
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        decay = self.codebook_ema_decay
+        used = counts > 0
+        self.ema_count.copy_(torch.where(used, decay * self.ema_count + (1 - decay) * counts, self.ema_count))
+        self.ema_sum.copy_(torch.where(used[:, None], decay * self.ema_sum + (1 - decay) * sums, self.ema_sum))
+        total = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (total + self.num_codes * 1e-5) * total
+        self.codebook.data.copy_((self.ema_sum / smoothed[:, None]).to(self.codebook.dtype))
 
     @torch.no_grad()
     def _update_usage(self, counts: torch.Tensor) -> None:
@@ -225,10 +351,18 @@ class VectorQuantizer(nn.Module):
 
         if tracking:
             self._remember(flat[flat_valid])
-            if self.reseed_dead_codes:
+            if not bool(self.data_initialised):
+                if self._ready_for_data_init():
+                    self.init_from_data(self._recent_inputs[: self._recent_count])
+            elif self.reseed_dead_codes:
                 self.reseed()  # before the codebook is used, so autograd never sees the change
 
-        codebook = self.codebook.detach() if detach_codebook else self.codebook
+        ema = self.codebook_update == "ema"
+        if ema:
+            # the codebook has no loss in this mode; a copy, because it is updated in place below
+            codebook = self.codebook.detach().clone()
+        else:
+            codebook = self.codebook.detach() if detach_codebook else self.codebook
         distances = squared_distances(flat, codebook)  # [M, N] float32
         indices = distances.detach().argmin(dim=-1)
         codewords = F.embedding(indices, codebook).to(inputs.dtype)  # [M, D]
@@ -236,7 +370,7 @@ class VectorQuantizer(nn.Module):
         weights = flat_valid.to(torch.float32)
         denominator = weights.sum().clamp_min(1.0) * self.code_dim
         commitment = ((flat.float() - codewords.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
-        if detach_codebook:
+        if detach_codebook or ema:
             codebook_loss = commitment.new_zeros(())
         else:
             codebook_loss = ((codewords.float() - flat.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
@@ -251,6 +385,8 @@ class VectorQuantizer(nn.Module):
             if _distributed_ready():
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             self._update_usage(counts)
+            if ema:
+                self._ema_update(flat.detach().float(), indices, weights, counts)
 
         return {
             "quantized": quantized.reshape(inputs.shape),
