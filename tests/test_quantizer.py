@@ -436,3 +436,19 @@ def test_state_without_the_ring_buffer_loads_with_an_empty_buffer():
     restored.load_state_dict(state, strict=True)
     assert restored._recent_inputs is None and restored._recent_count == 0
     assert torch.equal(restored.codebook, quantizer.codebook)
+
+
+def test_ema_codebook_is_not_a_trainable_parameter():
+    """EMA mode updates the codewords itself: a trainable codebook would get no gradient, which
+    DDP rejects as an unused parameter (and the optimiser would carry dead state)."""
+    ema = VectorQuantizer(num_codes=8, code_dim=4, codebook_update="ema")
+    loss_mode = VectorQuantizer(num_codes=8, code_dim=4, codebook_update="loss")
+    assert not ema.codebook.requires_grad
+    assert loss_mode.codebook.requires_grad
+    ema.train()
+    before = ema.codebook.detach().clone()
+    inputs = torch.randn(16, 4, requires_grad=True)
+    out = ema(inputs)
+    (out["quantized"].sum() + out["loss"]).backward()
+    assert inputs.grad is not None and ema.codebook.grad is None
+    assert not torch.equal(before, ema.codebook.detach())  # the EMA step moved the codewords

@@ -128,7 +128,11 @@ class VectorQuantizer(nn.Module):
         # N(0, init_std^2) codewords: the inputs are LayerNorm outputs (unit variance per channel),
         # so codewords and inputs start on the same scale (VQ-VAE's tiny uniform init would make the
         # codeword with the smallest norm win every assignment).
-        self.codebook = nn.Parameter(torch.randn(self.num_codes, self.code_dim) * init_std)
+        # With EMA updates the codebook gets no gradient: requires_grad=False keeps it out of the
+        # optimiser and out of DDP's reducer (an unused trainable parameter is an error there).
+        self.codebook = nn.Parameter(
+            torch.randn(self.num_codes, self.code_dim) * init_std, requires_grad=codebook_update != "ema"
+        )
         # EMA of each code's share of the assignments; starts uniform so no code is dead at step 0.
         self.register_buffer("usage_ema", torch.full((self.num_codes,), 1.0 / self.num_codes))
         self.register_buffer("num_reseeded", torch.zeros((), dtype=torch.long))
