@@ -258,23 +258,11 @@ def compose_eval(overrides: Sequence[str]) -> Any:
 
 
 def choose_data_config(cfg: Any, overrides: Sequence[str]) -> str:
-    """As `avseg.eval`: the command line's data config when it names a data option, else the
-    training run's (``<run dir>/.hydra/config.yaml``), else the eval default. Returns the source."""
-    from omegaconf import OmegaConf, open_dict
+    """The data config `avseg.eval` would use (command line, else the training run's, else the
+    eval default), set on ``cfg``; returns where it came from."""
+    from avseg.eval import choose_data_config as eval_choose_data_config
 
-    from avseg.eval import names_data, training_run_config
-
-    if names_data(overrides):
-        return "command line"
-    stored_path = training_run_config(cfg.ckpt_path)
-    if stored_path is None:
-        return "conf/eval.yaml default"
-    stored = OmegaConf.load(stored_path)
-    if "data" not in stored:
-        raise ConfigError(f"{stored_path}: the training run's config has no 'data' node; give data=... on the command line")
-    with open_dict(cfg):
-        cfg.data = stored.data
-    return str(stored_path)
+    return eval_choose_data_config(cfg, overrides)
 
 
 def _evaluate(
@@ -788,7 +776,7 @@ def run_decomposition(
 ) -> dict[str, Any]:
     """The code / source table of a checkpoint on its SynthAVS data; writes ``decomposition.md`` and
     ``decomposition.json`` in ``output_dir``. For ``none`` prints and records "not applicable"."""
-    from avseg.eval import load_model, resolve_device
+    from avseg.eval import load_model
 
     if clips not in ("multi", "all"):
         raise ConfigError(f"clips={clips!r}: allowed values are multi | all")

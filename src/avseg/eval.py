@@ -232,7 +232,7 @@ def names_data(overrides: Sequence[str]) -> bool:
     return any(str(o).lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data" for o in overrides)
 
 
-def _choose_data_config(cfg: DictConfig, overrides: Sequence[str]) -> str:
+def choose_data_config(cfg: DictConfig, overrides: Sequence[str]) -> str:
     """Replaces ``cfg.data`` by the training run's data config when the command line names no data
     option and the run's ``.hydra/config.yaml`` exists; returns where the data config came from."""
     if names_data(overrides):
@@ -263,7 +263,7 @@ def run(cfg: DictConfig, *, output_dir: Path, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"split={split!r}: allowed values are {' | '.join(SPLITS)}")
     perturb = str(cfg.perturb)
     snr_db = cfg.get("perturb_snr_db")
-    data_source = _choose_data_config(cfg, overrides)
+    data_source = choose_data_config(cfg, overrides)
     validate_config(cfg)  # every bad key at once, before any data or weights are read
     audio_source = str(cfg.data.get("audio_source", "wav"))
     check_perturbation(perturb, audio_source=audio_source, snr_db=snr_db)
