@@ -140,6 +140,12 @@ def test_unknown_variant_and_distill_loss(configs):
     assert "mse | ce" in line
 
 
+def test_dual_stride_must_be_an_encoder_stride(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.fusion.dual_stride = 64
+    assert "8 | 16 | 32" in _only_problem(cfg, "model.fusion.dual_stride")
+
+
 def test_heads_must_divide_width(configs):
     cfg = _copy(configs, "train")
     cfg.model.decomposition.num_heads = 5

@@ -72,6 +72,7 @@ AUDIO_SOURCES = {"s4": ("wav", "pkl", "embeddings"), "ms3": ("wav", "pkl", "embe
 MASK_SOURCES = ("rgb", "semantic")
 MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
 FPN_TYPES = ("audio_dual", "audio", "none")
+DUAL_STRIDES = (8, 16, 32)
 AUDIO_INPUTS = ("log_mel", "embeddings")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 EVAL_SPLITS = ("train", "val", "test")
@@ -244,6 +245,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
 
     _one_of(r, "model.ms_deform_backend", r.get("model.ms_deform_backend"), MS_DEFORM_BACKENDS)
     _one_of(r, "model.fusion.fpn_type", r.get("model.fusion.fpn_type"), FPN_TYPES)
+    _one_of(r, "model.fusion.dual_stride", r.get("model.fusion.dual_stride"), DUAL_STRIDES)
     _bool(r, "model.aux_loss", r.get("model.aux_loss"))
     _existing_file(r, "model.init_from", r.get("model.init_from"), "checkpoint (the ReferFormer-family weights)")
 

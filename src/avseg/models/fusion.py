@@ -5,9 +5,10 @@ Per frame (all ``N = B*T`` frames in one batch):
 1. gated early fusion: the visual tokens of every level cross-attend to the frame's K decomposed
    audio tokens and are multiplied by the result (ReferFormer's multiplicative fusion);
 2. a multi-scale deformable transformer encoder over the 4 fused levels (strides 8..64);
-3. the "dual" cross-modal block at the coarsest FPN level (stride 32): audio tokens attend to the
-   visual tokens, visual tokens attend back to the updated audio tokens, and every audio token
-   becomes a dynamic 1x1 filter whose response maps (max-pooled over tokens) gate the visual map;
+3. the "dual" cross-modal block at the coarsest FPN level (stride 32; ``dual_stride`` 16 or 8
+   moves it to a finer encoder output): audio tokens attend to the visual tokens, visual tokens
+   attend back to the updated audio tokens, and every audio token becomes a dynamic 1x1 filter
+   whose response maps (max-pooled over tokens) gate the visual map;
 4. a top-down FPN from stride 32 to stride 4 (with the backbone's res2) giving mask features
    ``[N, mask_dim, H/4, W/4]``.
 
@@ -32,6 +33,8 @@ from avseg.models.layers.position import sine_position_2d
 from avseg.ops import MSDeformAttn
 
 FPN_TYPES = ("audio_dual", "audio", "none")
+# stride of the encoder output the dual block works on -> index among the FPN maps (strides 8, 16, 32)
+DUAL_STRIDES = {8: 0, 16: 1, 32: 2}
 
 
 def flatten_levels(levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,7 +101,9 @@ class DeformableEncoderLayer(nn.Module):
         """``src [N, S, C]``, ``pos [N or 1, S, C]``, ``reference_points [N, S, L, 2]`` -> ``[N, S, C]``."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(torch.relu(self.linear1(src))))
+        # relu in place: linear1's output is not kept for its backward, and a second [N, S, ffn_dim]
+        # buffer cost more than the relu itself on CPU (fresh pages)
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -220,10 +225,14 @@ class AudioVisualFusion(nn.Module):
         stride4_dim: int = 64,
         ms_deform_backend: str = "auto",
         num_groups: int = 32,
+        dual_stride: int = 32,
     ) -> None:
         super().__init__()
         if fpn_type not in FPN_TYPES:
             raise ConfigError(f"model.fusion.fpn_type: {fpn_type!r} is not one of {FPN_TYPES}")
+        if dual_stride not in DUAL_STRIDES:
+            raise ConfigError(f"model.fusion.dual_stride: {dual_stride!r} is not one of {tuple(DUAL_STRIDES)}")
+        self.dual_level = DUAL_STRIDES[dual_stride]
         if num_levels != 4:
             raise ConfigError(f"model.fusion.num_levels: the neck gives 4 levels (strides 8..64), got {num_levels}")
         self.fpn_type = fpn_type
@@ -266,9 +275,9 @@ class AudioVisualFusion(nn.Module):
         maps = []
         for (h, w), start in zip(spatial_shapes.tolist(), level_start_index.tolist()):
             maps.append(rearrange(memory[:, start : start + h * w], "n (h w) c -> n c h w", h=h, w=w))
-        top = maps[2]
         if self.dual is not None:
-            top, audio = self.dual(top, audio)
+            maps[self.dual_level], audio = self.dual(maps[self.dual_level], audio)
+        top = maps[2]
         y16 = self.out16(maps[1] + F.interpolate(top, size=maps[1].shape[-2:], mode="nearest"))
         y8 = self.out8(maps[0] + F.interpolate(y16, size=maps[0].shape[-2:], mode="nearest"))
         y4 = self.lateral4(res2) + F.interpolate(self.reduce8(y8), size=res2.shape[-2:], mode="nearest")
