@@ -152,9 +152,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # both corners in the zero border along that axis: value and all gradients exactly zero, as
 # without padding.
 #
-# Layout: per-sample tensors are [L*P, R] (R = N*Lq*M bags), so that per-level constants broadcast
-# as [L*P, 1] over long contiguous rows; with the bags as the outer dimension ([R, L*P]) every
-# elementwise op runs an inner loop of only L*P elements, several times slower on CPU.
+# Layout: bag-major. Per-sample tensors are [R, L*P] (R = N*Lq*M bags), corner tensors [R, 4, L*P]
+# (corner y0x0, y0x1, y1x0, y1x1; each corner a contiguous run of L*P samples). The inputs are
+# already bag-major ([N, Lq, M, L, P(, 2)] is a view of [R, L*P(, 2)]) and embedding_bag wants one
+# row of 4*L*P entries per bag, so nothing is transposed; per-level constants broadcast as [L*P] or
+# [L*P, 2]. An earlier sample-major layout ([L*P, R]) gave longer inner loops to the elementwise ops
+# but paid two transposes of [4*L*P, R] per call: about twice the forward time (docs/DEFORM_ATTN.md).
 # ----------------------------------------------------------------------------------------------
 
 PAD_LOW = 2
@@ -197,27 +200,19 @@ def _pad_value(value: torch.Tensor, levels: _Levels) -> torch.Tensor:
 
 
 class _Geometry(NamedTuple):
-    """Bilinear set-up of every sample.
+    """Bilinear set-up of every sample (R bags of L*P samples).
 
-    weight_x / weight_y: [2(low, high), L*P, R] bilinear weights of the low / high corner along x / y.
-    low_row: [L*P, R] row of the low (y0x0) corner; the samples' sort key for grad_value.
-    rows: [R, 4 * L*P] row in value_padded.view(N*S_padded*M, D) of the corners y0x0, y0x1, y1x0,
-    y1x1 of every sample (corner-major).
-    size: [2(x, y), L*P, 1] W and H of each sample's level, compute dtype.
+    frac: [R, L*P, 2] fractional part of the pixel coordinate (x, y): the weight of the high corner.
+    low_row: [R, L*P] row of the low (y0x0) corner; the samples' sort key for grad_value.
+    rows: [R, 4, L*P] row in value_padded.view(N*S_padded*M, D) of the corners y0x0, y0x1, y1x0,
+    y1x1 of every sample.
+    size: [L*P, 2] (W, H) of each sample's level, compute dtype.
     """
 
-    weight_x: torch.Tensor
-    weight_y: torch.Tensor
+    frac: torch.Tensor
     low_row: torch.Tensor
     rows: torch.Tensor
     size: torch.Tensor
-
-
-def _sample_major(tensor: torch.Tensor, num_bags: int) -> torch.Tensor:
-    """[N, Lq, M, L, P, (2)] -> [(2,) L*P, R] contiguous."""
-    if tensor.dim() == 6:
-        return tensor.reshape(num_bags, -1, 2).permute(2, 1, 0).contiguous()
-    return tensor.reshape(num_bags, -1).t().contiguous()
 
 
 def _geometry(sampling_locations: torch.Tensor, levels: _Levels, index_dtype: torch.dtype) -> _Geometry:
@@ -226,40 +221,48 @@ def _geometry(sampling_locations: torch.Tensor, levels: _Levels, index_dtype: to
     device = sampling_locations.device
     dtype = sampling_locations.dtype
 
-    def per_sample(values: list, kind: torch.dtype) -> torch.Tensor:  # [L] -> [L*P, 1]
-        return torch.tensor(values, dtype=kind, device=device).repeat_interleave(num_points).unsqueeze(-1)
+    def per_sample(values: list, kind: torch.dtype) -> torch.Tensor:  # [L] or [L, 2] -> [L*P(, 2)]
+        return torch.tensor(values, dtype=kind, device=device).repeat_interleave(num_points, dim=0)
 
-    size = torch.stack(
-        (per_sample([w for _, w in levels.sizes], dtype), per_sample([h for h, _ in levels.sizes], dtype))
-    )  # [2, L*P, 1]
-    padded_width = per_sample([wp for _, wp in levels.padded_sizes], index_dtype)
-    padded_start = per_sample(levels.padded_starts, index_dtype)
-
-    # x = loc_x * W - 0.5 (align_corners=False), clamped to [-2, W + 1] (see the padding note).
-    half = torch.tensor(-0.5, dtype=dtype, device=device)
-    pixel = torch.addcmul(half, _sample_major(sampling_locations, num_bags), size)  # [2, L*P, R]
-    pixel = torch.clamp(pixel, min=torch.tensor(-2.0, dtype=dtype, device=device), max=size + 1.0)
+    size = per_sample([[w, h] for h, w in levels.sizes], dtype)  # [L*P, 2]
+    # x = loc_x * W - 0.5 (align_corners=False), clamped to [-2, W + 1] (see the padding note)
+    pixel = torch.addcmul(
+        torch.tensor(-0.5, dtype=dtype, device=device), sampling_locations.reshape(num_bags, -1, 2), size
+    )  # [R, L*P, 2]
+    pixel.clamp_(min=torch.full_like(size, -2.0), max=size + 1.0)
     floor = pixel.floor()  # floor, never truncation toward zero
-    frac = pixel - floor
-    weights = torch.stack((1.0 - frac, frac))  # [2(low, high), 2(x, y), L*P, R]
-    low = floor.to(index_dtype) + PAD_LOW  # padded coordinates, in [0, size + 3]
+    frac = pixel.sub_(floor)
 
-    # row of padded pixel s of batch n, head m = (n * S_padded + s) * M + m
+    # row of padded pixel s of batch n, head m = (n * S_padded + s) * M + m, and padded pixel
+    # s = padded_start + (y + PAD_LOW) * Wp + (x + PAD_LOW): a dot product of floor (x, y) with
+    # (M, Wp * M) plus a per-level and a per-bag constant.
+    padded_width = per_sample([wp for _, wp in levels.padded_sizes], index_dtype)  # [L*P]
+    padded_start = per_sample(levels.padded_starts, index_dtype)
+    stride_xy = torch.stack((torch.ones_like(padded_width), padded_width), dim=-1) * num_heads  # [L*P, 2]
+    level_base = (padded_start + PAD_LOW * padded_width + PAD_LOW) * num_heads  # [L*P]
     bag = torch.arange(num_bags, device=device, dtype=index_dtype)
     bag_base = torch.div(bag, num_queries * num_heads, rounding_mode="floor") * (levels.padded_total * num_heads)
     bag_base = bag_base + bag % num_heads  # [R]
-    row = (low[1] * padded_width + low[0] + padded_start) * num_heads + bag_base  # [L*P, R]
+    low_row = (floor.to(index_dtype) * stride_xy).sum(-1, dtype=index_dtype)  # [R, L*P]
+    low_row += level_base
+    low_row += bag_base[:, None]
     corner_offsets = torch.stack(
         (torch.zeros_like(padded_width), torch.ones_like(padded_width), padded_width, padded_width + 1)
-    ) * num_heads  # [4, L*P, 1]
-    rows = (row + corner_offsets).view(-1, num_bags).t().contiguous()  # [R, 4 * L*P]
-    return _Geometry(weight_x=weights[:, 0], weight_y=weights[:, 1], low_row=row, rows=rows, size=size)
+    ) * num_heads  # [4, L*P]
+    rows = low_row[:, None, :] + corner_offsets  # [R, 4, L*P]
+    return _Geometry(frac=frac, low_row=low_row, rows=rows, size=size)
 
 
 def _corner_weights(geometry: _Geometry, attention: torch.Tensor) -> torch.Tensor:
-    """[4, L*P, R]: attention times the bilinear weight of corners y0x0, y0x1, y1x0, y1x1."""
-    weighted_y = geometry.weight_y * attention  # [2, L*P, R]
-    return (weighted_y.unsqueeze(1) * geometry.weight_x.unsqueeze(0)).view(4, *attention.shape)
+    """[R, 4, L*P]: attention times the bilinear weight of corners y0x0, y0x1, y1x0, y1x1."""
+    frac_x, frac_y = geometry.frac[..., 0], geometry.frac[..., 1]
+    weights = attention.new_empty((attention.shape[0], 2, 2, attention.shape[1]))  # [R, y, x, L*P]
+    # written in place (no stack): high y = a * fy, low y = a - high y; then the same split along x
+    torch.mul(attention, frac_y, out=weights[:, 1, 0])
+    torch.sub(attention, weights[:, 1, 0], out=weights[:, 0, 0])
+    torch.mul(weights[:, :, 0], frac_x[:, None], out=weights[:, :, 1])
+    weights[:, :, 0] -= weights[:, :, 1]
+    return weights.view(attention.shape[0], 4, -1)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -287,16 +290,16 @@ def _grad_value(
     grad_value shifted accordingly. Corners in the zero border are dropped.
     """
     num_batch, _, num_heads, head_dim = value_shape
-    num_bags = corner_weights.shape[-1]
+    num_bags, _, samples_per_bag = corner_weights.shape
     index_dtype = geometry.rows.dtype
     device = grad_rows.device
     # the low corner's row (n * S_padded + padded pixel) * M + m, grouped by sorting
-    keys = geometry.low_row
-    sorted_keys, order = torch.sort(keys.view(-1), stable=True)
+    sorted_keys, order = torch.sort(geometry.low_row.view(-1), stable=True)
     counts = torch.bincount(sorted_keys, minlength=num_batch * levels.padded_total * num_heads)
     offsets = (torch.cumsum(counts, 0) - counts).to(index_dtype)
-    bag_of_sample = (order % num_bags).to(index_dtype)
-    sorted_weights = corner_weights.view(4, -1).index_select(1, order)  # 4x faster than [:, order]
+    bag_of_sample = torch.div(order, samples_per_bag, rounding_mode="floor").to(index_dtype)
+    # [4, R*L*P] in sorted order (index_select is 4x faster than advanced indexing here)
+    sorted_weights = corner_weights.transpose(0, 1).reshape(4, -1).index_select(1, order)
 
     grad_value = torch.zeros(value_shape, dtype=grad_rows.dtype, device=device)
     for corner in range(4):
@@ -338,13 +341,13 @@ class _TorchMSDeformAttn(torch.autograd.Function):
         bag_size = num_levels * num_points * 4
         index_dtype = _index_dtype(num_batch * levels.padded_total * num_heads, num_bags * bag_size)
         geometry = _geometry(sampling_locations.to(compute_dtype), levels, index_dtype)
-        attention = _sample_major(attention_weights.to(compute_dtype), num_bags)  # [L*P, R]
-        corner_weights = _corner_weights(geometry, attention)  # [4, L*P, R]
+        attention = attention_weights.to(compute_dtype).reshape(num_bags, -1)  # [R, L*P]
+        corner_weights = _corner_weights(geometry, attention)  # [R, 4, L*P]
         output = F.embedding_bag(
-            geometry.rows,
+            geometry.rows.view(num_bags, -1),
             value_padded.view(-1, head_dim),
             mode="sum",
-            per_sample_weights=corner_weights.view(-1, num_bags).t().contiguous(),
+            per_sample_weights=corner_weights.view(num_bags, -1),
         )
         if any(ctx.needs_input_grad):
             ctx.levels = levels
@@ -370,9 +373,9 @@ class _TorchMSDeformAttn(torch.autograd.Function):
         geometry = _Geometry(*saved_geometry)
         levels = ctx.levels
         num_batch, _, num_heads, head_dim = value_shape
-        num_bags = attention.shape[1]
+        num_bags = attention.shape[0]
         num_rows = num_batch * levels.padded_total * num_heads
-        bag_size = geometry.rows.shape[1]
+        bag_size = geometry.rows.shape[1] * geometry.rows.shape[2]
         index_dtype = geometry.rows.dtype
         grad_rows = grad_output.reshape(num_bags, head_dim).to(value_padded.dtype).contiguous()
         grad_value = grad_loc = grad_attn = None
@@ -402,18 +405,18 @@ class _TorchMSDeformAttn(torch.autograd.Function):
                     check_invariants=False,
                 )
             dots = torch.sparse.sampled_addmm(pattern, grad_rows, value_rows.t(), beta=0.0).values()
-            # [R, 4 * L*P] -> [2(y0, y1), 2(x0, x1), L*P, R]
-            dots = dots.view(num_bags, -1).t().contiguous().view(2, 2, -1, num_bags)
-            weight_x, weight_y = geometry.weight_x, geometry.weight_y
-            along_x = (dots * weight_x).sum(1)  # [2(y0, y1), L*P, R]: interpolated along x
+            dots = dots.view(num_bags, 2, 2, -1)  # [R, 2(y0, y1), 2(x0, x1), L*P]
+            frac_x, frac_y = geometry.frac[..., 0], geometry.frac[..., 1]  # [R, L*P]
+            slope_along_x = dots[:, :, 1] - dots[:, :, 0]  # [R, 2(y0, y1), L*P]
+            along_x = torch.addcmul(dots[:, :, 0], slope_along_x, frac_x[:, None])  # interpolated along x
+            slope_y = along_x[:, 1] - along_x[:, 0]
             if need_attn:
-                grad_attn = (along_x * weight_y).sum(0).t().reshape(loc_shape[:-1]).to(attn_dtype)
+                grad_attn = torch.addcmul(along_x[:, 0], slope_y, frac_y).reshape(loc_shape[:-1]).to(attn_dtype)
             if need_loc:
                 # d(weight_high)/dx = +1, d(weight_low)/dx = -1; dx/dloc_x = W (likewise y, H).
-                slope_x = ((dots[:, 1] - dots[:, 0]) * weight_y).sum(0)
-                slope_y = along_x[1] - along_x[0]
-                grad_loc = torch.stack((slope_x, slope_y)) * (attention * geometry.size)  # [2, L*P, R]
-                grad_loc = grad_loc.permute(2, 1, 0).reshape(loc_shape).to(loc_dtype)
+                slope_x = torch.addcmul(slope_along_x[:, 0], slope_along_x[:, 1] - slope_along_x[:, 0], frac_y)
+                grad_loc = torch.stack((slope_x, slope_y), dim=-1) * (attention[..., None] * geometry.size)
+                grad_loc = grad_loc.reshape(loc_shape).to(loc_dtype)
 
         if need_value:
             grad_value = _grad_value(geometry, corner_weights, grad_rows, levels, value_shape).to(value_dtype)
