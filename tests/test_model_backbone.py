@@ -31,6 +31,24 @@ def test_resnet50_frozen_bn_and_trainable_stages():
     assert net.body.layer3[0].conv1.weight.requires_grad
 
 
+def test_resnet_channels_last_gives_the_same_maps_and_keeps_format_on_load(tmp_path):
+    """NHWC weights and input (the default) compute the NCHW network's maps to float32 rounding;
+    loading a state dict (as Lightning and init_from do) keeps the format."""
+    torch.manual_seed(0)
+    nchw = ResNetBackbone(name="resnet18", random_init=True, frozen_bn=True, channels_last=False).eval()
+    path = tmp_path / "backbone.pth"
+    torch.save(nchw.state_dict(), path)
+    nhwc = ResNetBackbone(name="resnet18", random_init=True, frozen_bn=True).eval()
+    nhwc.load_state_dict(torch.load(path, weights_only=True))
+    assert nhwc.body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(nhwc(x), nchw(x)):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_swin_t_nchw_outputs():
     net = SwinTBackbone(random_init=True)
     maps = net(torch.randn(1, 3, 64, 64))

@@ -64,6 +64,26 @@ def test_fusion_uses_audio_only_when_configured():
 def test_fusion_rejects_unknown_fpn_type():
     with pytest.raises(ConfigError, match="fpn_type"):
         AudioVisualFusion(dim=DIM, res2_channels=12, fpn_type="dual")
+    with pytest.raises(ConfigError, match="dual_stride"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, dual_stride=4)
+
+
+@pytest.mark.parametrize("dual_stride", [8, 16, 32])
+def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
+    """The dual block works on the encoder output of the configured stride (its input has that
+    level's size) and its output reaches the mask features (a gradient arrives at its filters)."""
+    torch.manual_seed(0)
+    fusion = AudioVisualFusion(
+        dim=DIM, res2_channels=12, fpn_type="audio_dual", num_heads=4, num_points=2, num_encoder_layers=1,
+        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride,
+    )
+    seen = []
+    fusion.dual.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    out = fusion(_levels(2), torch.randn(2, 12, 16, 16), torch.randn(2, 4, DIM))
+    side = {8: 8, 16: 4, 32: 2}[dual_stride]
+    assert seen == [(2, DIM, side, side)]
+    out["mask_features"].square().sum().backward()
+    assert fusion.dual.filter_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("extra", [0, 2])

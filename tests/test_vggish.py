@@ -83,16 +83,24 @@ def test_forward_follows_torchvggish_flatten_order(saved_vggish):
     assert not torch.allclose(ours, wrong)
 
 
-def test_matches_pypi_torchvggish_network(saved_vggish):
-    """The PyPI package's own VGG accepts our saved weights strictly and gives the same embeddings."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_pypi_torchvggish_network(saved_vggish, channels_last):
+    """The PyPI package's own VGG accepts our saved weights strictly and gives the same embeddings:
+    bit for bit in torchvggish's NCHW memory format, to float32 rounding in NHWC (the default)."""
     from torchvggish.torchvggish import VGG, make_layers
 
-    model, path = saved_vggish
+    _, path = saved_vggish
+    model = VGGish.from_state_dict_file(path, channels_last=channels_last).eval()
+    assert model.features[3].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     theirs = VGG(make_layers(), postprocess=False).eval()
     theirs.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"), strict=True)
     examples = _examples(seed=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(examples), theirs(examples), rtol=0, atol=0)
+        ours, reference = model(examples), theirs(examples)
+    if channels_last:
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 def test_load_state_dict_file_strict_round_trip(saved_vggish):

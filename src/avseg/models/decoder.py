@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from avseg.models.layers.mlp import MLP
@@ -68,7 +69,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(attn))
         cross = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index)
         tgt = self.norm1(tgt + self.dropout1(cross))
-        ffn = self.linear2(self.dropout3(torch.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
@@ -115,9 +116,11 @@ class DynamicMaskHead(nn.Module):
             offset += out_ch * in_ch
             bias = params[..., offset : offset + out_ch]
             offset += out_ch
-            x = torch.matmul(weight, x) + bias[..., None]
+            # bias and relu in place: neither the matmul nor the add keeps its output for backward
+            x = torch.matmul(weight, x)
+            x += bias[..., None]
             if index < len(self.layer_shapes) - 1:
-                x = torch.relu(x)
+                x = F.relu(x, inplace=True)
         return x.squeeze(-2).unflatten(-1, (h, w))
 
 

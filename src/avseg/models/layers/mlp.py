@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,4 +45,4 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., dim]`` -> the residual branch ``[..., dim]`` (the caller adds and normalises)."""
-        return self.dropout_out(self.linear2(self.dropout_hidden(torch.relu(self.linear1(x)))))
+        return self.dropout_out(self.linear2(self.dropout_hidden(F.relu(self.linear1(x), inplace=True))))
