@@ -19,6 +19,7 @@ import torch
 from avseg.analysis import (
     ClipCodes,
     audio_token_spread,
+    average_curves,
     chance_nmi,
     collect_clip_codes,
     contingency_table,
@@ -29,6 +30,7 @@ from avseg.analysis import (
     load_synth_sources,
     main,
     mutual_information,
+    noise_table_markdown,
     normalized_mutual_information,
     parse_snr_list,
     purity,
@@ -205,6 +207,50 @@ def test_summarise_sweeps_groups_by_overrides_minus_seed(tmp_path):
     assert "| `model/decomposition=pq` | 0,1 | 2 / 2 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |" in text
     assert "| `model/decomposition=none` | 0,1 | 1 / 2 | 0.2000 ± n/a | 0.3000 ± n/a |" in text
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("overrides,seeds,runs,failed,test/miou_mean")
+
+
+def test_summarise_sweeps_adds_measured_job_metrics(tmp_path):
+    """``job_metrics`` values join the grouping (here a stand-in for the reliance drops), computed
+    for ok jobs only, from the job's own directory; a missing job directory is a DataError."""
+    _write_summary(
+        tmp_path / "s",
+        [
+            {"job": 0, "status": "ok", "overrides": "model/decomposition=pq seed=0", "test/miou": "0.5", "test/fscore": "0.6"},
+            {"job": 1, "status": "ok", "overrides": "model/decomposition=pq seed=1", "test/miou": "0.7", "test/fscore": "0.8"},
+            {"job": 2, "status": "failed", "overrides": "model/decomposition=pq seed=2", "error": "boom"},
+        ],
+    )
+    for job in ("0", "1"):
+        (tmp_path / "s" / job).mkdir()
+        (tmp_path / "s" / job / "drop.txt").write_text({"0": "0.25", "1": "0.75"}[job])
+    seen = []
+
+    def measured(job_dir, record):
+        seen.append(job_dir.name)
+        return {"reliance/swap_drop": float((job_dir / "drop.txt").read_text())}
+
+    summary = summarise_sweeps([tmp_path / "s"], metrics=["test/miou", "reliance/swap_drop"], job_metrics=measured)
+    (row,) = summary["rows"]
+    assert seen == ["0", "1"] and row["failed"] == 1
+    assert row["reliance/swap_drop"][0] == pytest.approx(0.5) and row["reliance/swap_drop"][2] == 2
+    (tmp_path / "s" / "1" / "drop.txt").unlink()
+    (tmp_path / "s" / "1").rmdir()
+    with pytest.raises(DataError, match="no job directory"):
+        summarise_sweeps([tmp_path / "s"], metrics=["reliance/swap_drop"], job_metrics=measured)
+
+
+def test_average_curves_and_their_table():
+    """Checkpoints sharing a label average into one curve (mean, sample std, n), in first-seen order."""
+    def curve(j: float, f: float) -> dict:
+        return {"clean": {"miou": j, "fscore": f}, "0": {"miou": j / 2, "fscore": f / 2}}
+
+    averaged = average_curves([curve(0.4, 0.6), curve(0.2, 0.4), curve(0.5, 0.5)], ["pq", "pq", "none"])
+    assert list(averaged) == ["pq", "none"]
+    assert averaged["pq"]["clean"]["miou"] == pytest.approx(0.3) and averaged["pq"]["clean"]["n"] == 2
+    assert averaged["pq"]["0"]["fscore_std"] == pytest.approx(np.std([0.3, 0.2], ddof=1))
+    assert math.isnan(averaged["none"]["clean"]["miou_std"])
+    table = noise_table_markdown(averaged, [None, 0.0])
+    assert "| pq | M_J | 0.3000 ± 0.1414 | 0.1500 ± 0.0707 |" in table
 
 
 def test_ablation_experiment_is_the_demo_shortened():
@@ -439,6 +485,18 @@ def test_noise_command(sweep, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
+    # two seeds per variant, averaged: one curve per variant, mean ± std of the per-seed curves
+    ckpts = [f"ckpt_path={sweep['jobs'][(v, seed)]['ckpt']}" for v in ("pq", "none") for seed in ("0", "1")]
+    out = tmp_path / "averaged"
+    assert main(["noise", *ckpts, "snr=clean,-5", "--average", "--out", str(out)]) == 0
+    averaged = json.loads((out / "noise_robustness.json").read_text())
+    assert averaged["average"] is True and set(averaged["curves"]) == {"pq", "none"}
+    for variant in ("pq", "none"):
+        values = [sweep["jobs"][(variant, seed)]["metrics"]["test/miou"] for seed in ("0", "1")]
+        clean = averaged["curves"][variant]["clean"]
+        assert clean["n"] == 2 and clean["miou"] == pytest.approx(np.mean(values), abs=1e-6)
+    assert " ± " in (out / "noise_robustness.md").read_text()
+
 
 @pytest.mark.slow
 def test_decomposition_command(sweep, tmp_path, capsys):
@@ -465,8 +523,18 @@ def test_decomposition_command(sweep, tmp_path, capsys):
 @pytest.mark.slow
 def test_ablation_summary_on_a_real_sweep(sweep, tmp_path):
     out = tmp_path / "summary.md"
-    assert main(["ablation-summary", str(sweep["dir"]), "--out", str(out)]) == 0
+    assert main(["ablation-summary", str(sweep["dir"]), "--out", str(out), "--reliance"]) == 0
     rows = {r[0]: r for r in csv.reader(out.with_suffix(".csv").read_text().splitlines())}
+    header = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
+    swap_mean = header.index("reliance/swap_drop_mean")
+    for variant in ("pq", "none"):
+        drops = []
+        for seed in ("0", "1"):
+            ckpt = sweep["jobs"][(variant, seed)]["ckpt"]
+            stored = json.loads((ckpt.parent.parent / "reliance" / "reliance.json").read_text())
+            drops.append({r["perturb"]: r for r in stored["rows"]}["swap"]["miou_drop"])
+        if all(d is not None for d in drops):  # null: clean M_J of 0, no relative drop
+            assert float(rows[f"model/decomposition={variant}"][swap_mean]) == pytest.approx(np.mean(drops), abs=1e-5)
     for variant in ("pq", "none"):
         values = [sweep["jobs"][(variant, seed)]["metrics"]["test/miou"] for seed in ("0", "1")]
         row = rows[f"model/decomposition={variant}"]

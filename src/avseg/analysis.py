@@ -45,7 +45,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,13 +463,41 @@ def checkpoint_label(ckpt_path: str) -> str:
 
 
 def noise_table_markdown(curves: Mapping[str, Mapping[str, Mapping[str, float]]], snrs: Sequence[float | None]) -> str:
-    """Rows: checkpoint label x metric; columns: the SNRs. ``curves[label][snr name] = {miou, fscore}``."""
+    """Rows: checkpoint label x metric; columns: the SNRs. ``curves[label][snr name] = {miou, fscore}``
+    (plus ``miou_std`` / ``fscore_std`` for averaged curves: cells ``mean ± std``)."""
     header = ["model", "metric", *[("clean" if s is None else f"{s:g} dB") for s in snrs]]
     rows = []
     for label, points in curves.items():
         for metric, name in (("miou", "M_J"), ("fscore", "M_F")):
-            rows.append([label, name, *[_fmt(points[_snr_name(s)][metric]) for s in snrs]])
+            cells = []
+            for snr in snrs:
+                point = points[_snr_name(snr)]
+                std = point.get(f"{metric}_std")
+                cells.append(_fmt(point[metric]) + ("" if std is None else f" ± {_fmt(std)}"))
+            rows.append([label, name, *cells])
     return _markdown_table(header, rows)
+
+
+def average_curves(
+    curves: Sequence[Mapping[str, Mapping[str, float]]], labels: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Curves of the checkpoints sharing a label (e.g. the seeds of one variant) -> one curve per
+    label, in order of first appearance: mean and sample std (ddof = 1; nan for one checkpoint) of
+    M_J and M_F at every SNR, and ``n``."""
+    grouped: dict[str, list[Mapping[str, Mapping[str, float]]]] = {}
+    for label, curve in zip(labels, curves):
+        grouped.setdefault(label, []).append(curve)
+    averaged: dict[str, dict[str, dict[str, float]]] = {}
+    for label, members in grouped.items():
+        averaged[label] = {}
+        for snr_name in members[0]:
+            point: dict[str, float] = {"n": len(members)}
+            for metric in ("miou", "fscore"):
+                values = np.asarray([m[snr_name][metric] for m in members], dtype=np.float64)
+                point[metric] = float(values.mean())
+                point[f"{metric}_std"] = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+            averaged[label][snr_name] = point
+    return averaged
 
 
 def plot_noise_curves(curves: Mapping[str, Mapping[str, Mapping[str, float]]], snrs: Sequence[float | None], *, title: str) -> bytes:
@@ -487,7 +515,11 @@ def plot_noise_curves(curves: Mapping[str, Mapping[str, Mapping[str, float]]], s
         axis = figure.add_subplot(1, 2, axis_index + 1)
         for label, points in curves.items():
             values = [points[_snr_name(s)][metric] for s in snrs]
-            axis.plot(positions, values, marker="o", label=label)
+            stds = [points[_snr_name(s)].get(f"{metric}_std") for s in snrs]
+            if all(std is not None and math.isfinite(std) for std in stds):
+                axis.errorbar(positions, values, yerr=stds, marker="o", capsize=3, label=f"{label} (mean ± std)")
+            else:
+                axis.plot(positions, values, marker="o", label=label)
         axis.set_xticks(positions, ticks)
         axis.set_xlabel("SNR of added white noise (dB)")
         axis.set_ylabel(name)
@@ -503,40 +535,49 @@ def plot_noise_curves(curves: Mapping[str, Mapping[str, Mapping[str, float]]], s
 
 def run_noise(
     ckpt_paths: Sequence[str], overrides: Sequence[str], *, snrs: Sequence[float | None], output_dir: Path,
-    labels: Sequence[str] | None = None, name: str = "noise_robustness",
+    labels: Sequence[str] | None = None, name: str = "noise_robustness", average: bool = False,
 ) -> dict[str, Any]:
     """M_J / M_F against SNR for each checkpoint; writes ``<name>.md``, ``<name>.json``, ``<name>.png``
-    in ``output_dir`` and each eval's metrics under ``output_dir/<name>_runs/``."""
+    in ``output_dir`` and each eval's metrics under ``output_dir/<name>_runs/``. With ``average``,
+    checkpoints sharing a label (by default their decomposition variant: e.g. three seeds of
+    ``pq`` and three of ``none``) become one curve, mean ± std (``average_curves``)."""
     if not ckpt_paths:
         raise ConfigError("noise: give at least one ckpt_path=...")
     if any(o.split("=", 1)[0].lstrip("+~") in ("perturb", "perturb_snr_db") for o in overrides):
         raise ConfigError("noise sets perturb / perturb_snr_db itself: use snr=clean,20,10,... instead")
     if labels is None:
         labels = [checkpoint_label(p) for p in ckpt_paths]
-        # the same variant twice: number them so the curves stay apart
-        labels = [f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
-    if len(labels) != len(ckpt_paths) or len(set(labels)) != len(labels):
-        raise ConfigError(f"--labels {list(labels)}: one distinct label per checkpoint ({len(ckpt_paths)})")
+        if not average:
+            # the same variant twice: number them so the curves stay apart
+            labels = [f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    if len(labels) != len(ckpt_paths) or (not average and len(set(labels)) != len(labels)):
+        raise ConfigError(
+            f"--labels {list(labels)}: one label per checkpoint ({len(ckpt_paths)}), distinct unless --average"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = output_dir / f"{name}_runs"
-    curves: dict[str, dict[str, dict[str, float]]] = {}
+    per_checkpoint: list[dict[str, dict[str, float]]] = []
     info: dict[str, Any] = {}
     with open(output_dir / f"{name}_eval_log.txt", "w") as log:
-        for index, (label, ckpt) in enumerate(zip(labels, ckpt_paths)):
-            curves[label] = {}
+        for index, ckpt in enumerate(ckpt_paths):
+            curve: dict[str, dict[str, float]] = {}
             for snr in snrs:
                 perturb = "none" if snr is None else "noise"
                 result = _evaluate(ckpt, overrides, runs_dir / f"{index}" / _snr_name(snr), perturb=perturb, snr_db=snr, log=log)
-                curves[label][_snr_name(snr)] = {"miou": _metric(result, "miou"), "fscore": _metric(result, "fscore")}
+                curve[_snr_name(snr)] = {"miou": _metric(result, "miou"), "fscore": _metric(result, "fscore")}
                 info = result
+            per_checkpoint.append(curve)
+    curves = average_curves(per_checkpoint, labels) if average else dict(zip(labels, per_checkpoint))
     title = f"Noise robustness on {info['data_subset']} {info['split']} ({info['num_clips']} clips)"
     table = noise_table_markdown(curves, snrs)
     checkpoints = "\n".join(f"- {label}: `{ckpt}`" for label, ckpt in zip(labels, ckpt_paths))
-    text = f"# {title}\n\nWhite noise added to the waveform at evaluation (perturb=noise).\n\n{checkpoints}\n\n{table}\n"
+    how = " Curves: mean ± sample std over the checkpoints of each label." if average else ""
+    text = f"# {title}\n\nWhite noise added to the waveform at evaluation (perturb=noise).{how}\n\n{checkpoints}\n\n{table}\n"
     payload = {
         "snr_db": [_snr_name(s) for s in snrs],
         "labels": list(labels),
-        "checkpoints": dict(zip(labels, ckpt_paths)),
+        "checkpoints": [{"label": label, "ckpt_path": ckpt, "curve": curve} for label, ckpt, curve in zip(labels, ckpt_paths, per_checkpoint)],
+        "average": average,
         "curves": curves,
         "data_subset": info["data_subset"],
         "split": info["split"],
@@ -964,7 +1005,11 @@ def split_overrides(text: str) -> list[str]:
 
 
 def summarise_sweeps(
-    sweep_dirs: Sequence[str | os.PathLike], *, metrics: Sequence[str] = ("test/miou", "test/fscore"), drop_keys: Sequence[str] = ("seed",)
+    sweep_dirs: Sequence[str | os.PathLike],
+    *,
+    metrics: Sequence[str] = ("test/miou", "test/fscore"),
+    drop_keys: Sequence[str] = ("seed",),
+    job_metrics: Callable[[Path, Mapping[str, str]], Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Rows of the sweeps' ``summary.csv`` grouped by their overrides minus ``drop_keys`` (the
     seed), in order of first appearance.
@@ -973,6 +1018,9 @@ def summarise_sweeps(
     ``overrides`` (the group's overrides minus the common ones and the dropped keys), ``runs``,
     ``failed``, ``seeds`` (the dropped values seen) and per metric ``(mean, std, n)`` over the jobs
     with status ``ok``: sample standard deviation (ddof = 1; nan for a single run).
+    ``job_metrics(job_dir, record)``, when given, adds measured values to each ``ok`` job's record
+    before grouping (``<sweep dir>/<job>``: Hydra's sweep subdir is the job number); ``metrics``
+    may name them.
     """
     if not sweep_dirs:
         raise ConfigError("ablation-summary: give at least one sweep directory")
@@ -1005,6 +1053,11 @@ def summarise_sweeps(
         if record.get("status") != "ok":
             group["failed"] += 1
             continue
+        if job_metrics is not None:
+            job_dir = path.parent / str(record.get("job", ""))
+            if not str(record.get("job", "")).strip() or not job_dir.is_dir():
+                raise DataError(path, f"job {record.get('job')!r}: no job directory {job_dir}")
+            record = {**record, **{k: str(v) for k, v in job_metrics(job_dir, record).items()}}
         for metric in metrics:
             text = (record.get(metric) or "").strip()
             if not text:
@@ -1037,12 +1090,50 @@ def format_summary_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence
     return _markdown_table(header, body)
 
 
+RELIANCE_METRICS = ("reliance/mute_drop", "reliance/swap_drop")
+
+
+def job_reliance(job_dir: Path, record: Mapping[str, str]) -> dict[str, float]:
+    """Relative M_J drops under mute and swap of a sweep job's ``checkpoints/best.ckpt``, from
+    ``<job_dir>/reliance/reliance.json``; ``run_reliance`` writes it there first when it is missing
+    or older than the checkpoint (the job's own run directory: nothing of the data is touched)."""
+    ckpt = job_dir / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file():
+        raise DataError(ckpt, f"job {record.get('job')}: no best checkpoint for the reliance columns")
+
+    def drops(payload: Mapping[str, Any]) -> dict[str, float]:
+        rows = {row["perturb"]: row for row in payload["rows"]}
+        # JSON stores an undefined drop (clean M_J of 0) as null
+        return {
+            f"reliance/{name}_drop": float("nan") if rows[name]["miou_drop"] is None else float(rows[name]["miou_drop"])
+            for name in ("mute", "swap")
+        }
+
+    result = job_dir / "reliance" / "reliance.json"
+    if result.is_file() and result.stat().st_mtime >= ckpt.stat().st_mtime:
+        try:
+            return drops(json.loads(result.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or partial: measured again below and replaced atomically
+    return drops(run_reliance(str(ckpt), [], output_dir=job_dir / "reliance"))
+
+
 def run_ablation_summary(
-    sweep_dirs: Sequence[str], *, metrics: Sequence[str], drop_keys: Sequence[str], output: Path | None
+    sweep_dirs: Sequence[str],
+    *,
+    metrics: Sequence[str],
+    drop_keys: Sequence[str],
+    output: Path | None,
+    reliance: bool = False,
 ) -> dict[str, Any]:
     """Prints the grouped table; writes ``<output>`` (markdown) and the same name with ``.csv``
-    (default: ``ablation_summary.md`` in the first sweep directory)."""
-    summary = summarise_sweeps(sweep_dirs, metrics=metrics, drop_keys=drop_keys)
+    (default: ``ablation_summary.md`` in the first sweep directory). ``reliance`` adds the mean
+    relative M_J drops under mute and swap (``job_reliance``) as two more columns."""
+    if reliance:
+        metrics = [*metrics, *(m for m in RELIANCE_METRICS if m not in metrics)]
+    summary = summarise_sweeps(
+        sweep_dirs, metrics=metrics, drop_keys=drop_keys, job_metrics=job_reliance if reliance else None
+    )
     rows = summary["rows"]
     table = format_summary_markdown(rows, metrics)
     sources = ", ".join(f"`{Path(d) / 'summary.csv'}`" for d in sweep_dirs)
@@ -1107,6 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("words", nargs="*", help="ckpt_path=A [ckpt_path=B ...] [snr=clean,20,10,5,0,-5] and eval overrides")
     noise.add_argument("--labels", default=None, help="comma-separated curve labels (default: each checkpoint's decomposition variant)")
     noise.add_argument("--name", default="noise_robustness", help="base name of the .md / .json / .png files")
+    noise.add_argument("--average", action="store_true", help="one curve per label (mean ± std over its checkpoints, e.g. seeds)")
 
     decomposition = commands.add_parser("decomposition", parents=[common], help="NMI / purity of the sub-space codes against the true sources")
     decomposition.add_argument("words", nargs="*", help="ckpt_path=PATH [clips=multi|all] [split=test] and eval overrides")
@@ -1120,6 +1212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--metrics", default="test/miou,test/fscore", help="comma-separated metric columns")
     ablation.add_argument("--drop-keys", default="seed", help="comma-separated override keys ignored when grouping")
     ablation.add_argument("--out", type=Path, default=None, help="markdown file (a .csv is written beside it)")
+    ablation.add_argument("--reliance", action="store_true", help="also the M_J drops under mute and swap of every job's best.ckpt (written to <job>/reliance/)")
     return parser
 
 
@@ -1131,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ablation-summary":
             metrics = [m for m in args.metrics.split(",") if m]
             drop_keys = [k for k in args.drop_keys.split(",") if k]
-            run_ablation_summary(args.sweep_dirs, metrics=metrics, drop_keys=drop_keys, output=args.out)
+            run_ablation_summary(args.sweep_dirs, metrics=metrics, drop_keys=drop_keys, output=args.out, reliance=args.reliance)
             return 0
         own, overrides = _split_words(args.words)
         output_dir = args.out if args.out is not None else default_output_dir(args.command)
@@ -1143,7 +1236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "noise":
             snrs = parse_snr_list(",".join(own.get("snr", [",".join(DEFAULT_SNRS)])))
             labels = [label for label in args.labels.split(",")] if args.labels else None
-            run_noise(_ckpt_paths(own, single=False), overrides, snrs=snrs, output_dir=output_dir, labels=labels, name=args.name)
+            run_noise(
+                _ckpt_paths(own, single=False), overrides, snrs=snrs, output_dir=output_dir, labels=labels,
+                name=args.name, average=args.average,
+            )
             return 0
         if args.command == "decomposition":
             clips = own.get("clips", ["multi"])[-1]
