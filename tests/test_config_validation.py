@@ -146,6 +146,12 @@ def test_dual_stride_must_be_an_encoder_stride(configs):
     assert "8 | 16 | 32" in _only_problem(cfg, "model.fusion.dual_stride")
 
 
+def test_early_fusion_form_is_one_of_three(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.fusion.early_fusion_form = "concat"
+    assert "product | residual_product | sum" in _only_problem(cfg, "model.fusion.early_fusion_form")
+
+
 def test_heads_must_divide_width(configs):
     cfg = _copy(configs, "train")
     cfg.model.decomposition.num_heads = 5

@@ -68,6 +68,28 @@ def test_fusion_rejects_unknown_fpn_type():
         AudioVisualFusion(dim=DIM, res2_channels=12, dual_stride=4)
 
 
+def test_early_fusion_forms():
+    """product: x * a; residual_product: x * (1 + a) (the identity when a = 0); sum: x + a."""
+    from avseg.models.layers.attention import GatedCrossAttention
+
+    torch.manual_seed(0)
+    visual, audio = torch.randn(2, 5, DIM), torch.randn(2, 3, DIM)
+    module, outputs = GatedCrossAttention(dim=DIM, num_heads=4), {}
+    for form in ("product", "residual_product", "sum"):
+        module.form = form  # the same weights under each form
+        outputs[form] = module(visual, audio)
+    attended = outputs["sum"] - visual
+    torch.testing.assert_close(outputs["product"], visual * attended)
+    torch.testing.assert_close(outputs["residual_product"], visual * (1 + attended))
+    zero = GatedCrossAttention(dim=DIM, num_heads=4, form="residual_product")
+    torch.nn.init.zeros_(zero.cross.attn.out_proj.weight)
+    torch.testing.assert_close(zero(visual, audio), visual)
+    with pytest.raises(ValueError, match="form"):
+        GatedCrossAttention(dim=DIM, num_heads=4, form="concat")
+    with pytest.raises(ConfigError, match="early_fusion_form"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, early_fusion_form="concat")
+
+
 @pytest.mark.parametrize("dual_stride", [8, 16, 32])
 def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
     """The dual block works on the encoder output of the configured stride (its input has that

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from avseg.errors import ConfigError
-from avseg.models.layers.attention import GatedCrossAttention, ResidualCrossAttention
+from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
 from avseg.ops import MSDeformAttn
@@ -226,10 +226,13 @@ class AudioVisualFusion(nn.Module):
         ms_deform_backend: str = "auto",
         num_groups: int = 32,
         dual_stride: int = 32,
+        early_fusion_form: str = "product",
     ) -> None:
         super().__init__()
         if fpn_type not in FPN_TYPES:
             raise ConfigError(f"model.fusion.fpn_type: {fpn_type!r} is not one of {FPN_TYPES}")
+        if early_fusion_form not in GATE_FORMS:
+            raise ConfigError(f"model.fusion.early_fusion_form: {early_fusion_form!r} is not one of {GATE_FORMS}")
         if dual_stride not in DUAL_STRIDES:
             raise ConfigError(f"model.fusion.dual_stride: {dual_stride!r} is not one of {tuple(DUAL_STRIDES)}")
         self.dual_level = DUAL_STRIDES[dual_stride]
@@ -239,7 +242,9 @@ class AudioVisualFusion(nn.Module):
         self.dim = dim
         self.mask_dim = mask_dim
         self.early_fusion = (
-            GatedCrossAttention(dim=dim, num_heads=num_heads, dropout=0.0) if fpn_type != "none" else None
+            GatedCrossAttention(dim=dim, num_heads=num_heads, dropout=0.0, form=early_fusion_form)
+            if fpn_type != "none"
+            else None
         )
         self.encoder = DeformableEncoder(
             dim=dim,

@@ -34,16 +34,25 @@ class CrossAttention(nn.Module):
         return out
 
 
-class GatedCrossAttention(nn.Module):
-    """Visual tokens attend to audio tokens; the result gates the visual tokens multiplicatively.
+GATE_FORMS = ("product", "residual_product", "sum")
 
-    ``x' = x * attn(x + pos, audio)`` as in ReferFormer's vision-language fusion, which the paper's
-    ``audio_dual`` fusion builds on. ``forward(visual [N, S, C], audio [N, K, C], visual_pos
-    [N, S, C] | None, audio_pos [N, K, C] | None) -> [N, S, C]``.
+
+class GatedCrossAttention(nn.Module):
+    """Visual tokens attend to audio tokens; the result gates the visual tokens.
+
+    ``form="product"``: ``x' = x * a`` with ``a = attn(x + pos, audio)``, ReferFormer's
+    vision-language fusion, which the paper's ``audio_dual`` fusion builds on;
+    ``"residual_product"``: ``x * (1 + a)`` (the identity at initialisation, when ``a`` is near 0,
+    instead of nearly zeroing the visual tokens); ``"sum"``: ``x + a``.
+    ``forward(visual [N, S, C], audio [N, K, C], visual_pos [N, S, C] | None, audio_pos [N, K, C] |
+    None) -> [N, S, C]``.
     """
 
-    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0, form: str = "product") -> None:
         super().__init__()
+        if form not in GATE_FORMS:
+            raise ValueError(f"GatedCrossAttention: form must be one of {GATE_FORMS}, got {form!r}")
+        self.form = form
         self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
 
     def forward(
@@ -55,7 +64,11 @@ class GatedCrossAttention(nn.Module):
         audio_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         gate = self.cross(visual, audio, query_pos=visual_pos, memory_pos=audio_pos)
-        return visual * gate
+        if self.form == "product":
+            return visual * gate
+        if self.form == "residual_product":
+            return visual * (1.0 + gate)
+        return visual + gate
 
 
 class ResidualCrossAttention(nn.Module):
