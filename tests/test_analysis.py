@@ -38,6 +38,7 @@ from avseg.analysis import (
     reliance_verdict,
     source_label,
     split_overrides,
+    subspace_agreement,
     summarise_sweeps,
 )
 from avseg.errors import ConfigError, DataError
@@ -237,6 +238,16 @@ def test_summarise_sweeps_adds_measured_job_metrics(tmp_path):
     (tmp_path / "s" / "1").rmdir()
     with pytest.raises(DataError, match="no job directory"):
         summarise_sweeps([tmp_path / "s"], metrics=["reliance/swap_drop"], job_metrics=measured)
+
+
+def test_subspace_agreement():
+    """Share of equal-code sub-space pairs: hand-computed on 2 samples of K = 3 (3 pairs each)."""
+    indices = np.array([[5, 5, 5], [1, 2, 1]])  # 3/3 pairs agree, then 1/3
+    assert subspace_agreement(indices) == pytest.approx((3 + 1) / 6)
+    assert subspace_agreement(np.array([[0, 1, 2, 3]])) == 0.0
+    assert math.isnan(subspace_agreement(np.array([[4], [2]])))
+    with pytest.raises(ValueError, match="samples, K"):
+        subspace_agreement(np.array([1, 2, 3]))
 
 
 def test_average_curves_and_their_table():
@@ -513,6 +524,7 @@ def test_decomposition_command(sweep, tmp_path, capsys):
     assert second[0]["samples"] == 4 * 5 and second[4]["samples"] == 4 * 4 * 5
     printed = capsys.readouterr().out
     assert "Per second: local codes" in printed and "| sub-space | samples | codes used | NMI |" in printed
+    assert "sub-space agreement" in printed and 0 <= payload["subspace_agreement"]["second"] <= 1
 
     none = sweep["jobs"][("none", "0")]
     assert main(["decomposition", f"ckpt_path={none['ckpt']}", "--out", str(tmp_path / "none")]) == 0

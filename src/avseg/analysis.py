@@ -743,6 +743,23 @@ def decomposition_tables(clips: Sequence[ClipCodes], *, permutations: int = 50, 
     }
 
 
+def subspace_agreement(indices: np.ndarray) -> float:
+    """Share of sub-space pairs (i < j) that picked the same codeword, averaged over samples.
+
+    ``indices [samples, K]`` (one shared codebook, so equal indices are the same code). 0 when every
+    sample's K codes differ, 1 when all K sub-spaces always agree: then the "decomposition" gives K
+    copies of one code and the sub-spaces cannot stand for different sources. nan for K < 2.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2:
+        raise ValueError(f"subspace_agreement: expected [samples, K], got shape {indices.shape}")
+    k = indices.shape[1]
+    if k < 2 or indices.shape[0] == 0:
+        return float("nan")
+    rows, cols = np.triu_indices(k, 1)
+    return float((indices[:, rows] == indices[:, cols]).mean())
+
+
 def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     header = ("sub-space", "samples", "codes used", "NMI", "NMI chance", "NMI 1-source (n)", "purity")
     parts = []
@@ -841,18 +858,25 @@ def run_decomposition(
                 raise DataError(inputs.dataset.root, f"no multi-source clip in the {inputs.split} split (an S4-style tree?); use clips=all")
         tables = decomposition_tables(assignments, permutations=permutations)
         k = int(assignments[0].global_indices.shape[0])
+        agreement = {
+            "second": subspace_agreement(np.concatenate([c.local_indices for c in assignments])),
+            "clip": subspace_agreement(np.stack([c.global_indices for c in assignments])),
+        }
         classes = sorted({c for clip in assignments for c in clip.clip_sources})
         text = (
             f"{header}\n{inputs.datamodule.subset} {inputs.split}, {len(assignments)} {'multi-source ' if clips == 'multi' else ''}clips, "
             f"K = {k}, codebook size N = {decomposition_cfg.get('codebook_size', 'n/a')}, "
             f"local calibration {'on' if decomposition_cfg.get('local_calibration', True) else 'off'}, "
             f"{len(classes)} sounding classes; NMI chance = mean NMI over {permutations} label permutations\n\n"
-            f"{format_decomposition_tables(tables)}\n"
+            f"{format_decomposition_tables(tables)}\n\n"
+            f"sub-space agreement (share of sub-space pairs on the same codeword; 1 = the K codes are copies): "
+            f"per second {_fmt(agreement['second'])}, per clip {_fmt(agreement['clip'])}\n"
         )
         payload.update(
             {
                 "applicable": True, "num_clips": len(assignments), "clips": clips, "num_subspaces": k,
                 "codebook_size": decomposition_cfg.get("codebook_size"), "classes": classes, "tables": tables,
+                "subspace_agreement": agreement,
                 "data_subset": inputs.datamodule.subset, "split": inputs.split, "data_config": inputs.data_source,
             }
         )
