@@ -146,6 +146,15 @@ def test_dual_stride_must_be_an_encoder_stride(configs):
     assert "8 | 16 | 32" in _only_problem(cfg, "model.fusion.dual_stride")
 
 
+def test_audio_similarity_dim_is_a_non_negative_int_and_needs_audio_in_the_pixel_path(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.fusion.audio_similarity_dim = -2
+    assert "0 = off" in _only_problem(cfg, "model.fusion.audio_similarity_dim")
+    cfg.model.fusion.audio_similarity_dim = 16
+    cfg.model.fusion.fpn_type = "none"
+    assert "fpn_type=none" in _only_problem(cfg, "model.fusion.audio_similarity_dim")
+
+
 def test_early_fusion_form_is_one_of_three(configs):
     cfg = _copy(configs, "train")
     cfg.model.fusion.early_fusion_form = "concat"

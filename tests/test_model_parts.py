@@ -68,6 +68,40 @@ def test_fusion_rejects_unknown_fpn_type():
         AudioVisualFusion(dim=DIM, res2_channels=12, dual_stride=4)
 
 
+def test_audio_similarity_map_is_max_cosine_over_tokens_times_temperature():
+    from avseg.models.fusion import AudioVisualSimilarity
+
+    torch.manual_seed(0)
+    sim = AudioVisualSimilarity(dim=DIM, visual_dim=6, embed_dim=5)
+    visual, audio = torch.randn(2, 6, 4, 3), torch.randn(2, 3, DIM)
+    out = sim(visual, audio)
+    assert out.shape == (2, 1, 4, 3)
+    pixels = torch.nn.functional.normalize(sim.visual_embed(visual), dim=1)
+    tokens = torch.nn.functional.normalize(sim.audio_embed(audio), dim=-1)
+    n, y, x = 1, 2, 0
+    expected = max(float(tokens[n, k] @ pixels[n, :, y, x]) for k in range(3)) * 10.0
+    assert float(out[n, 0, y, x]) == pytest.approx(expected, rel=1e-5)
+    assert float(out.abs().max()) <= 10.0 + 1e-4  # cosine in [-1, 1] times the initial temperature
+
+
+def test_fusion_audio_similarity_adds_one_audio_dependent_mask_channel():
+    torch.manual_seed(0)
+    levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
+    fusion = AudioVisualFusion(
+        dim=DIM, res2_channels=12, num_heads=4, num_points=2, num_encoder_layers=1, ffn_dim=64,
+        dropout=0.0, mask_dim=8, stride4_dim=16, ms_deform_backend="torch", audio_similarity_dim=8,
+    ).eval()
+    assert fusion.mask_dim == 9  # what the builder hands the dynamic mask head
+    a = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
+    b = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
+    assert a.shape == (1, 9, 16, 16)
+    assert not torch.allclose(a[:, 8], b[:, 8])
+    with pytest.raises(ConfigError, match="audio_similarity_dim"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, audio_similarity_dim=-1)
+    with pytest.raises(ConfigError, match="audio_similarity_dim"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, fpn_type="none", audio_similarity_dim=8)
+
+
 def test_early_fusion_forms():
     """product: x * a; residual_product: x * (1 + a) (the identity when a = 0); sum: x + a."""
     from avseg.models.layers.attention import GatedCrossAttention

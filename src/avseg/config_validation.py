@@ -248,6 +248,10 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     _one_of(r, "model.fusion.fpn_type", r.get("model.fusion.fpn_type"), FPN_TYPES)
     _one_of(r, "model.fusion.dual_stride", r.get("model.fusion.dual_stride"), DUAL_STRIDES)
     _one_of(r, "model.fusion.early_fusion_form", r.get("model.fusion.early_fusion_form"), GATE_FORMS)
+    similarity = r.get("model.fusion.audio_similarity_dim")
+    if similarity is not _ABSENT and _int_at_least(r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"):
+        if similarity > 0 and r.get("model.fusion.fpn_type") == "none":
+            r.add("model.fusion.audio_similarity_dim", similarity, "0 while model.fusion.fpn_type=none (no audio in the pixel path)")
     _bool(r, "model.aux_loss", r.get("model.aux_loss"))
     _existing_file(r, "model.init_from", r.get("model.init_from"), "checkpoint (the ReferFormer-family weights)")
 

@@ -192,6 +192,28 @@ class DualCrossModalBlock(nn.Module):
         return self.out_norm(out), audio
 
 
+class AudioVisualSimilarity(nn.Module):
+    """Per-pixel audio-visual similarity map (the localisation map of sound-source localisation).
+
+    ``forward(visual [N, Cv, h, w], audio [N, K, C]) -> [N, 1, h, w]``: cosine similarity between a
+    1x1-conv embedding of every pixel and a linear embedding of every audio token (both of width
+    ``embed_dim``), max over the K tokens, times a learnt temperature (initialised to 10). It gives the
+    mask head a direct, bilinear path from "which sound" to "which pixels".
+    """
+
+    def __init__(self, *, dim: int, visual_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.visual_embed = nn.Conv2d(visual_dim, embed_dim, kernel_size=1)
+        self.audio_embed = nn.Linear(dim, embed_dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        pixels = F.normalize(self.visual_embed(visual), dim=1)  # [N, D, h, w]
+        tokens = F.normalize(self.audio_embed(audio), dim=-1)  # [N, K, D]
+        similarity = torch.einsum("nkd,ndhw->nkhw", tokens, pixels).amax(dim=1, keepdim=True)
+        return similarity * self.log_temperature.exp()
+
+
 def _conv_gn_relu(in_ch: int, out_ch: int, num_groups: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
@@ -227,6 +249,7 @@ class AudioVisualFusion(nn.Module):
         num_groups: int = 32,
         dual_stride: int = 32,
         early_fusion_form: str = "product",
+        audio_similarity_dim: int = 0,
     ) -> None:
         super().__init__()
         if fpn_type not in FPN_TYPES:
@@ -238,9 +261,16 @@ class AudioVisualFusion(nn.Module):
         self.dual_level = DUAL_STRIDES[dual_stride]
         if num_levels != 4:
             raise ConfigError(f"model.fusion.num_levels: the neck gives 4 levels (strides 8..64), got {num_levels}")
+        if not isinstance(audio_similarity_dim, int) or audio_similarity_dim < 0:
+            raise ConfigError(
+                f"model.fusion.audio_similarity_dim: {audio_similarity_dim!r} is not an integer >= 0 (0 = off)"
+            )
+        if audio_similarity_dim and fpn_type == "none":
+            raise ConfigError("model.fusion.audio_similarity_dim needs audio in the pixel path: fpn_type is 'none'")
         self.fpn_type = fpn_type
         self.dim = dim
-        self.mask_dim = mask_dim
+        # channels the mask head receives: mask_dim, plus the audio-visual similarity map when on
+        self.mask_dim = mask_dim + (1 if audio_similarity_dim else 0)
         self.early_fusion = (
             GatedCrossAttention(dim=dim, num_heads=num_heads, dropout=0.0, form=early_fusion_form)
             if fpn_type != "none"
@@ -268,8 +298,17 @@ class AudioVisualFusion(nn.Module):
         self.lateral4 = nn.Conv2d(res2_channels, stride4_dim, kernel_size=1)
         self.out4 = _conv_gn_relu(stride4_dim, stride4_dim, num_groups)
         self.mask_proj = nn.Conv2d(stride4_dim, mask_dim, kernel_size=1)
+        # optional audio-visual similarity map (sound-source-localisation style; not in the paper):
+        # cosine similarity of each stride-4 pixel embedding with each audio token, max over tokens,
+        # times a learnt temperature, appended to the mask features as one more channel
+        self.similarity = (
+            AudioVisualSimilarity(dim=dim, visual_dim=stride4_dim, embed_dim=audio_similarity_dim)
+            if audio_similarity_dim
+            else None
+        )
 
     def forward(self, levels: Sequence[torch.Tensor], res2: torch.Tensor, audio: torch.Tensor) -> dict:
+        audio_in = audio
         src, spatial_shapes, level_start_index = flatten_levels(levels)
         pos = self.encoder.positions(levels)
         if self.early_fusion is not None:
@@ -286,7 +325,10 @@ class AudioVisualFusion(nn.Module):
         y16 = self.out16(maps[1] + F.interpolate(top, size=maps[1].shape[-2:], mode="nearest"))
         y8 = self.out8(maps[0] + F.interpolate(y16, size=maps[0].shape[-2:], mode="nearest"))
         y4 = self.lateral4(res2) + F.interpolate(self.reduce8(y8), size=res2.shape[-2:], mode="nearest")
-        mask_features = self.mask_proj(self.out4(y4))
+        stride4 = self.out4(y4)
+        mask_features = self.mask_proj(stride4)
+        if self.similarity is not None:
+            mask_features = torch.cat((mask_features, self.similarity(stride4, audio_in)), dim=1)
         return {
             "memory": memory,
             "memory_pos": pos,
