@@ -120,6 +120,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    load_start = f"{os.getloadavg()[0]:.2f}"
     net = build_qdformer(s4_r50_model_config()).eval()
     frames = torch.randn(1, args.frames, 3, args.size, args.size)
     audio = torch.randn(1, args.frames, 1, 96, 64)
@@ -144,6 +145,7 @@ def main() -> None:
     mm_rate_after = matmul_gflops(args.repeats)
     parts = part_times(net, run_model, args.repeats)
     mm_ref = max(mm_rate, mm_rate_after)
+    load_end = f"{os.getloadavg()[0]:.2f}"
 
     def flops_of(path: str) -> int:
         key = "QDFormer." + path if path else "QDFormer"
@@ -156,8 +158,9 @@ def main() -> None:
         f"[1, {args.frames}, 3, {args.size}, {args.size}], fp32, eval, `torch.inference_mode` (FLOPs counted in a separate grad-enabled pass), "
         f"deformable attention torch path; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-        "The machine was shared with other engineers' jobs while this ran: medians of "
-        f"{args.repeats} runs; matmul measured before and after the model in the same process.",
+        f"Load average at the start {load_start}, at the end {load_end} (1 min; other jobs on the "
+        f"machine slow every row, compare ratios within one run): medians of {args.repeats} runs; "
+        "matmul measured before and after the model in the same process, the better of the two is 100%.",
         "",
         "| | time (ms, median) | GFLOP | GFLOP/s | % of matmul |",
         "|---|---:|---:|---:|---:|",
