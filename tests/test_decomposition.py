@@ -279,6 +279,19 @@ def test_vq_ignores_num_subspaces_and_accepts_small_codebooks():
     assert module(tokens, frame_valid)["global_codes"].shape == (2, 1, DIM)
 
 
+def test_vq_is_pq_with_one_subspace():
+    """The ablation reads the vq row as the K = 1 row of pq: same parameters, same outputs."""
+    vq, pq1 = _module("vq", seed=5, num_subspaces=4), _module("pq", seed=5, num_subspaces=1)
+    vq_state, pq_state = vq.state_dict(), pq1.state_dict()
+    assert vq_state.keys() == pq_state.keys()
+    for key in vq_state:
+        torch.testing.assert_close(vq_state[key], pq_state[key], rtol=0, atol=0)
+    tokens, frame_valid = _inputs()
+    a, b = vq.eval()(tokens, frame_valid), pq1.eval()(tokens, frame_valid)
+    for key in ("global_codes", "local_codes", "vq_loss", "distill_loss", "local_indices"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hydra_configs_instantiate_with_the_same_keys(variant):
     cfg = OmegaConf.load(CONF_DIR / f"{variant}.yaml")
