@@ -362,3 +362,29 @@ def test_tiny_model_config_turns_the_anti_collapse_mechanism_on():
     assert options["codebook_init"] == "data" and options["reseed_dead_codes"] is True
     module = AudioDecomposition(dim=64, **options)
     assert module.quantizer.codebook_init == "data" and module.quantizer.reseed_dead_codes
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_band_tokens_several_per_second_shapes_padding_and_windows(variant):
+    """Audio tokens [B, T, M, C] (M frequency-band tokens per second): the same outputs as [B, T, C];
+    padded frames' bands take no part in the clip code; frame t's local feature sees only the bands
+    of frames t-1..t+1."""
+    module = _module(variant, local_window=1).eval()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 6, 3, DIM, generator=generator)
+    frame_valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    out = module(tokens, frame_valid)
+    k = module.num_tokens
+    assert out["global_codes"].shape == (2, k, DIM) and out["local_codes"].shape == (2, 6, k, DIM)
+
+    padded_changed = tokens.clone()
+    padded_changed[0, 4:] += 7.0
+    torch.testing.assert_close(
+        module._global_features(tokens, frame_valid)[0], module._global_features(padded_changed, frame_valid)[0]
+    )
+    all_valid = torch.ones(1, 6, dtype=torch.bool)
+    changed = tokens[1:].clone()
+    changed[0, 5, 2] += 5.0  # one band of the last second
+    before, after = module._local_features(tokens[1:], all_valid), module._local_features(changed, all_valid)
+    torch.testing.assert_close(before[0, :4], after[0, :4], rtol=0, atol=1e-6)
+    assert not torch.allclose(before[0, 4:], after[0, 4:])

@@ -482,3 +482,36 @@ def test_log_mel_cnn_yaml_instantiates_and_round_trips_through_a_state_dict(tmp_
     audio = _examples(count=2).reshape(1, 2, 1, 96, 64)
     with torch.no_grad():
         torch.testing.assert_close(other(audio), encoder(audio))
+
+
+def test_log_mel_cnn_band_tokens_one_per_frequency_band():
+    """band_tokens: [B, T, 4, dim], zero at padded frames, each band token depends on its own band of
+    the log-mel, plus the time code of its second and a learnt band embedding."""
+    torch.manual_seed(0)
+    encoder = AudioEncoder(
+        dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, dropout=0.0,
+        band_tokens=True,
+    ).eval()
+    audio = _examples(count=6).reshape(2, 3, 1, 96, 64)
+    frame_valid = torch.tensor([[True, True, True], [True, False, False]])
+    tokens = encoder(audio, frame_valid)
+    assert tuple(tokens.shape) == (2, 3, 4, 16)
+    assert tokens[1, 1:].abs().sum() == 0
+    assert tuple(encoder.embed(audio).shape) == (2, 3, 4, 128)
+    # the CNN's receptive field is local in frequency: changing the top 16 mel bins (the last of the
+    # four 16-bin bands) leaves the lowest band's token alone
+    changed = audio.clone()
+    changed[..., 48:] += 4.0
+    with torch.no_grad():
+        before, after = encoder.embed(audio), encoder.embed(changed)
+    torch.testing.assert_close(before[:, :, 0], after[:, :, 0])
+    assert not torch.allclose(before[:, :, 3], after[:, :, 3])
+    tokens.sum().backward()
+    assert encoder.band_embed.grad is not None
+
+
+def test_band_tokens_need_the_log_mel_cnn():
+    with pytest.raises(ConfigError, match="band_tokens"):
+        AudioEncoder(dim=16, input="embeddings", band_tokens=True)
+    with pytest.raises(ConfigError, match="band_tokens"):
+        AudioEncoder(dim=16, input="log_mel", network="vggish", random_init=True, band_tokens=True)

@@ -312,11 +312,16 @@ def audio_token_spread(net: Any, dataset: Any, *, batch_size: int = 4, device: t
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_clips):
             audio, frame_valid = batch["audio"].to(device), batch["frame_valid"].to(device)
-            tokens = encoder(audio, frame_valid)
-            position = sine_position_1d(tokens.shape[1], tokens.shape[2], device=tokens.device, dtype=tokens.dtype)
+            tokens = encoder(audio, frame_valid)  # [B, T, C], or [B, T, M, C] with band tokens
+            position = sine_position_1d(tokens.shape[1], tokens.shape[-1], device=tokens.device, dtype=tokens.dtype)
+            if tokens.dim() == 4:  # band tokens: remove the time code and the learnt band embedding
+                tokens = tokens - position[:, None] - encoder.band_embed.to(tokens.dtype)
+            else:
+                tokens = tokens - position
             valid = frame_valid.bool()
-            tokens_all.append((tokens - position)[valid].double().cpu())
-            embeddings_all.append(encoder.embed(audio, frame_valid)[valid].double().cpu())
+            tokens_all.append(tokens[valid].reshape(-1, tokens.shape[-1]).double().cpu())
+            embedding = encoder.embed(audio, frame_valid)[valid]
+            embeddings_all.append(embedding.reshape(-1, embedding.shape[-1]).double().cpu())
 
     def spread(x: torch.Tensor) -> float:
         return float((x.var(dim=0, unbiased=False).sum() / x.pow(2).sum(dim=1).mean().clamp_min(1e-30)).sqrt())

@@ -158,7 +158,8 @@ LOG_MEL_NETWORKS = ("vggish", "log_mel_cnn")
 
 
 class LogMelCNN(nn.Module):
-    """A small log-mel CNN trained from scratch: examples [N, 1, 96, 64] -> embeddings [N, 128].
+    """A small log-mel CNN trained from scratch: examples [N, 1, 96, 64] -> embeddings [N, 128]
+    (with ``band_tokens``: [N, 4, 128], one per frequency band of the final map).
 
     For CPU / synthetic runs, where a frozen random-init VGGish (72 M parameters) gives poor,
     nearly input-independent features: BatchNorm on the input log-mel, then four blocks of
@@ -169,8 +170,9 @@ class LogMelCNN(nn.Module):
     embeddings of different sounds differ by more than a small perturbation of a shared vector).
     """
 
-    def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128)):
+    def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), band_tokens: bool = False):
         super().__init__()
+        self.band_tokens = bool(band_tokens)
         if len(channels) != 4 or any(int(c) < 1 for c in channels):
             raise ConfigError(f"LogMelCNN channels: got {channels!r}; allowed: four positive integers")
         self.input_norm = nn.BatchNorm2d(1)
@@ -186,7 +188,11 @@ class LogMelCNN(nn.Module):
             in_channels = int(out_channels)
         self.features = nn.Sequential(*blocks)
         frequency_bands = 64 // 2 ** len(channels)
-        self.embedding = nn.Linear(2 * in_channels * frequency_bands, VGGISH_EMBEDDING_DIM)
+        self.num_bands = frequency_bands
+        # band_tokens: one embedding per frequency band (shared Linear), so that sounds of different
+        # pitch that play in the same second land in different tokens; else one per second
+        in_features = 2 * in_channels * (1 if self.band_tokens else frequency_bands)
+        self.embedding = nn.Linear(in_features, VGGISH_EMBEDDING_DIM)
         # Without this the embeddings share a large common component (post-ReLU features are all
         # positive), and after Linear + LayerNorm the audio tokens of different clips differed by
         # 2.5 % of their power at init and 0.3 % after training (measured on the demo): the codes
@@ -199,6 +205,9 @@ class LogMelCNN(nn.Module):
             raise ValueError(f"LogMelCNN expects [N, 1, 96, 64], got {tuple(examples.shape)}")
         feature_map = self.features(self.input_norm(examples))  # [N, C, 6 time, 4 mel]
         pooled = torch.cat([feature_map.mean(dim=2), feature_map.amax(dim=2)], dim=1)  # [N, 2C, 4]
+        if self.band_tokens:  # [N, 4, 128]: one token per frequency band
+            tokens = self.embedding(rearrange(pooled, "n c f -> n f c"))
+            return rearrange(self.output_norm(rearrange(tokens, "n f d -> (n f) d")), "(n f) d -> n f d", n=examples.shape[0])
         return self.output_norm(self.embedding(rearrange(pooled, "n c f -> n (c f)")))
 
 
@@ -227,6 +236,7 @@ class AudioEncoder(nn.Module):
         random_init: bool = False,
         freeze_vggish: bool = True,
         dropout: float = 0.1,
+        band_tokens: bool = False,
     ):
         super().__init__()
         if input not in ("log_mel", "embeddings"):
@@ -252,7 +262,7 @@ class AudioEncoder(nn.Module):
                     f"vggish_weights={vggish_weights!r}, random_init={random_init}, "
                     f"freeze_vggish={freeze_vggish})"
                 )
-            self.log_mel_cnn = LogMelCNN()
+            self.log_mel_cnn = LogMelCNN(band_tokens=band_tokens)
         elif input == "log_mel":
             if random_init and vggish_weights is not None:
                 raise ConfigError(
@@ -271,6 +281,17 @@ class AudioEncoder(nn.Module):
             if freeze_vggish:
                 self.vggish.requires_grad_(False)
                 self.vggish.eval()
+        if band_tokens and self.log_mel_cnn is None:
+            raise ConfigError(
+                "audio_encoder.band_tokens=true needs network=log_mel_cnn on log_mel input (VGGish and "
+                "precomputed embeddings give one vector per second)"
+            )
+        self.band_tokens = bool(band_tokens)
+        self.num_bands = self.log_mel_cnn.num_bands if self.band_tokens else 1
+        # which band a token comes from (added like the time code; learnt)
+        self.band_embed = nn.Parameter(torch.zeros(self.num_bands, dim)) if self.band_tokens else None
+        if self.band_embed is not None:
+            nn.init.normal_(self.band_embed, std=0.02)
         self.proj = nn.Linear(VGGISH_EMBEDDING_DIM, dim)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -309,14 +330,19 @@ class AudioEncoder(nn.Module):
             else:
                 # Padded frames (e.g. AVSS v1 clips: 5 of 10) would be zeroed anyway: skip them.
                 valid = rearrange(frame_valid, "b t -> (b t)").to(torch.bool)
-                embedding = examples.new_zeros((batch * length, VGGISH_EMBEDDING_DIM))
+                embedding = examples.new_zeros((batch * length, *self._embedding_shape()))
                 if valid.any():
                     valid_embedding = network(examples[valid]).to(embedding.dtype)
                     embedding = embedding.index_put((valid,), valid_embedding)
-        return rearrange(embedding, "(b t) d -> b t d", b=batch)
+        return rearrange(embedding, "(b t) ... -> b t ...", b=batch)
+
+    def _embedding_shape(self) -> tuple[int, ...]:
+        return (self.num_bands, VGGISH_EMBEDDING_DIM) if self.band_tokens else (VGGISH_EMBEDDING_DIM,)
 
     def forward(self, audio: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """audio [B, T, 1, 96, 64] or [B, T, 128], frame_valid bool [B, T] -> F_a [B, T, dim]."""
+        """audio [B, T, 1, 96, 64] or [B, T, 128], frame_valid bool [B, T] -> F_a [B, T, dim]
+        (with ``band_tokens``: [B, T, M, dim], M frequency-band tokens per second, each with the
+        time code of its second plus a learnt band embedding)."""
         batch, length = audio.shape[:2]
         if frame_valid is not None and tuple(frame_valid.shape) != (batch, length):
             raise ValueError(
@@ -324,11 +350,14 @@ class AudioEncoder(nn.Module):
             )
         embedding = self.embed(audio, frame_valid).to(self.proj.weight.dtype)
         if frame_valid is not None:
-            keep = frame_valid.to(embedding.dtype)[..., None]
+            keep = frame_valid.to(embedding.dtype).reshape(batch, length, *([1] * (embedding.ndim - 2)))
             embedding = embedding * keep
         tokens = self.dropout(self.norm(self.proj(embedding)))
         position = sine_position_1d(length, self.dim, device=tokens.device, dtype=tokens.dtype)
-        tokens = tokens + position[None]
+        if self.band_embed is not None:
+            tokens = tokens + position[None, :, None] + self.band_embed.to(tokens.dtype)
+        else:
+            tokens = tokens + position[None]
         if frame_valid is not None:
             tokens = tokens * keep
         return tokens

@@ -266,9 +266,10 @@ class AudioDecomposition(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def _check_inputs(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
-        if audio_tokens.dim() != 3 or audio_tokens.shape[-1] != self.dim:
+        if audio_tokens.dim() not in (3, 4) or audio_tokens.shape[-1] != self.dim:
             raise ValueError(
-                f"AudioDecomposition: audio_tokens must be [B, T, {self.dim}], got {tuple(audio_tokens.shape)}"
+                f"AudioDecomposition: audio_tokens must be [B, T, {self.dim}] or [B, T, M, {self.dim}], "
+                f"got {tuple(audio_tokens.shape)}"
             )
         batch, frames = audio_tokens.shape[:2]
         if frame_valid is None:
@@ -296,18 +297,27 @@ class AudioDecomposition(nn.Module):
         return self.decoder(queries.to(memory.dtype), memory, padding, need_weights=need_weights)
 
     def _global_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
-        """[B, T, C] -> clip-level features [B, K, C] (pq_split: K chunks [B, K, C/K])."""
+        """[B, T, C] or [B, T, M, C] -> clip-level features [B, K, C] (pq_split: K chunks [B, K, C/K]).
+
+        With M tokens per second (frequency bands) the prototypes attend over all T * M of them."""
+        per_second = audio_tokens.shape[2] if audio_tokens.dim() == 4 else 1
+        tokens = audio_tokens.flatten(1, 2) if audio_tokens.dim() == 4 else audio_tokens  # [B, T*M, C]
+        valid = frame_valid.repeat_interleave(per_second, dim=1)  # [B, T*M]
         if self.variant == "pq_split":
-            weights = frame_valid.to(audio_tokens.dtype)[..., None]
-            pooled = (audio_tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            weights = valid.to(tokens.dtype)[..., None]
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             return rearrange(self.split_in(pooled), "b (k d) -> b k d", k=self.num_tokens)
-        features, _ = self._prototype_features(audio_tokens, frame_valid)
+        features, _ = self._prototype_features(tokens, valid)
         return features
 
     def _local_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
-        """[B, T, C] -> frame-level features [B, T, K, C] (pq_split: [B, T, K, C/K])."""
+        """[B, T, C] or [B, T, M, C] -> frame-level features [B, T, K, C] (pq_split: [B, T, K, C/K])."""
         batch = audio_tokens.shape[0]
-        windows, window_valid = frame_windows(audio_tokens, frame_valid, self.local_window)
+        per_second = audio_tokens.shape[2] if audio_tokens.dim() == 4 else 1
+        flat = audio_tokens.flatten(2) if audio_tokens.dim() == 4 else audio_tokens  # [B, T, M*C]
+        windows, window_valid = frame_windows(flat, frame_valid, self.local_window)  # [B, T, W, M*C]
+        windows = rearrange(windows, "b t w (m c) -> b t (w m) c", m=per_second)
+        window_valid = window_valid.repeat_interleave(per_second, dim=2)  # [B, T, W*M]
         if self.variant == "pq_split":
             weights = window_valid.to(audio_tokens.dtype)[..., None]
             pooled = (windows * weights).sum(2) / weights.sum(2).clamp_min(1.0)  # [B, T, C]
@@ -420,5 +430,11 @@ class AudioDecomposition(nn.Module):
         if self.decoder is None:
             raise ValueError(f"AudioDecomposition.attention_maps: variant {self.variant!r} has no prototype attention")
         frame_valid = self._check_inputs(audio_tokens, frame_valid)
+        if audio_tokens.dim() == 4:  # band tokens: the attention of each frame summed over its bands
+            bands = audio_tokens.shape[2]
+            _, weights = self._prototype_features(
+                audio_tokens.flatten(1, 2), frame_valid.repeat_interleave(bands, dim=1), need_weights=True
+            )
+            return rearrange(weights, "b k (t m) -> b k t m", m=bands).sum(-1)
         _, weights = self._prototype_features(audio_tokens, frame_valid, need_weights=True)
         return weights
