@@ -206,8 +206,8 @@ class LogMelCNN(nn.Module):
         feature_map = self.features(self.input_norm(examples))  # [N, C, 6 time, 4 mel]
         pooled = torch.cat([feature_map.mean(dim=2), feature_map.amax(dim=2)], dim=1)  # [N, 2C, 4]
         if self.band_tokens:  # [N, 4, 128]: one token per frequency band
-            tokens = self.embedding(rearrange(pooled, "n c f -> n f c"))
-            return rearrange(self.output_norm(rearrange(tokens, "n f d -> (n f) d")), "(n f) d -> n f d", n=examples.shape[0])
+            tokens = self.embedding(rearrange(pooled, "n c f -> (n f) c"))
+            return rearrange(self.output_norm(tokens), "(n f) d -> n f d", n=examples.shape[0])
         return self.output_norm(self.embedding(rearrange(pooled, "n c f -> n (c f)")))
 
 
@@ -250,6 +250,11 @@ class AudioEncoder(nn.Module):
                 f"audio_encoder.network must be one of {' | '.join(LOG_MEL_NETWORKS)}, got {network!r}"
             )
         self.network = network
+        if band_tokens and (input != "log_mel" or network != "log_mel_cnn"):
+            raise ConfigError(
+                "audio_encoder.band_tokens=true needs input=log_mel and network=log_mel_cnn (VGGish and "
+                "precomputed embeddings give one vector per second)"
+            )
         self.vggish: VGGish | None = None
         self.log_mel_cnn: LogMelCNN | None = None
         if input == "log_mel" and network == "log_mel_cnn":
@@ -281,11 +286,6 @@ class AudioEncoder(nn.Module):
             if freeze_vggish:
                 self.vggish.requires_grad_(False)
                 self.vggish.eval()
-        if band_tokens and self.log_mel_cnn is None:
-            raise ConfigError(
-                "audio_encoder.band_tokens=true needs network=log_mel_cnn on log_mel input (VGGish and "
-                "precomputed embeddings give one vector per second)"
-            )
         self.band_tokens = bool(band_tokens)
         self.num_bands = self.log_mel_cnn.num_bands if self.band_tokens else 1
         # which band a token comes from (added like the time code; learnt)
