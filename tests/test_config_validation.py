@@ -401,3 +401,13 @@ def test_train_cli_stops_before_any_data_is_read(tmp_path):
     assert "model.decomposition.num_subspaces" in result.stderr
     assert "Traceback" not in result.stderr
     assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
+
+
+def test_similarity_loss_weight_needs_the_similarity_map(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.loss.weight_similarity = 1.0
+    assert "audio_similarity_dim > 0" in _only_problem(cfg, "model.loss.weight_similarity")
+    cfg.model.fusion.audio_similarity_dim = 16
+    assert config_problems(cfg) == []
+    cfg.model.loss.weight_similarity = -0.5
+    assert ">= 0" in _only_problem(cfg, "model.loss.weight_similarity")

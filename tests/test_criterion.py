@@ -112,6 +112,7 @@ def test_constructor_checks() -> None:
         "loss_dice": 5.0,
         "loss_vq": 0.5,
         "loss_distill": 1.0,
+        "loss_similarity": 0.0,
     }
     assert criterion.matcher.cost_dice == 5.0 and criterion.matcher.cost_class == 2.0
 
@@ -254,3 +255,51 @@ def test_nonfinite_predictions_give_nonfinite_terms_not_an_exception() -> None:
     terms = criterion(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
     assert not torch.isfinite(terms["loss"])
     assert not torch.isfinite(terms["loss_bbox"]) and torch.isfinite(terms["loss_class"])
+
+
+def test_similarity_loss_is_bce_plus_dice_on_labelled_foreground() -> None:
+    generator = torch.Generator().manual_seed(1)
+    masks = _block_masks(2, 3, semantic=True)  # semantic values count as foreground too
+    label_valid = torch.tensor([[True, False, True], [True, True, False]])
+    similarity = torch.randn(2, 3, 1, SIZE // 4, SIZE // 4, generator=generator).requires_grad_()
+    criterion = SetCriterion(num_classes=70, semantic=True, weight_similarity=1.5)
+    outputs = _random_outputs(generator, 2, 3, 4, 70)
+    terms = criterion({**outputs, "pred_similarity": similarity}, masks, label_valid)
+
+    # by hand: the labelled frames only, foreground area-pooled to stride 4, BCE mean + 1 - dice
+    expected = []
+    for b, t in label_valid.nonzero().tolist():
+        target = torch.nn.functional.avg_pool2d((masks[b, t] > 0).float()[None], 4)[0]
+        logit = similarity[b, t, 0].detach()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target)
+        prob = logit.sigmoid()
+        dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+        expected.append(bce + dice)
+    torch.testing.assert_close(terms["loss_similarity"].detach(), torch.stack(expected).mean())
+    without = criterion.weight_dict["loss_similarity"] * terms["loss_similarity"]
+    rest = SetCriterion(num_classes=70, semantic=True)(outputs, masks, label_valid)["loss"]
+    torch.testing.assert_close(terms["loss"].detach(), (rest + without).detach())
+    terms["loss"].backward()
+    assert similarity.grad[0, 1].abs().sum() == 0  # an unlabelled frame gets no gradient
+    assert similarity.grad[0, 0].abs().sum() > 0
+
+    # a perfect map (+/-12 on and off the foreground) costs almost nothing
+    perfect = torch.where(masks[..., ::4, ::4] > 0, 12.0, -12.0)[:, :, None].float()
+    terms = criterion({**outputs, "pred_similarity": perfect}, masks, label_valid)
+    assert _value(terms["loss_similarity"]) < 1e-3
+
+
+def test_similarity_weight_needs_the_similarity_map() -> None:
+    generator = torch.Generator().manual_seed(2)
+    outputs = _random_outputs(generator, 2, 2, 3, 1)
+    masks = _block_masks(2, 2, semantic=False)
+    with pytest.raises(KeyError, match="audio_similarity_dim"):
+        SetCriterion(num_classes=1, semantic=False, weight_similarity=1.0)(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="weight_similarity"):
+        SetCriterion(num_classes=1, semantic=False, weight_similarity=-1.0)
+    # weight 0 (the default): the term is reported when the map is there, and adds nothing
+    similarity = torch.zeros(2, 2, 1, SIZE // 4, SIZE // 4)
+    terms = SetCriterion(num_classes=1, semantic=False)({**outputs, "pred_similarity": similarity}, masks, torch.ones(2, 2, dtype=torch.bool))
+    plain = SetCriterion(num_classes=1, semantic=False)(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
+    assert "loss_similarity" in terms
+    torch.testing.assert_close(terms["loss"], plain["loss"])

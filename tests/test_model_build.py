@@ -97,6 +97,20 @@ def test_tiny_binary_forward_with_log_mel_audio():
     assert net.backbone.body.conv1.weight.grad is not None
 
 
+def test_similarity_map_is_an_output_only_when_on():
+    torch.manual_seed(0)
+    frames, audio = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128)
+    assert "pred_similarity" not in tiny()(frames, audio)
+    cfg = model_config("qdformer_tiny", ["num_classes=1", "audio_encoder=embeddings", "fusion.audio_similarity_dim=8"])
+    net = build_qdformer(cfg)
+    out = net(frames, audio)
+    assert out["pred_similarity"].shape == (1, 2, 1, 16, 16)
+    # the map the loss supervises reaches back to the audio path and the pixel embedding
+    out["pred_similarity"].sum().backward()
+    assert net.fusion.similarity.audio_embed.weight.grad.abs().sum() > 0
+    assert net.fusion.similarity.visual_embed.weight.grad.abs().sum() > 0
+
+
 def test_tiny_semantic_forward():
     net = tiny(num_classes=70)
     out = net(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128))

@@ -8,7 +8,7 @@ recipe of DESIGN.md):
 
 - ``semantic``: AVSS (71-class semantic masks) or binary AVS; default ``num_classes > 1``.
 - ``loss``: `SetCriterion` weights (``weight_class`` 2, ``weight_bbox`` 5, ``weight_giou`` 2,
-  ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, focal and
+  ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, ``weight_similarity`` 0, focal and
   ``mask_resolution`` options).
 - ``matcher``: `HungarianMatcher` costs; ``null`` -> costs equal to the loss weights.
 - ``optim``: AdamW ``lr`` 1e-4, ``backbone_lr`` 5e-5, ``weight_decay`` 5e-4, ``betas``.

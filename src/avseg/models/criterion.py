@@ -22,12 +22,18 @@ Masks are compared at the resolution picked by ``mask_resolution`` (see `avseg.m
 Boxes: the ground-truth box is the tight box of the full-resolution mask; the predicted box is
 ``outputs["pred_boxes"]`` when present, else the tight box of ``sigmoid(mask) > 0.5``, which has no
 gradient (the two box terms are then reported, and still steer the matching, but train nothing).
+Optional (not in the paper; ``weight_similarity``, default 0): ``loss_similarity``, binary cross-entropy
+(averaged over pixels) plus 1 - soft dice of ``outputs["pred_similarity"]`` [B, T, 1, h, w] (the
+fusion's audio-visual similarity map read as a per-pixel logit) against the foreground of each
+labelled frame (every sounding pixel, whatever its class), averaged over the labelled frames: a
+direct "these pixels sound" supervision of the path from the audio codes to the pixels, in the
+spirit of the auxiliary loss on the audio-visual mixed map of AVSegFormer-style decoders.
 Plus the quantiser terms of ``outputs["quant"]`` when present: ``loss_vq`` (``vq_loss``) and
 ``loss_distill`` (``distill_loss``). They depend on the audio only, so they are added whatever the
 label flags say.
 
 ``forward`` returns the UNWEIGHTED named terms and ``loss``, the weighted total
-(defaults: class 2, L1 5, GIoU 2, mask 2, dice 5, VQ 0.5, distillation 1). A batch without any
+(defaults: class 2, L1 5, GIoU 2, mask 2, dice 5, VQ 0.5, distillation 1, similarity 0). A batch without any
 labelled frame (and without quantiser terms) gives ``loss == 0`` that is still connected to the
 graph, so ``backward()`` works and every rank of a DDP job runs the same collective operations.
 """
@@ -121,6 +127,7 @@ class SetCriterion(nn.Module):
         weight_dice: float = 5.0,
         weight_vq: float = 0.5,
         weight_distill: float = 1.0,
+        weight_similarity: float = 0.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         mask_resolution: str = "pred",
@@ -155,6 +162,7 @@ class SetCriterion(nn.Module):
             "loss_dice": weight_dice,
             "loss_vq": weight_vq,
             "loss_distill": weight_distill,
+            "loss_similarity": weight_similarity,
         }
         for name, value in weights.items():
             if value < 0:
@@ -331,6 +339,28 @@ class SetCriterion(nn.Module):
         losses["loss_giou"] = (1 - giou).sum() / num_objects
         return losses
 
+    @staticmethod
+    def _similarity_loss(similarity: Tensor, masks: Tensor, label_valid: Tensor) -> Tensor:
+        """BCE + (1 - dice) of the similarity map [B, T, 1, h, w] against the labelled frames'
+        foreground, averaged over those frames (0, still connected, without any)."""
+        if similarity.dim() != 5 or similarity.shape[2] != 1 or similarity.shape[:2] != masks.shape[:2]:
+            raise ValueError(
+                f"criterion: pred_similarity must be [B, T, 1, h, w] with [B, T] = {tuple(masks.shape[:2])}, "
+                f"got {tuple(similarity.shape)}"
+            )
+        frame_ids = label_valid.reshape(-1).to(torch.bool).nonzero().squeeze(1)
+        logits = rearrange(similarity, "b t 1 h w -> (b t) h w")[frame_ids].float()
+        if logits.shape[0] == 0:
+            return similarity.sum() * 0.0
+        foreground = (rearrange(masks, "b t h w -> (b t) h w")[frame_ids] > 0).float()
+        if foreground.shape[-2:] != logits.shape[-2:]:
+            foreground = F.interpolate(foreground[:, None], size=logits.shape[-2:], mode="area")[:, 0]
+        bce = F.binary_cross_entropy_with_logits(logits, foreground, reduction="none").flatten(1).mean(1)
+        prob = logits.sigmoid().flatten(1)
+        target = foreground.flatten(1)
+        dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+        return (bce + dice).mean()
+
     def forward(self, outputs: dict[str, Any], masks: Tensor, label_valid: Tensor) -> dict[str, Tensor]:
         if "pred_masks" not in outputs or "pred_logits" not in outputs:
             raise KeyError("criterion: outputs must hold 'pred_logits' and 'pred_masks'")
@@ -358,6 +388,16 @@ class SetCriterion(nn.Module):
                 if source not in quant:
                     raise KeyError(f"criterion: outputs['quant'] is missing {source!r}")
                 terms[name] = quant[source].float()
+
+        if outputs.get("pred_similarity") is not None:
+            terms["loss_similarity"] = self._similarity_loss(
+                outputs["pred_similarity"], masks.to(device), label_valid.to(device)
+            )
+        elif self.weight_dict["loss_similarity"] > 0:
+            raise KeyError(
+                "criterion: weight_similarity > 0 needs outputs['pred_similarity'] "
+                "(model.fusion.audio_similarity_dim > 0)"
+            )
 
         total: Tensor | None = None
         for name, value in terms.items():

@@ -228,7 +228,8 @@ class AudioVisualFusion(nn.Module):
     ``forward(levels [p3, p4, p5, p6] each [N, C, h, w], res2 [N, C2, H/4, W/4], audio [N, K, C])``
     -> dict with ``memory [N, S, C]``, ``spatial_shapes [L, 2]``, ``level_start_index [L]``,
     ``memory_pos [1, S, C]``, ``mask_features [N, mask_dim, H/4, W/4]``, ``audio [N, K, C]``
-    (after the dual block).
+    (after the dual block) and ``similarity`` (the audio-visual similarity map [N, 1, H/4, W/4], the
+    last channel of ``mask_features``, when ``audio_similarity_dim`` is on; else None).
     """
 
     def __init__(
@@ -327,9 +328,12 @@ class AudioVisualFusion(nn.Module):
         y4 = self.lateral4(res2) + F.interpolate(self.reduce8(y8), size=res2.shape[-2:], mode="nearest")
         stride4 = self.out4(y4)
         mask_features = self.mask_proj(stride4)
+        similarity = None
         if self.similarity is not None:
-            mask_features = torch.cat((mask_features, self.similarity(stride4, audio_in)), dim=1)
+            similarity = self.similarity(stride4, audio_in)
+            mask_features = torch.cat((mask_features, similarity), dim=1)
         return {
+            "similarity": similarity,
             "memory": memory,
             "memory_pos": pos,
             "spatial_shapes": spatial_shapes,

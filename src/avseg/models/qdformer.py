@@ -22,7 +22,9 @@ class QDFormer(nn.Module):
       class logits (sigmoid, no background), ``pred_boxes`` [B, T, Nq, 4] (cxcywh in [0, 1]);
     - ``aux_outputs``: one dict with those three keys per earlier decoder layer (first to last);
     - ``quant``: the decomposition dict (``global_codes``, ``local_codes``, ``vq_loss``,
-      ``distill_loss``, ``perplexity``, ``usage``, ``dead_codes``, indices).
+      ``distill_loss``, ``perplexity``, ``usage``, ``dead_codes``, indices);
+    - ``pred_similarity`` [B, T, 1, H/4, W/4], only with ``model.fusion.audio_similarity_dim`` on: the
+      audio-visual similarity map (a per-pixel "sounding" logit; ``model.loss.weight_similarity``).
 
     All B*T frames go through the backbone, fusion, encoder and decoder as one batch; only the
     decomposition sees the clip (it is where frames interact), and padded frames (``frame_valid``
@@ -85,4 +87,6 @@ class QDFormer(nn.Module):
         out = dict(per_layer[-1])
         out["aux_outputs"] = per_layer[:-1] if self.aux_loss else []
         out["quant"] = quant
+        if fused["similarity"] is not None:
+            out["pred_similarity"] = frame_major(fused["similarity"])  # [B, T, 1, H/4, W/4]
         return out
