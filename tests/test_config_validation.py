@@ -411,3 +411,13 @@ def test_similarity_loss_weight_needs_the_similarity_map(configs):
     assert config_problems(cfg) == []
     cfg.model.loss.weight_similarity = -0.5
     assert ">= 0" in _only_problem(cfg, "model.loss.weight_similarity")
+
+
+def test_similarity_to_masks_is_a_bool_that_needs_the_similarity_map(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.fusion.similarity_to_masks = True
+    assert "audio_similarity_dim > 0" in _only_problem(cfg, "model.fusion.similarity_to_masks")
+    cfg.model.fusion.audio_similarity_dim = 8
+    assert config_problems(cfg) == []
+    cfg.model.fusion.similarity_to_masks = "yes"
+    assert _only_problem(cfg, "model.fusion.similarity_to_masks")

@@ -111,6 +111,23 @@ def test_similarity_map_is_an_output_only_when_on():
     assert net.fusion.similarity.visual_embed.weight.grad.abs().sum() > 0
 
 
+def test_similarity_to_masks_adds_the_map_to_every_querys_mask_logits():
+    frames, audio = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128)
+    base = ["num_classes=1", "audio_encoder=embeddings", "fusion.audio_similarity_dim=8"]
+    torch.manual_seed(0)
+    plain = build_qdformer(model_config("qdformer_tiny", base)).eval()
+    torch.manual_seed(0)
+    gated = build_qdformer(model_config("qdformer_tiny", [*base, "fusion.similarity_to_masks=true"])).eval()
+    gated.load_state_dict(plain.state_dict())  # no new parameters: same weights, same maps
+    with torch.no_grad():
+        a, b = plain(frames, audio), gated(frames, audio)
+    sim = b["pred_similarity"]  # [B, T, 1, h, w], broadcast over the queries
+    torch.testing.assert_close(b["pred_masks"], a["pred_masks"] + sim)
+    torch.testing.assert_close(b["aux_outputs"][0]["pred_masks"], a["aux_outputs"][0]["pred_masks"] + sim)
+    with pytest.raises(ConfigError, match="similarity_to_masks"):
+        build_qdformer(model_config("qdformer_tiny", ["num_classes=1", "fusion.similarity_to_masks=true"]))
+
+
 def test_tiny_semantic_forward():
     net = tiny(num_classes=70)
     out = net(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128))

@@ -252,6 +252,10 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     if similarity is not _ABSENT and _int_at_least(r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"):
         if similarity > 0 and r.get("model.fusion.fpn_type") == "none":
             r.add("model.fusion.audio_similarity_dim", similarity, "0 while model.fusion.fpn_type=none (no audio in the pixel path)")
+    to_masks = r.get("model.fusion.similarity_to_masks")
+    _bool(r, "model.fusion.similarity_to_masks", to_masks)
+    if to_masks is True and not (_is_int(similarity) and similarity > 0):
+        r.add("model.fusion.similarity_to_masks", to_masks, "false unless model.fusion.audio_similarity_dim > 0 (it adds that map to the masks)")
     weight_similarity = r.get("model.loss.weight_similarity")
     _number_in(r, "model.loss.weight_similarity", weight_similarity, lambda v: v >= 0, "a number >= 0")
     if _is_number(weight_similarity) and weight_similarity > 0 and not (_is_int(similarity) and similarity > 0):

@@ -251,6 +251,7 @@ class AudioVisualFusion(nn.Module):
         dual_stride: int = 32,
         early_fusion_form: str = "product",
         audio_similarity_dim: int = 0,
+        similarity_to_masks: bool = False,
     ) -> None:
         super().__init__()
         if fpn_type not in FPN_TYPES:
@@ -268,6 +269,12 @@ class AudioVisualFusion(nn.Module):
             )
         if audio_similarity_dim and fpn_type == "none":
             raise ConfigError("model.fusion.audio_similarity_dim needs audio in the pixel path: fpn_type is 'none'")
+        if not isinstance(similarity_to_masks, bool):
+            raise ConfigError(f"model.fusion.similarity_to_masks: {similarity_to_masks!r} is not true | false")
+        if similarity_to_masks and not audio_similarity_dim:
+            raise ConfigError("model.fusion.similarity_to_masks needs the similarity map: set model.fusion.audio_similarity_dim > 0")
+        # read by QDFormer: add the similarity map to every query's mask logits (an audio gate on the masks)
+        self.similarity_to_masks = similarity_to_masks
         self.fpn_type = fpn_type
         self.dim = dim
         # channels the mask head receives: mask_dim, plus the audio-visual similarity map when on

@@ -72,6 +72,10 @@ class QDFormer(nn.Module):
         decoded = self.decoder(
             codes, fused["memory"], fused["spatial_shapes"], fused["level_start_index"], fused["mask_features"]
         )
+        if self.fusion.similarity_to_masks:
+            # mask logit = the query's own + the pixel's audio-visual similarity (both log-odds): a
+            # pixel is foreground only where the query's shape and the sound agree (not in the paper)
+            decoded["masks"] = decoded["masks"] + fused["similarity"].unsqueeze(0)  # [L, N, Q, h, w] + [1, N, 1, h, w]
 
         def frame_major(x: torch.Tensor) -> torch.Tensor:
             return rearrange(x, "(b t) ... -> b t ...", b=batch, t=length)
