@@ -266,7 +266,8 @@ def test_average_curves_and_their_table():
 
 def test_ablation_experiment_is_the_demo_shortened():
     """conf/experiment/ablation_synth_ms3.yaml differs from the default demo only in length, LR step,
-    logging and the task name, so an ablation row differs from the demo by the factor it names."""
+    logging, the task name and the demo's audio-reliance switches (off: the sweep compares the
+    paper's model), so an ablation row differs from that model by the factor it names."""
     from omegaconf import OmegaConf
 
     from avseg.train import validate_config
@@ -290,11 +291,15 @@ def test_ablation_experiment_is_the_demo_shortened():
     allowed = (
         "task_name", "trainer.max_epochs", "model.scheduler.milestones", "trainer.enable_progress_bar",
         "trainer.enable_model_summary", "callbacks.mask_overlays", "model.decomposition.",  # the factor of this row
+        "model.fusion.audio_similarity_dim", "model.fusion.similarity_to_masks", "model.loss.weight_similarity",
     )
     assert [k for k in differing if not k.startswith(allowed)] == []
     assert {"task_name", "trainer.max_epochs", "model.scheduler.milestones", "model.decomposition.variant"} <= differing
     assert ablation.trainer.max_epochs == demo.trainer.max_epochs // 2 and ablation.model.decomposition.variant == "vq"
     assert list(ablation.logger) == ["csv"] and ablation.data == demo.data
+    fusion, loss = ablation.model.fusion, ablation.model.loss
+    assert (fusion.audio_similarity_dim, fusion.similarity_to_masks, loss.weight_similarity) == (0, False, 0.0)
+    assert demo.model.fusion.similarity_to_masks and demo.model.loss.weight_similarity > 0
 
 
 def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys):

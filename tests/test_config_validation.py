@@ -146,8 +146,16 @@ def test_dual_stride_must_be_an_encoder_stride(configs):
     assert "8 | 16 | 32" in _only_problem(cfg, "model.fusion.dual_stride")
 
 
+def _without_similarity(cfg):
+    """The demo (the train config's default experiment) turns the similarity switches on; off here."""
+    cfg.model.fusion.audio_similarity_dim = 0
+    cfg.model.fusion.similarity_to_masks = False
+    cfg.model.loss.weight_similarity = 0.0
+    return cfg
+
+
 def test_audio_similarity_dim_is_a_non_negative_int_and_needs_audio_in_the_pixel_path(configs):
-    cfg = _copy(configs, "train")
+    cfg = _without_similarity(_copy(configs, "train"))
     cfg.model.fusion.audio_similarity_dim = -2
     assert "0 = off" in _only_problem(cfg, "model.fusion.audio_similarity_dim")
     cfg.model.fusion.audio_similarity_dim = 16
@@ -404,7 +412,7 @@ def test_train_cli_stops_before_any_data_is_read(tmp_path):
 
 
 def test_similarity_loss_weight_needs_the_similarity_map(configs):
-    cfg = _copy(configs, "train")
+    cfg = _without_similarity(_copy(configs, "train"))
     cfg.model.loss.weight_similarity = 1.0
     assert "audio_similarity_dim > 0" in _only_problem(cfg, "model.loss.weight_similarity")
     cfg.model.fusion.audio_similarity_dim = 16
@@ -414,7 +422,7 @@ def test_similarity_loss_weight_needs_the_similarity_map(configs):
 
 
 def test_similarity_to_masks_is_a_bool_that_needs_the_similarity_map(configs):
-    cfg = _copy(configs, "train")
+    cfg = _without_similarity(_copy(configs, "train"))
     cfg.model.fusion.similarity_to_masks = True
     assert "audio_similarity_dim > 0" in _only_problem(cfg, "model.fusion.similarity_to_masks")
     cfg.model.fusion.audio_similarity_dim = 8
