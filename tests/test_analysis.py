@@ -33,6 +33,7 @@ from avseg.analysis import (
     noise_table_markdown,
     normalized_mutual_information,
     parse_snr_list,
+    pixel_selectivity,
     purity,
     reliance_rows,
     reliance_verdict,
@@ -416,6 +417,31 @@ def test_data_baselines_on_a_tiny_tree(ms3_tree, tmp_path, capsys):
     assert "| ideal listener, swap |" in capsys.readouterr().out
 
 
+def test_pixel_selectivity_with_rule_predictors(ms3_tree):
+    from avseg.data.avsbench import MS3Dataset
+
+    dataset = MS3Dataset(ms3_tree, "test", image_size=48)
+    sidecar = load_synth_sources(ms3_tree)
+
+    def run(predict):
+        return {r["perturb"]: r for r in pixel_selectivity(predict, dataset, sidecar, batch_size=2)}
+
+    # the clip's own ground truth, whatever the audio: a model that does not listen at all
+    truth = run(lambda batch: batch["masks"] > 0)
+    assert (truth["none"]["heard objects"], truth["none"]["unheard objects"], truth["none"]["background"]) == (1.0, 0.0, 0.0)
+    assert truth["mute"]["heard objects"] is None and truth["mute"]["pixels"]["heard objects"] == 0
+    assert 0.0 < truth["mute"]["unheard objects"] < 1.0  # the sounding share of all object pixels
+    everything = run(lambda batch: torch.ones_like(batch["masks"], dtype=torch.bool))
+    nothing = run(lambda batch: torch.zeros_like(batch["masks"], dtype=torch.bool))
+    pixels = len(dataset) * 5 * 48 * 48
+    for perturb in ("none", "mute", "swap"):
+        assert sum(everything[perturb]["pixels"].values()) == pixels
+        objects = everything[perturb]["pixels"]["heard objects"] + everything[perturb]["pixels"]["unheard objects"]
+        assert objects == everything["none"]["pixels"]["heard objects"] + everything["none"]["pixels"]["unheard objects"]
+        assert all(v in (None, 1.0) for k, v in everything[perturb].items() if k in ("heard objects", "unheard objects", "background"))
+        assert all(v in (None, 0.0) for k, v in nothing[perturb].items() if k in ("heard objects", "unheard objects", "background"))
+
+
 # ---------------------------------------------------------------------------------------------
 # every command on tiny checkpoints (one multirun: pq and none, two seeds each)
 
@@ -465,6 +491,20 @@ def test_reliance_command(sweep, tmp_path):
     assert ("PASS" if passed else "FAIL") in (out / "reliance.md").read_text()
     assert 0.0 <= payload["token_spread"] < 2.0 and 0.0 <= payload["embedding_spread"] < 2.0
     assert "audio tokens F_a (position code removed) vary across seconds by" in (out / "reliance.md").read_text()
+
+
+@pytest.mark.slow
+def test_selectivity_command(sweep, tmp_path, capsys):
+    job = sweep["jobs"][("pq", "0")]
+    out = tmp_path / "selectivity"
+    assert main(["selectivity", f"ckpt_path={job['ckpt']}", "--out", str(out)]) == 0
+    rows = {r["perturb"]: r for r in json.loads((out / "selectivity.json").read_text())["rows"]}
+    assert list(rows) == ["none", "mute", "swap"]
+    for row in rows.values():
+        for kind in ("unheard objects", "background"):
+            assert 0.0 <= row[kind] <= 1.0
+    assert rows["mute"]["heard objects"] is None
+    assert "| swap |" in capsys.readouterr().out and (out / "selectivity.md").is_file()
 
 
 @pytest.mark.slow

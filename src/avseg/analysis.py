@@ -18,6 +18,10 @@ Commands (docs/ANALYSIS.md):
 - ``data-baselines [ckpt_path=PATH | data overrides]``: on a binary SynthAVS split, the M_J / M_F
   of rule-based predictors: every visible object (the best a model ignoring the audio can do), and
   an ideal listener with clean, muted and swapped audio (what the data allows mute / swap to cost).
+- ``selectivity ckpt_path=PATH``: on a binary SynthAVS split, the share of the pixels of "heard"
+  objects (whose class sounds in the audio the model is given), of the other objects and of the
+  background that the model predicts foreground, with the audio clean, muted and swapped: whether
+  the model selects by sound, whatever the relative M_J drops say.
 - ``ablation-summary SWEEP_DIR [SWEEP_DIR ...]``: groups the rows of the sweeps' ``summary.csv``
   by their overrides minus the seed and writes mean +- std per group (markdown and CSV).
 
@@ -52,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from avseg.errors import AvsegError, ConfigError, DataError
 
@@ -87,6 +92,8 @@ __all__ = [
     "run_decomposition",
     "run_ablation_summary",
     "data_baselines",
+    "pixel_selectivity",
+    "run_selectivity",
     "run_data_baselines",
     "EXIT_REQUIREMENT",
 ]
@@ -974,6 +981,114 @@ def data_baselines(dataset: Any, sidecar: Mapping[str, Any], *, seed: int = 0, f
     return rows
 
 
+SELECTIVITY_KINDS = ("heard objects", "unheard objects", "background")
+
+
+def pixel_selectivity(
+    predict: Callable[[Mapping[str, Any]], torch.Tensor],
+    dataset: Any,
+    sidecar: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> list[dict[str, Any]]:
+    """Where a binary model's foreground goes, with the audio clean, muted and swapped, on a
+    binary SynthAVS split: for each kind of pixel, the share predicted foreground.
+
+    - ``heard objects``: pixels of the objects whose class sounds in the audio the model is given,
+      at that second (its own clip's for ``none``, the partner clip's for ``swap``, none for ``mute``);
+    - ``unheard objects``: the other object pixels (silent distractors, and for ``swap`` the clip's
+      own sources that the partner's audio does not contain);
+    - ``background``.
+
+    A model that listens selects heard over unheard objects by the same margin whatever audio it
+    gets; one that segments "whatever usually sounds" keeps its masks when the audio changes.
+    ``predict(batch) -> bool [B, T, H, W]`` at the dataset's image size. Partners: the seeded
+    derangement of ``perturb=swap``.
+    """
+    from torch.utils.data import DataLoader
+
+    from avseg.data.collate import collate_clips
+    from avseg.data.perturb import PerturbedDataset, clip_signature, derangement
+
+    if getattr(dataset, "semantic", False) or getattr(dataset, "subset", None) not in ("s4", "ms3"):
+        raise ConfigError("selectivity works on binary SynthAVS trees (s4 / ms3)")
+    where = Path(dataset.root) / SIDECAR_NAME
+    video_ids = [str(v) for v in dataset.video_ids]
+    plans = _plans_of(sidecar, dataset.subset, str(dataset.split), video_ids, where)
+    partner = derangement([clip_signature(dataset, i) for i in range(len(dataset))], seed=seed, names=video_ids)
+    size = int(dataset.image_size)
+    rows = []
+    for perturb in ("none", "mute", "swap"):
+        source = dataset if perturb == "none" else PerturbedDataset(dataset, mode=perturb, seed=seed)
+        hits = {kind: 0 for kind in SELECTIVITY_KINDS}
+        totals = {kind: 0 for kind in SELECTIVITY_KINDS}
+        for batch in DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate_clips):
+            foreground = predict(batch).cpu()
+            for row, index in enumerate(batch["index"].tolist()):
+                plan = plans[index]
+                played = plans[partner[index]] if perturb == "swap" else plan
+                for t in range(plan.num_frames):
+                    instances = torch.from_numpy(plan.instances[t].astype(np.int64))[None, None].float()
+                    instances = torch.nn.functional.interpolate(instances, size=(size, size), mode="nearest")[0, 0].long()
+                    heard = set() if perturb == "mute" else {played.classes[j].name for j in np.flatnonzero(played.sounding[:, t])}
+                    heard_ids = torch.tensor([j + 1 for j, spec in enumerate(plan.classes) if spec.name in heard], dtype=torch.long)
+                    is_heard = torch.isin(instances, heard_ids)
+                    kinds = {
+                        "heard objects": is_heard,
+                        "unheard objects": (instances > 0) & ~is_heard,
+                        "background": instances == 0,
+                    }
+                    predicted = foreground[row, t]
+                    for kind, where_kind in kinds.items():
+                        hits[kind] += int(predicted[where_kind].sum())
+                        totals[kind] += int(where_kind.sum())
+        rows.append(
+            {
+                "perturb": perturb,
+                **{kind: (hits[kind] / totals[kind] if totals[kind] else None) for kind in SELECTIVITY_KINDS},
+                "pixels": dict(totals),
+            }
+        )
+    return rows
+
+
+def run_selectivity(ckpt_path: str, overrides: Sequence[str], *, output_dir: Path) -> dict[str, Any]:
+    """`pixel_selectivity` of a checkpoint on its SynthAVS evaluation split; writes
+    ``selectivity.md`` / ``.json``."""
+    from avseg.models.postprocess import binary_logits
+
+    inputs = load_analysis_inputs(ckpt_path, overrides)
+    assert inputs.sidecar is not None
+    if inputs.module.semantic:
+        raise ConfigError(f"selectivity works on binary checkpoints; {ckpt_path} is semantic (AVSS)")
+    net = inputs.module.net.eval()
+    device = inputs.device
+    seed = int(compose_eval([f"ckpt_path={ckpt_path}", *overrides]).perturb_seed)
+
+    def predict(batch: Mapping[str, Any]) -> torch.Tensor:
+        with torch.inference_mode():
+            outputs = net(batch["frames"].to(device), batch["audio"].to(device), batch["frame_valid"].to(device))
+            size = tuple(batch["masks"].shape[-2:])
+            return rearrange(binary_logits(outputs, size) > 0, "(b t) h w -> b t h w", b=batch["masks"].shape[0])
+
+    rows = pixel_selectivity(predict, inputs.dataset, inputs.sidecar, seed=seed, batch_size=inputs.batch_size)
+    table = _markdown_table(
+        ("audio", *SELECTIVITY_KINDS),
+        [(r["perturb"], *(_fmt(r[kind], 3) if r[kind] is not None else "n/a" for kind in SELECTIVITY_KINDS)) for r in rows],
+    )
+    text = (
+        f"Share of each kind of pixel predicted foreground: {ckpt_path} on {inputs.datamodule.subset} {inputs.split} "
+        f"({len(inputs.dataset)} clips; swap seed {seed}; heard = the objects whose class sounds in the audio given)\n\n{table}\n"
+    )
+    payload = {"ckpt_path": str(ckpt_path), "rows": rows, "split": inputs.split, "num_clips": len(inputs.dataset), "data_config": inputs.data_source}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / "selectivity.md", text.encode())
+    _write_json(output_dir / "selectivity.json", payload)
+    print(text + f"\noutputs: {output_dir}", flush=True)
+    return payload
+
+
 def run_data_baselines(words_ckpt: str | None, overrides: Sequence[str], *, output_dir: Path) -> dict[str, Any]:
     """`data_baselines` on the evaluation split of a checkpoint's data (or of the data overrides);
     writes ``data_baselines.md`` / ``.json``."""
@@ -1233,6 +1348,9 @@ def build_parser() -> argparse.ArgumentParser:
     decomposition.add_argument("words", nargs="*", help="ckpt_path=PATH [clips=multi|all] [split=test] and eval overrides")
     decomposition.add_argument("--permutations", type=int, default=50, help="label permutations for the NMI chance level")
 
+    selectivity = commands.add_parser("selectivity", parents=[common], help="share of heard / unheard object pixels predicted, audio clean, muted, swapped")
+    selectivity.add_argument("words", nargs="*", help="ckpt_path=PATH and eval overrides (split=..., data....)")
+
     baselines = commands.add_parser("data-baselines", parents=[common], help="audio-free and ideal-listener M_J / M_F on a SynthAVS split")
     baselines.add_argument("words", nargs="*", help="[ckpt_path=PATH] (its data) or data overrides, [split=test]")
 
@@ -1275,6 +1393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.permutations < 1:
                 raise ConfigError(f"--permutations {args.permutations}: an integer >= 1")
             run_decomposition(_ckpt_paths(own, single=True)[0], overrides, output_dir=output_dir, clips=clips, permutations=args.permutations)
+            return 0
+        if args.command == "selectivity":
+            run_selectivity(_ckpt_paths(own, single=True)[0], overrides, output_dir=output_dir)
             return 0
         if args.command == "data-baselines":
             paths = [p for value in own.get("ckpt_path", []) for p in value.split(",") if p]
