@@ -518,3 +518,19 @@ def test_band_tokens_need_the_log_mel_cnn():
         AudioEncoder(dim=16, input="embeddings", band_tokens=True)
     with pytest.raises(ConfigError, match="band_tokens"):
         AudioEncoder(dim=16, input="log_mel", network="vggish", random_init=True, band_tokens=True)
+
+
+def test_log_mel_cnn_width_is_configurable_and_only_for_the_cnn():
+    wide = AudioEncoder(
+        dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False,
+        cnn_channels=[8, 16, 32, 256],
+    ).eval()
+    convs = [m for m in wide.log_mel_cnn.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 32, 256]
+    assert tuple(wide(_examples(count=2).reshape(1, 2, 1, 96, 64)).shape) == (1, 2, 16)
+    default = AudioEncoder(dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False)
+    assert [m.out_channels for m in default.log_mel_cnn.features if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64, 128]
+    with pytest.raises(ConfigError, match="cnn_channels"):
+        AudioEncoder(dim=16, input="embeddings", cnn_channels=[8, 16, 32, 64])
+    with pytest.raises(ConfigError, match="channels"):
+        AudioEncoder(dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, cnn_channels=[8, 16])

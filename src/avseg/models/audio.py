@@ -4,7 +4,7 @@ giving F_a [B, T, C]."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -155,6 +155,7 @@ class VGGish(nn.Module):
 
 
 LOG_MEL_NETWORKS = ("vggish", "log_mel_cnn")
+LOG_MEL_CNN_CHANNELS = (16, 32, 64, 128)  # the default width of the four conv blocks
 
 
 class LogMelCNN(nn.Module):
@@ -170,7 +171,7 @@ class LogMelCNN(nn.Module):
     embeddings of different sounds differ by more than a small perturbation of a shared vector).
     """
 
-    def __init__(self, *, channels: tuple[int, ...] = (16, 32, 64, 128), band_tokens: bool = False):
+    def __init__(self, *, channels: tuple[int, ...] = LOG_MEL_CNN_CHANNELS, band_tokens: bool = False):
         super().__init__()
         self.band_tokens = bool(band_tokens)
         if len(channels) != 4 or any(int(c) < 1 for c in channels):
@@ -237,6 +238,7 @@ class AudioEncoder(nn.Module):
         freeze_vggish: bool = True,
         dropout: float = 0.1,
         band_tokens: bool = False,
+        cnn_channels: Sequence[int] | None = None,
     ):
         super().__init__()
         if input not in ("log_mel", "embeddings"):
@@ -255,6 +257,11 @@ class AudioEncoder(nn.Module):
                 "audio_encoder.band_tokens=true needs input=log_mel and network=log_mel_cnn (VGGish and "
                 "precomputed embeddings give one vector per second)"
             )
+        if cnn_channels is not None and (input != "log_mel" or network != "log_mel_cnn"):
+            raise ConfigError(
+                "audio_encoder.cnn_channels sets the width of the log-mel CNN: it needs input=log_mel and "
+                "network=log_mel_cnn (null otherwise)"
+            )
         self.vggish: VGGish | None = None
         self.log_mel_cnn: LogMelCNN | None = None
         if input == "log_mel" and network == "log_mel_cnn":
@@ -267,7 +274,8 @@ class AudioEncoder(nn.Module):
                     f"vggish_weights={vggish_weights!r}, random_init={random_init}, "
                     f"freeze_vggish={freeze_vggish})"
                 )
-            self.log_mel_cnn = LogMelCNN(band_tokens=band_tokens)
+            widths = tuple(int(c) for c in cnn_channels) if cnn_channels is not None else LOG_MEL_CNN_CHANNELS
+            self.log_mel_cnn = LogMelCNN(channels=widths, band_tokens=band_tokens)
         elif input == "log_mel":
             if random_init and vggish_weights is not None:
                 raise ConfigError(
