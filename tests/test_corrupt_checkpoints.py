@@ -360,3 +360,14 @@ def test_train_cli_backbone_weights_missing_keys(tmp_path):
     args = [*_TINY_TRAIN, f"model.backbone.weights={path}", "model.backbone.random_init=false"]
     code, lines = _cli("avseg.train", args, tmp_path, timeout=600)
     _assert_last_line_names(code, lines, path, "missing keys")
+
+
+def test_checkpoint_with_a_config_key_this_version_does_not_know(checkpoints, tmp_path):
+    """A checkpoint written by a newer avseg (a key this version's constructors do not take)."""
+    checkpoint = torch.load(checkpoints["good"], weights_only=True)
+    checkpoint["hyper_parameters"]["audio_encoder"]["future_option"] = 3
+    path = tmp_path / "newer.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="stored model config cannot be built.*future_option") as raised:
+        AVSLitModule.load_trained(path)
+    _single_line_naming(raised.value, path)

@@ -384,10 +384,14 @@ class AVSLitModule(LightningModule):
             if isinstance(hparams.get(key), dict) and sub in hparams[key]:
                 hparams[key] = {**hparams[key], sub: None, "random_init": True}
         hparams["init_from"] = None
+        from hydra.errors import InstantiationException
+
         try:
             module = cls(**hparams)
-        except (ConfigError, TypeError, ValueError) as error:
-            raise CheckpointError(path, f"its stored model config cannot be built: {error}") from error
+        except (ConfigError, TypeError, ValueError, InstantiationException) as error:
+            # InstantiationException: e.g. a key that only a newer avseg knows (an unexpected keyword)
+            detail = " ".join(str(error).split())  # Hydra's message spans lines
+            raise CheckpointError(path, f"its stored model config cannot be built: {detail}") from error
         module.checkpoint_source = str(path)
         module.load_state_dict(checkpoint["state_dict"])
         module.eval()
