@@ -429,3 +429,10 @@ def test_similarity_to_masks_is_a_bool_that_needs_the_similarity_map(configs):
     assert config_problems(cfg) == []
     cfg.model.fusion.similarity_to_masks = "yes"
     assert _only_problem(cfg, "model.fusion.similarity_to_masks")
+
+
+def test_test_ckpt_is_best_or_last(configs):
+    cfg = _copy(configs, "train")
+    assert cfg.test_ckpt == "last"  # the demo's choice (conf/experiment/synth_ms3.yaml)
+    cfg.test_ckpt = "newest"
+    assert "best" in _only_problem(cfg, "test_ckpt")

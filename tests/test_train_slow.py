@@ -70,23 +70,38 @@ def test_short_run_writes_metrics_and_checkpoints(short_run: tuple[Path, subproc
     assert str(run_dir) in proc.stdout
 
 
-def test_checkpoint_loads_standalone_and_tests_the_best(short_run: tuple[Path, subprocess.CompletedProcess], cache_dir: Path) -> None:
-    """``load_from_checkpoint`` needs no Hydra, and evaluating best.ckpt again reproduces the run's
-    test metrics (so the run tested the best checkpoint)."""
+def test_checkpoint_loads_standalone_and_the_demo_tests_the_last(short_run: tuple[Path, subprocess.CompletedProcess], cache_dir: Path) -> None:
+    """``load_from_checkpoint`` needs no Hydra, and evaluating last.ckpt again reproduces the run's
+    test metrics (the demo experiment sets test_ckpt=last)."""
     import lightning.pytorch as pl
 
     from avseg.lit.module import AVSLitModule
 
-    run_dir, _ = short_run
+    run_dir, proc = short_run
     best = run_dir / "checkpoints" / "best.ckpt"
     plain = AVSLitModule.load_from_checkpoint(best, map_location="cpu")
     assert all(not hasattr(v, "_metadata") for v in plain.hparams.values())
-    module = AVSLitModule.load_trained(best)
+    module = AVSLitModule.load_trained(run_dir / "checkpoints" / "last.ckpt")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     got = _evaluate(module, cache_dir, run_dir)
     for key in ("test/miou", "test/fscore", "test/fscore_global"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert "last checkpoint" in proc.stdout and f"tested       : last ({run_dir / 'checkpoints' / 'last.ckpt'})" in proc.stdout
     assert isinstance(pl.__version__, str)
+
+
+def test_test_ckpt_best_tests_the_best_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
+    """test_ckpt=best (the default outside the demo): the run's test metrics are best.ckpt's."""
+    from avseg.lit.module import AVSLitModule
+
+    run_dir = tmp_path / "run"
+    proc = run_train([*BASE, "test_ckpt=best", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], cache_dir=cache_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    got = _evaluate(AVSLitModule.load_trained(run_dir / "checkpoints" / "best.ckpt"), cache_dir, run_dir)
+    for key in ("test/miou", "test/fscore", "test/fscore_global"):
+        assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert "best checkpoint by val/miou" in proc.stdout
+    assert f"tested       : best ({run_dir / 'checkpoints' / 'best.ckpt'})" in proc.stdout
 
 
 def _evaluate(module, cache_dir: Path, run_dir: Path, extra: list[str] | None = None) -> dict[str, float]:

@@ -521,6 +521,7 @@ def _check_top_level(r: _Reader) -> None:
         r.add("seed", seed, "an integer")
     _bool(r, "skip_nonfinite", r.get("skip_nonfinite"))
     _bool(r, "test", r.get("test"))
+    _one_of(r, "test_ckpt", r.get("test_ckpt"), ("best", "last"))
     ckpt = r.get("ckpt_path", None)
     if ckpt not in (_ABSENT, None):
         if not isinstance(ckpt, (str, os.PathLike)) or not _expand(ckpt).is_file():

@@ -43,7 +43,8 @@ def _single_console_log() -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test on the best checkpoint; returns the final metrics (also in metrics.json)."""
+    """Fit, then test on the best (or, with ``test_ckpt=last``, the last) checkpoint; returns the final
+    metrics (also in metrics.json)."""
     import lightning.pytorch as pl
 
     from avseg.lit.callbacks import LastCheckpoint
@@ -89,8 +90,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     test_ckpt: str | None = None
     if best is not None and best.best_model_path and best.best_model_score is not None:
         final["val/miou_best"] = float(best.best_model_score)
+    test_choice = str(cfg.get("test_ckpt", "best"))
     if cfg.get("test", True):
-        if not trainer.fast_dev_run:
+        if not trainer.fast_dev_run and test_choice == "last":
+            if last is None or not Path(last.last_model_path).is_file():
+                raise CheckpointError(
+                    output_dir / "checkpoints",
+                    "test_ckpt=last but no last checkpoint was written (callbacks.checkpoint null?); use test_ckpt=best",
+                )
+            test_ckpt = last.last_model_path
+        elif not trainer.fast_dev_run:
             if best is None or not best.best_model_path:
                 raise CheckpointError(
                     output_dir / "checkpoints",
@@ -108,13 +117,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if not trainer.fast_dev_run:
             write_metrics_json(output_dir / "metrics.json", final)
             where.append(f"metrics      : {output_dir / 'metrics.json'}")
-            where.append(f"best ckpt    : {test_ckpt}")
+            if best is not None and best.best_model_path:
+                where.append(f"best ckpt    : {best.best_model_path}")
             if last is not None:
                 where.append(f"last ckpt    : {last.last_model_path}")
+            if test_ckpt is not None:
+                where.append(f"tested       : {test_choice} ({test_ckpt})")
         for logger in loggers:
             where.append(f"{type(logger).__name__:<13}: {getattr(logger, 'log_dir', None) or getattr(logger, 'save_dir', '')}")
         subset = _select(cfg, "data.subset")
-        title = f"Test results ({subset}{', synthetic' if _select(cfg, 'data.synth') else ''}; best checkpoint by val/miou)"
+        chosen = "last checkpoint" if test_choice == "last" else "best checkpoint by val/miou"
+        title = f"Test results ({subset}{', synthetic' if _select(cfg, 'data.synth') else ''}; {chosen})"
         if cfg.get("test", True):
             print("\n" + format_result_table(final, title=title))
         print("\n".join(where), flush=True)
