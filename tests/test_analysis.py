@@ -267,8 +267,9 @@ def test_average_curves_and_their_table():
 
 def test_ablation_experiment_is_the_demo_shortened():
     """conf/experiment/ablation_synth_ms3.yaml differs from the default demo only in length, LR step,
-    logging, the task name and the demo's audio-reliance switches (off: the sweep compares the
-    paper's model), so an ablation row differs from that model by the factor it names."""
+    logging, the task name, the demo's audio-reliance switches (off: the sweep compares the paper's
+    model) and the tested checkpoint (best, as when the sweep ran), so an ablation row differs from
+    that model by the factor it names."""
     from omegaconf import OmegaConf
 
     from avseg.train import validate_config
@@ -293,6 +294,7 @@ def test_ablation_experiment_is_the_demo_shortened():
         "task_name", "trainer.max_epochs", "model.scheduler.milestones", "trainer.enable_progress_bar",
         "trainer.enable_model_summary", "callbacks.mask_overlays", "model.decomposition.",  # the factor of this row
         "model.fusion.audio_similarity_dim", "model.fusion.similarity_to_masks", "model.loss.weight_similarity",
+        "test_ckpt",
     )
     assert [k for k in differing if not k.startswith(allowed)] == []
     assert {"task_name", "trainer.max_epochs", "model.scheduler.milestones", "model.decomposition.variant"} <= differing
@@ -300,6 +302,7 @@ def test_ablation_experiment_is_the_demo_shortened():
     assert list(ablation.logger) == ["csv"] and ablation.data == demo.data
     fusion, loss = ablation.model.fusion, ablation.model.loss
     assert (fusion.audio_similarity_dim, fusion.similarity_to_masks, loss.weight_similarity) == (0, False, 0.0)
+    assert ablation.test_ckpt == "best" and demo.test_ckpt == "last"
     assert demo.model.fusion.similarity_to_masks and demo.model.loss.weight_similarity > 0
 
 
