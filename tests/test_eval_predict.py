@@ -18,7 +18,7 @@ from PIL import Image
 
 from avseg.data.audio import log_mel_examples
 from avseg.errors import DataError
-from avseg.eval import mask_relpaths, write_binary_mask_png, write_colour_mask_png
+from avseg.io import mask_relpaths, overlay_labels, write_binary_mask_png, write_colour_mask_png
 from avseg.predict import (
     clip_audio,
     cut_clips,
@@ -26,7 +26,6 @@ from avseg.predict import (
     open_frames_folder,
     open_input,
     open_video,
-    overlay_frame,
     prepare_clip,
 )
 
@@ -178,7 +177,7 @@ def test_mask_writers_and_overlay(tmp_path):
     assert rgb[1, 1].tolist() == [32, 128, 128]  # woman
     assert not list(tmp_path.glob("**/.*.tmp"))  # no temp files left behind
     frame = torch.full((3, 6, 8), 100, dtype=torch.uint8)
-    blended = overlay_frame(frame, mask, semantic=False, alpha=0.5)
+    blended = overlay_labels(frame, mask, semantic=False, alpha=0.5)
     assert blended[:, 0, 0].tolist() == [100, 100, 100] and blended[:, 2, 3].tolist() == [177, 50, 50]
 
 
@@ -251,10 +250,10 @@ def _compose(config_name: str, overrides: list[str]):
 
 
 def _evaluate(trained, output_dir: Path, *extra: str) -> dict:
-    from avseg.eval import run
+    from avseg.evaluation import evaluate_checkpoint
 
     cfg = _compose("eval", [f"ckpt_path={trained['ckpt']}", *extra])
-    return run(cfg, output_dir=output_dir, overrides=list(extra))
+    return evaluate_checkpoint(cfg, output_dir=output_dir, overrides=list(extra))
 
 
 @pytest.mark.slow
@@ -294,7 +293,7 @@ def test_perturbed_audio_reaches_the_model(avseg_env):
     from avseg.data.avsbench import MS3Dataset
     from avseg.data.collate import collate_clips
     from avseg.data.perturb import PerturbedDataset, WhiteNoise
-    from avseg.eval import load_model
+    from avseg.inference import load_model
 
     config = _compose("eval", [f"ckpt_path={avseg_env['ckpt']}"])
     config.data = OmegaConf.load(avseg_env["run"] / ".hydra" / "config.yaml").data  # the training run's data
@@ -419,7 +418,7 @@ def semantic_module():
 def test_evaluate_dataset_semantic_writes_voc_masks(semantic_module, tmp_path):
     from avseg.data.avsbench import AVSSDataset
     from avseg.data.synth import ensure_synth_tree
-    from avseg.eval import evaluate_dataset
+    from avseg.inference import evaluate_dataset
 
     root = ensure_synth_tree(tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 2})
     dataset = AVSSDataset(root, "test", image_size=32)

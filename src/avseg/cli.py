@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 from avseg.errors import AvsegError
 
-__all__ = ["EXIT_ERROR", "avseg_cause", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
+__all__ = ["EXIT_ERROR", "avseg_cause", "console_log", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
 
 EXIT_ERROR = 1
 
@@ -109,3 +110,28 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
         return run_main(fn, *args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def console_log(name: str = "avseg") -> Iterator[None]:
+    """For the commands that are not Hydra apps (Hydra sets up the run log itself): while inside,
+    the INFO records of logger ``name`` are printed on stdout as plain lines (a command's report is
+    what the user asked for), warnings and errors on stderr."""
+    logger = logging.getLogger(name)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    saved = (logger.propagate, logger.level)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in (out, err):
+            handler.flush()
+            logger.removeHandler(handler)
+        logger.propagate, logger.level = saved

@@ -35,7 +35,7 @@ the ffmpeg command line is not used).
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import re
@@ -52,9 +52,11 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
 from avseg.cli import run_main
+from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
 from avseg.errors import ConfigError, DataError
+from avseg.inference import load_model, model_audio_input, predict_scores, resolve_device, scores_to_labels, training_run_config
+from avseg.io import overlay_labels, write_json_atomic, write_label_png
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -66,17 +68,17 @@ __all__ = [
     "cut_clips",
     "clip_audio",
     "prepare_clip",
-    "overlay_frame",
     "OverlayVideoWriter",
     "predict",
     "run",
     "main",
 ]
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SUBSAMPLES_PER_SECOND = 16  # the official preprocessing's sample_num
 KEPT_SUBSAMPLE = 15  # ... of which it keeps sub-sample k % 16 == 15
-BINARY_COLOUR = np.array([255, 0, 0], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,19 +292,6 @@ def prepare_clip(frames_uint8: torch.Tensor, audio: torch.Tensor, *, clip_length
 # outputs
 
 
-def overlay_frame(frame: torch.Tensor, labels: np.ndarray, *, semantic: bool, alpha: float = 0.5) -> torch.Tensor:
-    """uint8 frame [3, H, W] with the labels [H, W] blended on (binary: red; AVSS: VOC colours)."""
-    from avseg.data.palette import voc_colormap
-
-    image = frame.permute(1, 2, 0).numpy().astype(np.float32)
-    if semantic:
-        colour = voc_colormap(256)[np.clip(labels, 0, 255)].astype(np.float32)
-    else:
-        colour = np.broadcast_to(BINARY_COLOUR, image.shape)
-    blended = np.where(labels[..., None] > 0, (1 - alpha) * image + alpha * colour, image)
-    return torch.from_numpy(blended.clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
-
-
 class OverlayVideoWriter:
     """Streams overlay frames (1 fps) and the matching audio into an mp4 with torchcodec's
     multi-stream ``Encoder``; written to a temp file in the target folder and renamed on `close`.
@@ -377,8 +366,6 @@ def predict(
 ) -> dict[str, Any]:
     """Runs the model over ``footage`` clip by clip; writes masks, predictions.json, overlay.mp4."""
     from avseg.data.collate import collate_clips
-    from avseg.eval import model_audio_input, write_binary_mask_png, write_colour_mask_png, write_bytes_atomic
-    from avseg.models.postprocess import binary_logits, semantic_scores
 
     semantic = bool(module.semantic)
     fit_mode = "zero_pad" if semantic else "repeat_last"
@@ -411,22 +398,24 @@ def predict(
                 items.append(prepare_clip(frames_uint8, audio, clip_length=clip_length, image_size=image_size))
                 raw.append((seconds, frames_uint8, times))
             batch = collate_clips(items)
+            size = (footage.height, footage.width)
             with torch.inference_mode():
-                outputs = net(batch["frames"].to(device), batch["audio"].to(device), batch["frame_valid"].to(device))
-                size = (footage.height, footage.width)
+                # AVSS: argmax at model resolution, labels upsampled by nearest neighbour;
+                # binary: logits upsampled bilinearly to the footage's size
+                scores = predict_scores(
+                    net, batch["frames"].to(device), batch["audio"].to(device), batch["frame_valid"].to(device),
+                    semantic=semantic, size=image_size if semantic else size,
+                )
+                labels = scores_to_labels(scores, semantic=semantic)
                 if semantic:
-                    scores = semantic_scores(outputs, image_size)  # [B*T, 71, S, S]
-                    labels = scores.argmax(dim=1, keepdim=True).float()
-                    labels = F.interpolate(labels, size=size, mode="nearest")[:, 0].long()
-                else:
-                    labels = (binary_logits(outputs, size) > 0).long()
-            labels = labels.cpu().reshape(len(group), clip_length, *size)
+                    labels = F.interpolate(labels.float(), size=size, mode="nearest").long()
+            labels = labels.cpu()
             for row, (seconds, frames_uint8, times) in enumerate(raw):
                 overlays = []
                 for t, second in enumerate(seconds):
                     label_map = labels[row, t].numpy()
                     name = f"{footage.names[second]}.png"
-                    (write_colour_mask_png if semantic else write_binary_mask_png)(masks_dir / name, label_map)
+                    write_label_png(masks_dir / name, label_map, semantic=semantic)
                     entry: dict[str, Any] = {"second": second, "time_s": round(times[t], 6), "mask": f"masks/{name}"}
                     if semantic:
                         entry["classes"] = _class_fractions(label_map)
@@ -434,7 +423,7 @@ def predict(
                         entry["foreground_fraction"] = round(float(label_map.mean()), 6)
                     entries.append(entry)
                     if writer is not None:
-                        overlays.append(overlay_frame(frames_uint8[t], label_map, semantic=semantic, alpha=overlay_alpha))
+                        overlays.append(overlay_labels(frames_uint8[t], label_map, semantic=semantic, alpha=overlay_alpha))
                 if writer is not None:
                     begin = seconds[0] * VGGISH_SAMPLE_RATE
                     segment = footage.waveform[begin : begin + len(seconds) * VGGISH_SAMPLE_RATE]
@@ -457,13 +446,11 @@ def predict(
         "frames": entries,
         "overlay": "overlay.mp4" if overlay else None,
     }
-    write_bytes_atomic(out_dir / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_json_atomic(out_dir / "predictions.json", summary, sort_keys=False)
     return summary
 
 
 def _training_image_size(ckpt_path: Path) -> int | None:
-    from avseg.eval import training_run_config
-
     config = training_run_config(ckpt_path)
     if config is None:
         return None
@@ -473,8 +460,6 @@ def _training_image_size(ckpt_path: Path) -> int | None:
 
 def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
     """Predicts for ``cfg.input``; writes into ``cfg.out`` or, when null, ``output_dir``."""
-    from avseg.eval import load_model, resolve_device
-
     started = time.perf_counter()
     for key in ("ckpt_path", "input"):
         if cfg.get(key) in (None, "", "???"):
@@ -511,13 +496,12 @@ def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
         module, footage, out_dir, clip_length=clip_length, image_size=image_size, device=device,
         batch_size=batch_size, overlay=bool(cfg.overlay), overlay_alpha=float(cfg.overlay_alpha), vggish=vggish,
     )
-    print(
+    log.info(
         f"{footage.num_seconds} frames ({summary['num_clips']} clips of {clip_length}) from {footage.source}\n"
         f"masks        : {out_dir / 'masks'}\n"
         f"predictions  : {out_dir / 'predictions.json'}\n"
         + (f"overlay      : {out_dir / 'overlay.mp4'}\n" if cfg.overlay else "")
-        + f"time         : {time.perf_counter() - started:.1f} s",
-        flush=True,
+        + f"time         : {time.perf_counter() - started:.1f} s"
     )
     return summary
 

@@ -9,15 +9,15 @@ Each `<root>/<rel>/<name>.wav` gives `<out>/<rel>/<name>.npy` (`embedding_path`)
 An embedding is VGGish(fit_examples(log_mel_examples(wav), T, mode)) with T = 5 and
 `repeat_last` for S4 / MS3, T = 10 and `zero_pad` for AVSS (AVSBENCH.md section 4), so the
 loader's `audio_source="embeddings"` gives what the model would compute from the WAV.
-`out` must lie outside the data tree; every file is written atomically (temp file + rename).
+`out` must lie outside the data tree; every file is written atomically (`avseg.io`).
 Existing outputs are kept unless `overwrite=true`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,8 +26,12 @@ import numpy as np
 import torch
 
 from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
+from avseg.cli import console_log
 from avseg.errors import ConfigError, DataError
+from avseg.io import write_npy_atomic
 from avseg.models.audio import VGGish
+
+log = logging.getLogger(__name__)
 
 SUBSET_LAYOUT: dict[str, tuple[int, FitMode]] = {
     "s4": (5, "repeat_last"),
@@ -76,18 +80,6 @@ def clip_embedding(
         return vggish(examples.to(device)).float().cpu().numpy()
 
 
-def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            np.save(temp_file, array)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def _is_within(child: Path, parent: Path) -> bool:
     child, parent = child.resolve(), parent.resolve()
     return child == parent or parent in child.parents
@@ -115,7 +107,7 @@ def write_embeddings(
         if target.exists() and not overwrite:
             yield target, False
             continue
-        _atomic_save_npy(clip_embedding(vggish, wav_path, subset, device), target)
+        write_npy_atomic(target, clip_embedding(vggish, wav_path, subset, device))
         yield target, True
 
 
@@ -143,7 +135,11 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = _parse_overrides(sys.argv[1:] if argv is None else argv)
+    with console_log():
+        return _run(_parse_overrides(sys.argv[1:] if argv is None else argv))
+
+
+def _run(options: dict[str, str]) -> int:
     if options["subset"] not in SUBSET_LAYOUT:
         raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {options['subset']!r}")
     random_init = _parse_bool("random_init", options.get("random_init", "false"))
@@ -152,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if random_init and weights:
         raise ConfigError("random_init=true and vggish_weights are both set; choose one")
     if random_init:
-        print("warning: random_init=true: embeddings come from an untrained VGGish", file=sys.stderr)
+        log.warning("warning: random_init=true: embeddings come from an untrained VGGish")
         try:
             seed = int(options.get("seed", "0"))
         except ValueError:
@@ -171,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         written += was_written
         kept += not was_written
-    print(
+    log.info(
         f"embeddings: {written} written, {kept} kept (already present) under {options['out']} "
         f"in {time.perf_counter() - start:.1f} s"
     )

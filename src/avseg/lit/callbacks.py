@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from avseg.lit.checkpoint_io import atomic_write_bytes
+from avseg.io import overlay_labels, write_bytes_atomic, write_json_atomic, write_png_atomic
 from avseg.lit.sampler import ResumableDataLoader
 
 __all__ = [
@@ -36,14 +35,9 @@ __all__ = [
     "CodebookMonitor",
     "MaskOverlayLogger",
     "SweepSummary",
-    "write_json_atomic",
     "capture_rng_state",
     "restore_rng_state",
 ]
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,18 +226,12 @@ _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-def overlay_masks(frame: torch.Tensor, mask: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """An ImageNet-normalised frame [3, H, W] with a label mask [H, W] blended on: uint8 [H, W, 3]."""
+def overlay_masks(frame: torch.Tensor, mask: torch.Tensor, *, semantic: bool, alpha: float = 0.5) -> np.ndarray:
+    """An ImageNet-normalised frame [3, H, W] with a label mask [H, W] blended on
+    (`avseg.io.overlay_labels`): uint8 [H, W, 3]."""
     image = (frame.detach().cpu().float() * _IMAGENET_STD + _IMAGENET_MEAN).clamp(0, 1)
-    image = (image.permute(1, 2, 0).numpy() * 255.0).astype(np.float32)
-    labels = mask.detach().cpu().long().numpy()
-    if labels.shape != image.shape[:2]:
-        labels = torch.nn.functional.interpolate(
-            torch.from_numpy(labels)[None, None].float(), size=image.shape[:2], mode="nearest"
-        )[0, 0].long().numpy()
-    colour = colours[np.clip(labels, 0, len(colours) - 1)].astype(np.float32)
-    blended = np.where(labels[..., None] > 0, (1 - alpha) * image + alpha * colour, image)
-    return blended.clip(0, 255).astype(np.uint8)
+    image = (image * 255.0).to(torch.uint8)
+    return overlay_labels(image, mask.detach().cpu(), semantic=semantic, alpha=alpha).permute(1, 2, 0).numpy()
 
 
 class MaskOverlayLogger(Callback):
@@ -282,9 +270,7 @@ class MaskOverlayLogger(Callback):
         predictions = outputs.get("pred_labels")
         if predictions is None:
             return
-        from avseg.data.palette import voc_colormap
-
-        colours = np.asarray(voc_colormap(256), dtype=np.uint8).reshape(-1, 3)
+        semantic = bool(getattr(pl_module, "semantic", False))
         frames, masks, frame_valid = batch["frames"], batch["masks"], batch["frame_valid"]
         for clip in range(frames.shape[0]):
             if len(self._rows) >= self.num_clips:
@@ -293,8 +279,8 @@ class MaskOverlayLogger(Callback):
             for t in range(frames.shape[1]):
                 if not bool(frame_valid[clip, t]):
                     continue
-                truth = overlay_masks(frames[clip, t], masks[clip, t], colours)
-                predicted = overlay_masks(frames[clip, t], predictions[clip, t], colours)
+                truth = overlay_masks(frames[clip, t], masks[clip, t], semantic=semantic)
+                predicted = overlay_masks(frames[clip, t], predictions[clip, t], semantic=semantic)
                 tiles.append(np.concatenate([truth, predicted], axis=1))
             if tiles:
                 self._rows.append((str(batch["video_id"][clip]), np.concatenate(tiles, axis=0)))
@@ -307,14 +293,10 @@ class MaskOverlayLogger(Callback):
         for logger in _wandb_loggers(trainer):
             logger.log_image(key="val/overlays", images=images, caption=captions, step=trainer.global_step)
         if self.save_png:
-            from PIL import Image
-
             folder = Path(trainer.default_root_dir) / "overlays"
             for (video_id, image) in self._rows:
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
                 safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in video_id)
-                atomic_write_bytes(folder / f"epoch{trainer.current_epoch:03d}_{safe_id}.png", buffer.getvalue())
+                write_png_atomic(folder / f"epoch{trainer.current_epoch:03d}_{safe_id}.png", image)
         self._rows = []
 
 
@@ -386,7 +368,7 @@ def write_sweep_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
     writer.writerow(header)
     writer.writerows(table)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    atomic_write_bytes(csv_path, buffer.getvalue().encode())
+    write_bytes_atomic(csv_path, buffer.getvalue().encode())
     failed = sum(record["status"] != "ok" for record, _ in rows)
     lines = [
         f"# Sweep summary: {sweep_dir.name}",
@@ -398,5 +380,5 @@ def write_sweep_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
     ]
     for row in table:
         lines.append("| " + " | ".join(value.replace("|", "\\|") for value in row) + " |")
-    atomic_write_bytes(md_path, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(md_path, ("\n".join(lines) + "\n").encode())
     return csv_path, md_path

@@ -1,9 +1,9 @@
 """Crash-safe checkpoint files and safe, clearly failing checkpoint loading.
 
 ``AtomicCheckpointIO`` (a Lightning ``CheckpointIO`` plugin, set in ``conf/trainer/default.yaml``)
-writes every checkpoint to a temporary file in the target folder, fsyncs it, renames it over the
-target (``os.replace``, atomic on POSIX) and fsyncs the folder: a ``kill -9`` or a power cut at any
-moment leaves either the previous complete file or the new complete file, never a torn one.
+writes every checkpoint with `avseg.io.write_bytes_atomic` (a temporary file in the target folder,
+fsynced, renamed over the target with ``os.replace``, atomic on POSIX, then the folder fsynced):
+a ``kill -9`` or a power cut at any moment leaves either the previous complete file or the new complete file, never a torn one.
 Loading always uses ``torch.load(weights_only=True)`` and turns every failure into a
 `avseg.errors.CheckpointError` naming the file and what is wrong.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,43 +20,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from avseg.errors import CheckpointError
+from avseg.io import write_bytes_atomic
 
-__all__ = ["AtomicCheckpointIO", "atomic_write_bytes", "load_checkpoint_file"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new complete file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+__all__ = ["AtomicCheckpointIO", "load_checkpoint_file"]
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -91,7 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint does not take storage_options")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_bytes_atomic(path, buffer.getvalue())
 
     def load_checkpoint(
         self,

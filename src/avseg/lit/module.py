@@ -30,21 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from avseg.errors import AvsegError, CheckpointError, ConfigError
+from avseg.inference import NUM_AVSS_CLASSES, batch_scores, new_metric, scores_to_labels, update_metric
 from avseg.metrics import BinaryAVSMetric, SemanticAVSMetric
 from avseg.models.build import build_qdformer
 from avseg.models.criterion import SetCriterion
 from avseg.models.matcher import HungarianMatcher
-from avseg.models.postprocess import binary_logits, semantic_scores
 
 __all__ = ["AVSLitModule", "NonFiniteLossError", "TRAINING_KEYS"]
-
-NUM_AVSS_CLASSES = 71
 
 TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite")
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
@@ -135,9 +132,7 @@ class AVSLitModule(LightningModule):
     # building blocks
 
     def _new_metric(self) -> BinaryAVSMetric | SemanticAVSMetric:
-        if self.semantic:
-            return SemanticAVSMetric(num_classes=NUM_AVSS_CLASSES)
-        return BinaryAVSMetric(frames_per_batch=self.frames_per_batch)
+        return new_metric(semantic=self.semantic, frames_per_batch=self.frames_per_batch)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -173,21 +168,13 @@ class AVSLitModule(LightningModule):
 
     def infer(self, batch: Mapping[str, Any], size: tuple[int, int] | None = None) -> Tensor:
         """Evaluation-ready predictions of a batch at ``size`` (default: the masks' size if the batch
-        has masks, else the frames'): binary logits [B, T, H, W] or semantic scores [B, T, 71, H, W]."""
-        frames = batch["frames"]
-        if size is None:
-            size = tuple(batch["masks"].shape[-2:]) if "masks" in batch else tuple(frames.shape[-2:])
-        outputs = self.net(frames, batch["audio"], batch.get("frame_valid"))
-        b = frames.shape[0]
-        if self.semantic:
-            return rearrange(semantic_scores(outputs, size), "(b t) c h w -> b t c h w", b=b)
-        return rearrange(binary_logits(outputs, size), "(b t) h w -> b t h w", b=b)
+        has masks, else the frames'): binary logits [B, T, H, W] or semantic scores [B, T, 71, H, W],
+        padded frames as background. The one predictor of every inference path (`avseg.inference`)."""
+        return batch_scores(self.net, batch, semantic=self.semantic, size=size)
 
     def labels_from(self, predictions: Tensor) -> Tensor:
         """[B, T, H, W] long labels: 0/1 (sigmoid > 0.5) or the argmax class."""
-        if self.semantic:
-            return predictions.argmax(dim=2)
-        return (predictions > 0).long()
+        return scores_to_labels(predictions, semantic=self.semantic)
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -265,17 +252,9 @@ class AVSLitModule(LightningModule):
     # ----------------------------------------------------------------------------------------
     # evaluation
 
-    def _update_metric(self, metric: Any, predictions: Tensor, batch: Mapping[str, Any]) -> None:
-        """Feeds every frame (padded AVSS frames included, as the official evaluation does) with its
-        global position ``clip index * T + t``, so DDP padding / interleaving cannot change the result."""
-        b, t = batch["masks"].shape[:2]
-        frame_index = batch["index"].to(predictions.device).long()[:, None] * t + torch.arange(t, device=predictions.device)
-        flat = rearrange(predictions, "b t ... -> (b t) ...")
-        metric.update(flat.float(), rearrange(batch["masks"], "b t h w -> (b t) h w"), frame_index.reshape(-1))
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         predictions = self.infer(batch)
-        self._update_metric(self.val_metrics[self._set_name(self.val_set_names, dataloader_idx)], predictions, batch)
+        update_metric(self.val_metrics[self._set_name(self.val_set_names, dataloader_idx)], predictions, batch)
         return {"pred_labels": self.labels_from(predictions)}
 
     @staticmethod
@@ -319,7 +298,7 @@ class AVSLitModule(LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         predictions = self.infer(batch)
-        self._update_metric(self.test_metrics[self._set_name(self.test_set_names, dataloader_idx)], predictions, batch)
+        update_metric(self.test_metrics[self._set_name(self.test_set_names, dataloader_idx)], predictions, batch)
         return {"pred_labels": self.labels_from(predictions)}
 
     def on_test_epoch_end(self) -> None:

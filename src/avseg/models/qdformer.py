@@ -28,7 +28,7 @@ class QDFormer(nn.Module):
 
     All B*T frames go through the backbone, fusion, encoder and decoder as one batch; only the
     decomposition sees the clip (it is where frames interact), and padded frames (``frame_valid``
-    false) are excluded from it and from the audio tokens.
+    false) are excluded from it and from the audio tokens, and get no audio: their codes are zero.
     """
 
     def __init__(
@@ -66,6 +66,8 @@ class QDFormer(nn.Module):
         audio_tokens = self.audio_encoder(audio, frame_valid)  # [B, T, C]
         quant = self.decomposition(audio_tokens, frame_valid)
         codes = rearrange(quant["local_codes"], "b t k c -> (b t) k c")
+        if frame_valid is not None:  # a padded frame hears nothing: zero codes, not its clip's global codes
+            codes = codes * rearrange(frame_valid, "b t -> (b t) 1 1").to(codes.dtype)
 
         levels = self.neck(features[1:])
         fused = self.fusion(levels, features[0], codes)

@@ -1,0 +1,250 @@
+"""``python -m avseg.analysis decomposition``: the quantised sub-space codes against the true
+sounding classes of SynthAVS (``synth_sources.json``): per second (local codes) and per clip
+(global codes), normalised mutual information, its chance level, purity, codes used, and how often
+the K sub-spaces pick the same codeword."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avseg.analysis.common import (
+    SIDECAR_NAME, fmt, load_analysis_inputs, markdown_table, write_bytes_atomic, write_json,
+)
+from avseg.analysis.measures import chance_nmi, normalized_mutual_information, purity, source_label
+from avseg.errors import ConfigError, DataError
+from avseg.inference import evaluation_loader, load_model
+
+__all__ = [
+    "ClipCodes", "audio_features", "collect_clip_codes", "decomposition_tables", "subspace_agreement",
+    "format_decomposition_tables", "run_decomposition",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _sounding_per_second(sidecar: Mapping[str, Any], video_id: str, num_real: int, where: Path) -> list[frozenset[str]]:
+    entry = sidecar["clips"].get(video_id)
+    if entry is None:
+        raise DataError(where, f"clip {video_id!r} is not in the sidecar")
+    sounding = entry.get("sounding")
+    if not isinstance(sounding, list) or len(sounding) < num_real:
+        raise DataError(where, f"clip {video_id!r}: 'sounding' must list at least {num_real} seconds")
+    try:
+        return [frozenset(str(source["class"]) for source in second) for second in sounding[:num_real]]
+    except (TypeError, KeyError) as error:
+        raise DataError(where, f"clip {video_id!r}: malformed 'sounding' entry ({error})") from error
+
+
+@dataclass
+class ClipCodes:
+    """The code assignments of one clip and its true sources (real frames only)."""
+
+    video_id: str
+    global_indices: np.ndarray  # [K]
+    local_indices: np.ndarray  # [T_real, K]
+    sounding: list[frozenset[str]] = field(default_factory=list)  # per real second
+
+    @property
+    def clip_sources(self) -> frozenset[str]:
+        return frozenset().union(*self.sounding) if self.sounding else frozenset()
+
+
+def audio_features(net: Any, audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, attention: bool = False) -> dict[str, torch.Tensor]:
+    """The audio path of a QDFormer alone (as in its forward): ``entangled`` audio tokens F_a
+    [B, T, C], the decomposition dict (``local_codes`` [B, T, K, C], indices, ...) and, with
+    ``attention`` (not ``pq_split``), ``attention`` [B, K, T] from `AudioDecomposition.attention_maps`."""
+    with torch.inference_mode():
+        tokens = net.audio_encoder(audio, frame_valid)
+        quant = net.decomposition(tokens, frame_valid)
+        out = {"entangled": tokens, **quant}
+        if attention:
+            out["attention"] = net.decomposition.attention_maps(tokens, frame_valid)
+    return out
+
+
+def collect_clip_codes(net: Any, dataset: Any, sidecar: Mapping[str, Any], *, batch_size: int = 4, device: torch.device | str = "cpu") -> list[ClipCodes]:
+    """Runs the audio path of ``net`` over ``dataset`` and pairs each clip's code indices with its
+    sounding classes from ``sidecar`` (padded frames dropped)."""
+    variant = getattr(net.decomposition, "variant", None)
+    if variant == "none":
+        raise ConfigError("model/decomposition=none has no quantiser: code analysis is not applicable")
+    where = Path(getattr(dataset, "root", ".")) / SIDECAR_NAME
+    loader = evaluation_loader(dataset, batch_size=batch_size)
+    net = net.eval().to(device)
+    clips: list[ClipCodes] = []
+    for batch in loader:
+        frame_valid = batch["frame_valid"].to(device)
+        quant = audio_features(net, batch["audio"].to(device), frame_valid)
+        global_indices = quant["global_indices"].cpu().numpy()
+        local_indices = quant["local_indices"].cpu().numpy()
+        valid = batch["frame_valid"].numpy().astype(bool)
+        for row, video_id in enumerate(batch["video_id"]):
+            num_real = int(valid[row].sum())
+            if not valid[row, :num_real].all():
+                raise DataError(where, f"clip {video_id!r}: a padded frame comes before a real one")
+            clips.append(
+                ClipCodes(
+                    video_id=str(video_id),
+                    global_indices=global_indices[row],
+                    local_indices=local_indices[row, :num_real],
+                    sounding=_sounding_per_second(sidecar, str(video_id), num_real, where),
+                )
+            )
+    if any((c.global_indices < 0).any() or (c.local_indices < 0).any() for c in clips):
+        raise ConfigError("the model returned code index -1 (no quantiser): code analysis is not applicable")
+    return clips
+
+
+def _code_rows(codes_per_sub: Sequence[Sequence[int]], label_sets: Sequence[frozenset[str]], *, permutations: int, seed: int) -> list[dict[str, Any]]:
+    """Rows per sub-space, pooled and joint for one level (per-second or per-clip samples)."""
+    k = len(codes_per_sub)
+    labels = [source_label(s) for s in label_sets]
+    single = [i for i, s in enumerate(label_sets) if len(s) == 1]
+
+    def nmi(codes: Sequence[Hashable], names: Sequence[str]) -> float:
+        # one label value (or none): nothing for a code to explain, so no NMI (not the 1.0 convention)
+        return normalized_mutual_information(codes, names) if len(set(names)) >= 2 else float("nan")
+
+    def row(name: str, codes: Sequence[Hashable], sets: Sequence[frozenset[str]], single_idx: Sequence[int]) -> dict[str, Any]:
+        names = [source_label(s) for s in sets]
+        single_codes = [codes[i] for i in single_idx]
+        single_labels = [names[i] for i in single_idx]
+        varied = len(set(names)) >= 2
+        return {
+            "subspace": name,
+            "samples": len(codes),
+            "codes_used": len(set(codes)),
+            "nmi": nmi(codes, names),
+            "nmi_chance": chance_nmi(codes, names, permutations=permutations, seed=seed) if varied else float("nan"),
+            "nmi_single": nmi(single_codes, single_labels),
+            "single_samples": len(single_idx),
+            "purity": purity(codes, sets),
+        }
+
+    rows = [row(str(i + 1), list(codes_per_sub[i]), label_sets, single) for i in range(k)]
+    if k > 1:
+        pooled_codes = [c for codes in codes_per_sub for c in codes]
+        pooled_sets = list(label_sets) * k
+        n = len(label_sets)
+        pooled_single = [j * n + i for j in range(k) for i in single]
+        rows.append(row("pooled", pooled_codes, pooled_sets, pooled_single))
+        joint = [tuple(int(codes[i]) for codes in codes_per_sub) for i in range(len(labels))]
+        rows.append(row("joint", joint, label_sets, single))
+    return rows
+
+
+def decomposition_tables(clips: Sequence[ClipCodes], *, permutations: int = 50, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """``{"second": rows, "clip": rows}``: per real second, the local codes [T, K] against the
+    classes sounding in that second; per clip, the global codes [K] against the classes sounding at
+    any time in the clip. Each row: sub-space (1..K, ``pooled`` over sub-spaces, ``joint`` K-tuple),
+    samples, codes used, NMI, its chance level, NMI on single-source samples, purity. NMI is
+    reported as nan where the labels take fewer than two values (nothing to explain)."""
+    if not clips:
+        raise ValueError("decomposition_tables: no clips")
+    k = int(clips[0].global_indices.shape[0])
+    second_sets = [s for clip in clips for s in clip.sounding]
+    second_codes = [[int(c) for clip in clips for c in clip.local_indices[:, i]] for i in range(k)]
+    clip_sets = [clip.clip_sources for clip in clips]
+    clip_codes = [[int(clip.global_indices[i]) for clip in clips] for i in range(k)]
+    return {
+        "second": _code_rows(second_codes, second_sets, permutations=permutations, seed=seed),
+        "clip": _code_rows(clip_codes, clip_sets, permutations=permutations, seed=seed),
+    }
+
+
+def subspace_agreement(indices: np.ndarray) -> float:
+    """Share of sub-space pairs (i < j) that picked the same codeword, averaged over samples.
+
+    ``indices [samples, K]`` (one shared codebook, so equal indices are the same code). 0 when every
+    sample's K codes differ, 1 when all K sub-spaces always agree: then the "decomposition" gives K
+    copies of one code and the sub-spaces cannot stand for different sources. nan for K < 2.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2:
+        raise ValueError(f"subspace_agreement: expected [samples, K], got shape {indices.shape}")
+    k = indices.shape[1]
+    if k < 2 or indices.shape[0] == 0:
+        return float("nan")
+    rows, cols = np.triu_indices(k, 1)
+    return float((indices[:, rows] == indices[:, cols]).mean())
+
+
+def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    header = ("sub-space", "samples", "codes used", "NMI", "NMI chance", "NMI 1-source (n)", "purity")
+    parts = []
+    titles = {
+        "second": "Per second: local codes (quant['local_indices']) vs the classes sounding in that second",
+        "clip": "Per clip: global codes (quant['global_indices']) vs the classes sounding in the clip",
+    }
+    for level, rows in tables.items():
+        body = [
+            (
+                r["subspace"], str(r["samples"]), str(r["codes_used"]), fmt(r["nmi"]), fmt(r["nmi_chance"]),
+                f"{fmt(r['nmi_single'])} ({r['single_samples']})", fmt(r["purity"]),
+            )
+            for r in rows
+        ]
+        parts.append(f"{titles[level]}\n\n{markdown_table(header, body)}")
+    return "\n\n".join(parts)
+
+
+def run_decomposition(
+    ckpt_path: str, overrides: Sequence[str], *, output_dir: Path, clips: str = "multi", permutations: int = 50
+) -> dict[str, Any]:
+    """The code / source table of a checkpoint on its SynthAVS data; writes ``decomposition.md`` and
+    ``decomposition.json`` in ``output_dir``. For ``none`` reports and records "not applicable"."""
+    if clips not in ("multi", "all"):
+        raise ConfigError(f"clips={clips!r}: allowed values are multi | all")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = load_model(ckpt_path, torch.device("cpu"))
+    variant = str(getattr(probe.net.decomposition, "variant", "unknown"))
+    decomposition_cfg = dict(probe.hparams.get("decomposition") or {})
+    del probe
+    header = f"Decomposition analysis of {ckpt_path} (model/decomposition={variant})"
+    payload: dict[str, Any] = {"ckpt_path": str(ckpt_path), "variant": variant}
+    if variant == "none":
+        text = f"{header}\n\nnot applicable: model/decomposition=none has no quantiser (its code indices are -1)\n"
+        payload["applicable"] = False
+    else:
+        inputs = load_analysis_inputs(ckpt_path, overrides)
+        assert inputs.sidecar is not None
+        assignments = collect_clip_codes(inputs.module.net, inputs.dataset, inputs.sidecar, batch_size=inputs.batch_size, device=inputs.device)
+        if clips == "multi":
+            assignments = [c for c in assignments if len(c.clip_sources) > 1]
+            if not assignments:
+                raise DataError(inputs.dataset.root, f"no multi-source clip in the {inputs.split} split (an S4-style tree?); use clips=all")
+        tables = decomposition_tables(assignments, permutations=permutations)
+        k = int(assignments[0].global_indices.shape[0])
+        agreement = {
+            "second": subspace_agreement(np.concatenate([c.local_indices for c in assignments])),
+            "clip": subspace_agreement(np.stack([c.global_indices for c in assignments])),
+        }
+        classes = sorted({c for clip in assignments for c in clip.clip_sources})
+        text = (
+            f"{header}\n{inputs.datamodule.subset} {inputs.split}, {len(assignments)} {'multi-source ' if clips == 'multi' else ''}clips, "
+            f"K = {k}, codebook size N = {decomposition_cfg.get('codebook_size', 'n/a')}, "
+            f"local calibration {'on' if decomposition_cfg.get('local_calibration', True) else 'off'}, "
+            f"{len(classes)} sounding classes; NMI chance = mean NMI over {permutations} label permutations\n\n"
+            f"{format_decomposition_tables(tables)}\n\n"
+            f"sub-space agreement (share of sub-space pairs on the same codeword; 1 = the K codes are copies): "
+            f"per second {fmt(agreement['second'])}, per clip {fmt(agreement['clip'])}\n"
+        )
+        payload.update(
+            {
+                "applicable": True, "num_clips": len(assignments), "clips": clips, "num_subspaces": k,
+                "codebook_size": decomposition_cfg.get("codebook_size"), "classes": classes, "tables": tables,
+                "subspace_agreement": agreement,
+                "data_subset": inputs.datamodule.subset, "split": inputs.split, "data_config": inputs.data_source,
+            }
+        )
+    write_bytes_atomic(output_dir / "decomposition.md", text.encode())
+    write_json(output_dir / "decomposition.json", payload)
+    log.info(text + f"\noutputs: {output_dir}")
+    return payload
