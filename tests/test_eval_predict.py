@@ -450,3 +450,73 @@ def test_predict_semantic_video_pads_last_clip(semantic_module, tmp_path):
         assert image.mode == "RGB" and image.size == (26, 20)
     decoder = VideoDecoder(str(tmp_path / "out" / "overlay.mp4"))
     assert decoder.metadata.num_frames == 12 and (decoder.metadata.height, decoder.metadata.width) == (20, 26)
+
+
+def test_padded_avss_frames_hear_nothing_and_are_background(semantic_module, tmp_path, monkeypatch):
+    """A clip shorter than 10 s (AVSBench-semantic pads it): its padded frames get no audio (their
+    outputs do not depend on the clip's audio) and every inference path (the Lightning test step,
+    evaluate_dataset behind avseg.eval / avseg.analysis, avseg.predict) predicts them background,
+    through the one predictor (avseg.inference)."""
+    import avseg.inference as inference
+    from avseg.data.avsbench import AVSSDataset
+    from avseg.data.collate import collate_clips
+    from avseg.data.synth import ensure_synth_tree
+    from avseg.predict import predict
+
+    root = ensure_synth_tree(tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 4})
+    dataset = AVSSDataset(root, "test", image_size=32)
+    lengths = [int(dataset[i]["frame_valid"].sum()) for i in range(len(dataset))]
+    short, full = lengths.index(min(lengths)), lengths.index(10)
+    assert lengths[short] < 10  # the synthetic tree has a padded clip
+    batch = collate_clips([dataset[short], dataset[full]])
+    padded = ~batch["frame_valid"]
+
+    # no audio reaches a padded frame: other audio in the real seconds changes only the real frames
+    other = batch["audio"].clone()
+    other[0] = batch["audio"][1]
+    other[~batch["frame_valid"]] = 0
+    with torch.inference_mode():
+        first = semantic_module.net(batch["frames"], batch["audio"], batch["frame_valid"])
+        second = semantic_module.net(batch["frames"], other, batch["frame_valid"])
+    for key in ("pred_masks", "pred_logits"):
+        assert torch.equal(first[key][padded], second[key][padded]), key
+    assert not torch.allclose(first["pred_masks"][0][batch["frame_valid"][0]], second["pred_masks"][0][batch["frame_valid"][0]])
+
+    seen = []
+    original = inference.padded_as_background
+
+    def spy(scores, frame_valid, *, semantic):
+        out = original(scores, frame_valid, semantic=semantic)
+        seen.append((out, frame_valid))
+        return out
+
+    monkeypatch.setattr(inference, "padded_as_background", spy)
+
+    def check_padded_background(path):
+        with_padding = [(scores, ~frame_valid.bool()) for scores, frame_valid in seen if not frame_valid.all()]
+        assert with_padding, path
+        for scores, pad in with_padding:
+            assert (scores[pad].argmax(dim=1) == 0).all(), path
+            assert (scores[pad][:, 0] == 1).all() and (scores[pad][:, 1:] == 0).all(), path
+        seen.clear()
+
+    with torch.inference_mode():  # the Lightning test step
+        labels = semantic_module.test_step(batch, 0)["pred_labels"]
+    assert (labels[padded] == 0).all()
+    check_padded_background("test step")
+    inference.evaluate_dataset(semantic_module, dataset, batch_size=2, frames_per_batch=20, device=torch.device("cpu"))
+    check_padded_background("evaluate_dataset (avseg.eval, avseg.analysis)")
+    video = encode_video(tmp_path / "clip.mp4", seconds=12.0, height=20, width=26)
+    predict(semantic_module, open_video(video), tmp_path / "out", clip_length=10, image_size=32, device=torch.device("cpu"), overlay=False)
+    check_padded_background("avseg.predict (the last clip: 2 real seconds, 8 padded)")
+
+
+def test_padded_as_background_binary_and_passthrough():
+    from avseg.inference import padded_as_background, scores_to_labels
+
+    logits = torch.randn(2, 3, 4, 4) + 5.0
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    out = padded_as_background(logits, valid, semantic=False)
+    assert torch.equal(out[valid], logits[valid]) and (torch.sigmoid(out[~valid]) == 0).all()
+    assert (scores_to_labels(out, semantic=False)[~valid] == 0).all()
+    assert padded_as_background(logits, torch.ones(2, 3, dtype=torch.bool), semantic=False) is logits

@@ -28,7 +28,7 @@ it (``cpu_threads``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +219,10 @@ def evaluate_dataset(
     device: torch.device,
     num_workers: int = 0,
     masks_dir: Path | None = None,
-    on_batch: Callable[[dict[str, Any], Tensor], None] | None = None,
 ) -> dict[str, float]:
     """The official metrics of a trained ``module`` (an `AVSLitModule`) on ``dataset``: every
     frame, padded AVSS frames included (as background). With ``masks_dir``, writes each real
-    frame's predicted mask in the official naming (`avseg.io.mask_relpaths`); ``on_batch(batch,
-    scores)`` sees every batch (on ``device``) with its scores."""
+    frame's predicted mask in the official naming (`avseg.io.mask_relpaths`)."""
     from avseg.io import mask_relpaths, write_label_png
 
     semantic = bool(module.semantic)
@@ -235,8 +233,6 @@ def evaluate_dataset(
             batch = _to(batch, device)
             scores = batch_scores(net, batch, semantic=semantic)
             update_metric(metric, scores, batch)
-            if on_batch is not None:
-                on_batch(batch, scores)
             if masks_dir is not None:
                 labels = scores_to_labels(scores, semantic=semantic).cpu()
                 for row, clip_index in enumerate(batch["index"].tolist()):

@@ -160,12 +160,12 @@ def run_noise(
     runs_dir = output_dir / f"{name}_runs"
     per_checkpoint: list[dict[str, dict[str, float]]] = []
     info: dict[str, Any] = {}
-    with open(output_dir / f"{name}_eval_log.txt", "w") as log:
+    with open(output_dir / f"{name}_eval_log.txt", "w") as log_file:
         for index, ckpt in enumerate(ckpt_paths):
             curve: dict[str, dict[str, float]] = {}
             for snr in snrs:
                 perturb = "none" if snr is None else "noise"
-                result = evaluate(ckpt, overrides, runs_dir / f"{index}" / _snr_name(snr), perturb=perturb, snr_db=snr, log=log)
+                result = evaluate(ckpt, overrides, runs_dir / f"{index}" / _snr_name(snr), perturb=perturb, snr_db=snr, log=log_file)
                 curve[_snr_name(snr)] = {"miou": single_metric(result, "miou"), "fscore": single_metric(result, "fscore")}
                 info = result
             per_checkpoint.append(curve)

@@ -111,9 +111,9 @@ def run_reliance(ckpt_path: str, overrides: Sequence[str], *, output_dir: Path, 
         raise ConfigError("reliance runs perturb=none, mute and swap itself: drop perturb=... from the command line")
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    with open(output_dir / "eval_log.txt", "w") as log:
+    with open(output_dir / "eval_log.txt", "w") as log_file:
         for perturb in ("none", "mute", "swap"):
-            results[perturb] = evaluate(ckpt_path, overrides, output_dir / perturb, perturb=perturb, log=log)
+            results[perturb] = evaluate(ckpt_path, overrides, output_dir / perturb, perturb=perturb, log=log_file)
     rows = reliance_rows(results)
     first = results["none"]
     inputs = load_analysis_inputs(ckpt_path, overrides, need_sidecar=False)
