@@ -181,6 +181,27 @@ def test_mask_writers_and_overlay(tmp_path):
     assert blended[:, 0, 0].tolist() == [100, 100, 100] and blended[:, 2, 3].tolist() == [177, 50, 50]
 
 
+def test_atomic_writers_leave_old_or_new_file(tmp_path):
+    from avseg.io import atomic_output, write_json_atomic, write_npy_atomic, write_text_atomic
+
+    target = tmp_path / "d" / "video.mp4"
+    with atomic_output(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".mp4" and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("encoder failed")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["video.mp4"]
+    write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [1.5]})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+    write_text_atomic(tmp_path / "t.md", "x")
+    write_npy_atomic(tmp_path / "e.npy", np.arange(3.0))
+    assert (tmp_path / "t.md").read_text() == "x" and np.load(tmp_path / "e.npy").tolist() == [0.0, 1.0, 2.0]
+    assert not list(tmp_path.glob("**/.*tmp*"))
+
+
 def test_mask_relpaths_official_naming(tmp_path):
     from avseg.data.avsbench import AVSSDataset, MS3Dataset, S4Dataset
     from avseg.data.synth import ensure_synth_tree

@@ -9,12 +9,13 @@ complete file, never a torn one, and no temporary file is left behind on an erro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "atomic_output",
     "write_bytes_atomic",
     "write_text_atomic",
     "write_json_atomic",
@@ -81,6 +83,24 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
         raise
     if fsync:
         _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """For a writer that writes a file itself (a video encoder): yields a temporary path in the
+    target's folder, with the target's suffix; renamed over ``path`` when the block ends without an
+    error, removed when it raises."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

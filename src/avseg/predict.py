@@ -24,7 +24,7 @@ AVSS), so a 5 s video gives exactly what the AVSBench preprocessing gives. Frame
 the evaluation transform (``ClipTransform(mode="eval")``: plain resize to image_size, ImageNet
 normalisation).
 
-Outputs (each file written atomically) in ``out`` (default: the Hydra run directory):
+Outputs (each file written atomically, `avseg.io`) in ``out`` (default: the Hydra run directory):
 ``masks/<frame>.png`` (binary 0/255, or AVSS VOC colours) at the input frames' resolution
 (binary: logits upsampled bilinearly; AVSS: argmax at model resolution, labels upsampled by
 nearest neighbour), ``predictions.json`` (per frame: second, time, mask file, foreground fraction or
@@ -35,6 +35,7 @@ the ffmpeg command line is not used).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -56,7 +57,7 @@ from avseg.cli import run_main
 from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
 from avseg.errors import ConfigError, DataError
 from avseg.inference import load_model, model_audio_input, predict_scores, resolve_device, scores_to_labels, training_run_config
-from avseg.io import overlay_labels, write_json_atomic, write_label_png
+from avseg.io import atomic_output, overlay_labels, write_json_atomic, write_label_png
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -294,21 +295,18 @@ def prepare_clip(frames_uint8: torch.Tensor, audio: torch.Tensor, *, clip_length
 
 class OverlayVideoWriter:
     """Streams overlay frames (1 fps) and the matching audio into an mp4 with torchcodec's
-    multi-stream ``Encoder``; written to a temp file in the target folder and renamed on `close`.
-    H.264 in yuv420p needs even sides: odd frames get their last row / column repeated."""
+    multi-stream ``Encoder``; a context manager (the file is complete when the block ends; `predict`
+    writes it through `avseg.io.atomic_output`). H.264 in yuv420p needs even sides: odd frames get
+    their last row / column repeated."""
 
     def __init__(self, path: Path, *, height: int, width: int, with_audio: bool) -> None:
         from torchcodec.encoders import Encoder
 
-        self.path = path
         self.height, self.width = height + height % 2, width + width % 2
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
         self.encoder = Encoder()
         self.video = self.encoder.add_video(height=self.height, width=self.width, frame_rate=1, device="cpu")
         self.audio = self.encoder.add_audio(sample_rate=VGGISH_SAMPLE_RATE, num_channels=1) if with_audio else None
-        self.encoder.open_file(str(self.tmp))
-        self.closed = False
+        self.encoder.open_file(str(path))
 
     def add(self, frames: torch.Tensor, waveform: np.ndarray | None) -> None:
         """frames uint8 [n, 3, H, W]; waveform float [n * 16000] (the same seconds) or None."""
@@ -320,23 +318,16 @@ class OverlayVideoWriter:
             samples = torch.from_numpy(np.clip(waveform, -1.0, 1.0).astype(np.float32))[None]
             self.audio.add_samples(samples.contiguous())
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.encoder.close()
-            os.replace(self.tmp, self.path)
-        finally:
-            self.tmp.unlink(missing_ok=True)
+    def __enter__(self) -> "OverlayVideoWriter":
+        return self
 
-    def abort(self) -> None:
-        self.closed = True
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         try:
             self.encoder.close()
         except RuntimeError:
-            pass  # the half-written temp file is removed below either way
-        self.tmp.unlink(missing_ok=True)
+            if kind is None:
+                raise
+            # already failing: the half-written file is removed by atomic_output
 
 
 def _class_fractions(labels: np.ndarray) -> dict[str, float]:
@@ -376,11 +367,16 @@ def predict(
             "give vggish_weights=PATH (a torchvggish state dict) so predict can compute them from the audio"
         )
     masks_dir = out_dir / "masks"
-    writer = OverlayVideoWriter(out_dir / "overlay.mp4", height=footage.height, width=footage.width, with_audio=True) if overlay else None
     entries: list[dict[str, Any]] = []
     clips = cut_clips(footage.num_seconds, clip_length)
     net = module.net.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if overlay:  # written to a temp file, renamed over overlay.mp4 when complete
+            video_path = stack.enter_context(atomic_output(out_dir / "overlay.mp4"))
+            writer = stack.enter_context(
+                OverlayVideoWriter(video_path, height=footage.height, width=footage.width, with_audio=True)
+            )
         for first in range(0, len(clips), batch_size):
             group = clips[first : first + batch_size]
             items, raw = [], []
@@ -429,12 +425,6 @@ def predict(
                     segment = footage.waveform[begin : begin + len(seconds) * VGGISH_SAMPLE_RATE]
                     segment = np.pad(segment, (0, len(seconds) * VGGISH_SAMPLE_RATE - segment.shape[0]))
                     writer.add(torch.stack(overlays), segment)
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     summary = {
         "input": str(footage.source),
         "audio": str(footage.audio_source) if footage.audio_source is not None else None,
