@@ -31,7 +31,7 @@ from avseg.errors import ConfigError, DataError
 from avseg.io import write_npy_atomic
 from avseg.models.audio import VGGish
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("avseg.data.embeddings")  # also when run as __main__ (console_log)
 
 SUBSET_LAYOUT: dict[str, tuple[int, FitMode]] = {
     "s4": (5, "repeat_last"),
