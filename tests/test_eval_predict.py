@@ -179,6 +179,10 @@ def test_mask_writers_and_overlay(tmp_path):
     frame = torch.full((3, 6, 8), 100, dtype=torch.uint8)
     blended = overlay_labels(frame, mask, semantic=False, alpha=0.5)
     assert blended[:, 0, 0].tolist() == [100, 100, 100] and blended[:, 2, 3].tolist() == [177, 50, 50]
+    labels = torch.tensor([[0, 1], [70, 1]])  # AVSS: VOC colours (1 = [128, 0, 0], 70 woman = [32, 128, 128])
+    semantic = overlay_labels(torch.full((3, 2, 2), 100, dtype=torch.uint8), labels, semantic=True, alpha=0.5)
+    assert semantic[:, 0, 0].tolist() == [100, 100, 100] and semantic[:, 0, 1].tolist() == [114, 50, 50]
+    assert semantic[:, 1, 0].tolist() == [66, 114, 114]
 
 
 def test_atomic_writers_leave_old_or_new_file(tmp_path):
