@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from avseg.data.synth.classes import ClassSpec
-from avseg.data.synth.options import AVSS_KINDS, GENERATOR_VERSION, KIND_FRAMES, SPLITS, SUBSETS
+from avseg.data.synth.options import AVSS_KINDS, GENERATOR_VERSION, KIND_FRAMES, SAMPLE_RATE, SPLITS, SUBSETS
 from avseg.data.synth.pictures import _background, _render, _sample_layout
+from avseg.data.synth.real import paint_sprite, real_signal, realistic_layout
 from avseg.data.synth.sounds import _mix_audio
 
 _MIN_VISIBLE_FRACTION = 0.3  # of an object's own area, in every frame (else the layout is redrawn)
@@ -24,12 +24,16 @@ class ClipPlan:
     clip_id: str
     split: str
     kind: str  # "s4", "ms3", or an AVSS label: "v1s" / "v1m" / "v2"
-    classes: list[ClassSpec]
+    classes: list[Any]  # ClassSpec, or real.RealClassSpec with assets=real
     sounding: np.ndarray  # bool [n_objects, T]
     snr_db: float
     frames: np.ndarray  # uint8 [T, H, W, 3]
     instances: np.ndarray  # uint8 [T, H, W]
     audio: np.ndarray  # int16 [T * SR]
+    # assets=real only: each object's sound before the final scaling, float32 [n_objects, T * SR]
+    # (zeros for silent objects), and what each sounding object played (the sidecar's `sound`).
+    stems: np.ndarray | None = None
+    sources: list[dict[str, Any] | None] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -76,7 +80,7 @@ def _source_schedule(rng: np.random.Generator, num_sources: int, num_frames: int
 def plan_clip(
     *,
     options: Mapping[str, Any],
-    catalogue: list[ClassSpec],
+    catalogue: Sequence[Any],
     subset: str,
     split: str,
     index: int,
@@ -124,18 +128,35 @@ def plan_clip(
     classes = [catalogue[object_classes[k]] for k in order]
     sounding = sounding[order]
 
+    real = options.get("assets") == "real"
     size = options["image_size"]
     background = _background(rng, size)
     brightness = rng.uniform(0.9, 1.1, size=len(classes))
     for _attempt in range(20):
         layout = _sample_layout(rng, len(classes), num_frames, size)
-        frames, instances, areas = _render(layout, classes, brightness, background)
+        if real:
+            frames, instances, areas = _render(realistic_layout(layout), classes, brightness, background, paint_sprite)
+        else:
+            frames, instances, areas = _render(layout, classes, brightness, background)
         visible = np.stack([(instances == j + 1).sum(axis=(1, 2)) for j in range(len(classes))])
         if np.all(visible >= _MIN_VISIBLE_FRACTION * np.maximum(areas, 1.0)):
             break
     snr_low, snr_high = options["snr_db"]
     snr_db = float(rng.uniform(snr_low, snr_high))
-    audio = _mix_audio(rng, classes, sounding, snr_db)
+    stems = sources = None
+    if real:
+        stems = np.zeros((len(classes), num_frames * SAMPLE_RATE))
+        log: list[dict[str, Any]] = []
+
+        def signal(spec: Any, generator: np.random.Generator, num_samples: int) -> np.ndarray:
+            return real_signal(spec, generator, num_samples, log)
+
+        audio = _mix_audio(rng, classes, sounding, snr_db, signal=signal, stems=stems)
+        played = iter(log)  # one entry per sounding object, in object order
+        sources = [next(played) if sounding[j].any() else None for j in range(len(classes))]
+        stems = stems.astype(np.float32)
+    else:
+        audio = _mix_audio(rng, classes, sounding, snr_db)
 
     clip_id = f"synth-{subset}-{split}-{index:05d}"
     return ClipPlan(
@@ -148,4 +169,6 @@ def plan_clip(
         frames=frames,
         instances=instances,
         audio=audio,
+        stems=stems,
+        sources=sources,
     )

@@ -135,22 +135,35 @@ def _sidecar_entry(plan: ClipPlan) -> dict[str, Any]:
     for t in range(plan.num_frames):
         active = np.flatnonzero(plan.sounding[:, t])
         seconds.append([{"class": plan.classes[j].name, "instance": int(j)} for j in active])
+    objects = [
+        {"instance": j, "class": spec.name, "class_index": spec.index, "avss_index": spec.avss_index}
+        for j, spec in enumerate(plan.classes)
+    ]
+    if plan.sources is not None:  # assets=real: what each sounding object played, None if silent
+        for entry, source in zip(objects, plan.sources):
+            entry["sound"] = source
     return {
         "split": plan.split,
         "kind": plan.kind,
         "num_frames": plan.num_frames,
         "snr_db": round(plan.snr_db, 4),
-        "objects": [
-            {"instance": j, "class": spec.name, "class_index": spec.index, "avss_index": spec.avss_index}
-            for j, spec in enumerate(plan.classes)
-        ],
+        "objects": objects,
         "sounding": seconds,
     }
 
 
+def catalogue_for(options: Mapping[str, Any]) -> Sequence[Any]:
+    """The classes of a tree: synthetic shapes and tones, or real drawings and sounds."""
+    if options.get("assets") == "real":
+        from avseg.data.synth.real import real_catalogue
+
+        return real_catalogue(options["num_classes"], options["assets_dir"], options["soundfont"])
+    return class_catalogue(options["num_classes"])
+
+
 def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
     """Generate every clip into `root` (a fresh folder), then the CSV/JSON metadata."""
-    catalogue = class_catalogue(options["num_classes"])
+    catalogue = catalogue_for(options)
     rows: list[list[Any]] = []
     clips: dict[str, Any] = {}
     for split in SPLITS:
@@ -193,4 +206,9 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
         "classes": [spec.describe() for spec in catalogue],
         "clips": clips,
     }
+    if options.get("assets") == "real":
+        from avseg.data.synth.real import asset_versions
+
+        sidecar["assets"] = asset_versions(options["assets_dir"], options["soundfont"])
+        sidecar = {**{k: v for k, v in sidecar.items() if k != "clips"}, "clips": clips}  # clips last
     _write(root / SIDECAR_NAME, _json_bytes(sidecar))

@@ -45,7 +45,12 @@ _OPTION_DEFAULTS: dict[str, Any] = {
     "max_objects": 4,
     "distractor_prob": 0.85,
     "jpeg_quality": 95,
+    "assets": "synthetic",  # synthetic | real (drawings and sounds from Debian packages, real.py)
+    "soundfont": None,  # real: a .sf2 for the melodies (None: fluid-soundfont-gm's FluidR3_GM)
+    "assets_dir": None,  # real: a folder of extracted packages (None: the installed ones, `/`)
 }
+ASSET_MODES: tuple[str, ...] = ("synthetic", "real")
+MAX_REAL_CLASSES = 22  # len(real.REAL_CLASSES) (checked by the tests)
 
 
 def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
@@ -72,9 +77,21 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
             raise ConfigError(f"{key}: {value} is out of range; allowed: {bound}")
         return int(value)
 
+    assets = merged["assets"]
+    if assets not in ASSET_MODES:
+        raise ConfigError(f"assets: {assets!r} is not one of {list(ASSET_MODES)}")
+    real_only: dict[str, str | None] = {}
+    for key in ("soundfont", "assets_dir"):
+        value = merged[key]
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{key}: expected a path or null, got {value!r}")
+        if value is not None and assets != "real":
+            raise ConfigError(f"{key}: only used with assets=real (got assets={assets})")
+        real_only[key] = None if value is None else os.fspath(value)
+
     seed = as_int("seed", 0)
     image_size = as_int("image_size", 32, 4096)
-    num_classes = as_int("num_classes", 2, NUM_AVSS_CLASSES - 1)
+    num_classes = as_int("num_classes", 2, MAX_REAL_CLASSES if assets == "real" else NUM_AVSS_CLASSES - 1)
     max_objects = as_int("max_objects", 1, 4)
     jpeg_quality = as_int("jpeg_quality", 1, 100)
 
@@ -117,7 +134,7 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
     multi_source = subset in ("ms3", "avss")
     if multi_source and max_objects < 2:
         raise ConfigError(f"max_objects: {subset} clips mix 2-3 sources; allowed: 2..4")
-    return {
+    resolved = {
         "seed": seed,
         "image_size": image_size,
         "num_classes": num_classes,
@@ -128,14 +145,20 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
         "distractor_prob": float(distractor_prob),
         "jpeg_quality": jpeg_quality,
     }
+    if assets == "real":  # synthetic trees keep exactly their former options (and cache keys)
+        resolved.update(assets=assets, **real_only)
+    return resolved
 
 
 def cache_key(subset: str, resolved: Mapping[str, Any]) -> str:
-    """Hash of the generator version, the subset and every (resolved) option."""
-    payload = json.dumps(
-        {"generator_version": GENERATOR_VERSION, "subset": subset, "options": dict(resolved)},
-        sort_keys=True,
-    )
+    """Hash of the generator version, the subset and every (resolved) option (real assets: also the
+    package versions and the soundfont file)."""
+    content: dict[str, Any] = {"generator_version": GENERATOR_VERSION, "subset": subset, "options": dict(resolved)}
+    if resolved.get("assets") == "real":  # a new package version or soundfont gives a new tree
+        from avseg.data.synth.real import asset_versions
+
+        content["assets"] = asset_versions(resolved["assets_dir"], resolved["soundfont"])
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 

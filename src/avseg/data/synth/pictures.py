@@ -4,7 +4,9 @@ clip's frames and its per-pixel instance maps (after occlusion)."""
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,13 +110,31 @@ def _sample_layout(rng: np.random.Generator, num_objects: int, num_frames: int, 
     return _Layout(centre=np.stack([x, y], axis=-1), radius=radius0 * pulse, angle=angle)
 
 
+def _paint_shape(spec: ClassSpec, u: np.ndarray, v: np.ndarray, brightness: float) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic object at local coordinates (u, v): (inside bool, colour float32 [..., 3])."""
+    inside = _shape_mask(spec.shape, u, v)
+    bright = _texture_mask(spec.texture, u, v)
+    shade = (1.0 - 0.18 * np.minimum(u * u + v * v, 1.0)) * brightness
+    colour = np.where(
+        bright[..., None],
+        np.asarray(spec.colour, dtype=np.float32) / 255.0,
+        np.asarray(spec.colour_dark, dtype=np.float32) / 255.0,
+    ) * shade[..., None]
+    return inside, colour
+
+
+Painter = Callable[[Any, np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
 def _render(
     layout: _Layout,
-    classes: list[ClassSpec],
+    classes: Sequence[Any],
     brightness: np.ndarray,
     background: np.ndarray,
+    paint: Painter = _paint_shape,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw the clip, objects back to front (object 0 furthest back).
+    """Draw the clip, objects back to front (object 0 furthest back); `paint` gives each object's
+    inside-test and colours at its local coordinates (shapes, or real drawings).
 
     Returns frames uint8 [T, H, W, 3], instance maps uint8 [T, H, W] (0 background, j + 1 object j,
     after occlusion) and each object's own area in pixels float [n, T].
@@ -140,15 +160,8 @@ def _render(
             cos_a, sin_a = np.cos(layout.angle[j, t]), np.sin(layout.angle[j, t])
             u = (dx * cos_a + dy * sin_a) / r
             v = (-dx * sin_a + dy * cos_a) / r
-            inside = _shape_mask(spec.shape, u, v)
+            inside, colour = paint(spec, u, v, brightness[j])
             areas[j, t] = inside.sum()
-            bright = _texture_mask(spec.texture, u, v)
-            shade = (1.0 - 0.18 * np.minimum(u * u + v * v, 1.0)) * brightness[j]
-            colour = np.where(
-                bright[..., None],
-                np.asarray(spec.colour, dtype=np.float32) / 255.0,
-                np.asarray(spec.colour_dark, dtype=np.float32) / 255.0,
-            ) * shade[..., None]
             patch = canvas[y0:y1, x0:x1]
             patch[inside] = colour[inside]
             instances[t, y0:y1, x0:x1][inside] = j + 1

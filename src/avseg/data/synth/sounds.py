@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import wave
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,13 +75,17 @@ def _background_noise(rng: np.random.Generator, num_samples: int) -> np.ndarray:
 
 def _mix_audio(
     rng: np.random.Generator,
-    classes: list[ClassSpec],
+    classes: Sequence[Any],
     sounding: np.ndarray,
     snr_db: float,
+    signal: Callable[[Any, np.random.Generator, int], np.ndarray] = _class_signal,
+    stems: np.ndarray | None = None,
 ) -> np.ndarray:
     """The clip's audio: sounding objects' sounds + background noise at `snr_db`.
 
-    `sounding` bool [n_objects, T]. Returns int16 [T * SR].
+    `sounding` bool [n_objects, T]; `signal(spec, rng, num_samples)` gives one instance's sound
+    (RMS 1). If `stems` float [n_objects, T * SR] is given, each object's gated sound (before the
+    clip's final scaling) is written into it. Returns int16 [T * SR].
     """
     num_objects, num_frames = sounding.shape
     num_samples = num_frames * SAMPLE_RATE
@@ -87,7 +93,10 @@ def _mix_audio(
     for j, spec in enumerate(classes):
         if sounding[j].any():
             gain = 10.0 ** (rng.uniform(-3.0, 3.0) / 20.0)  # instance loudness, +-3 dB
-            mix += gain * _class_signal(spec, rng, num_samples) * _gate(sounding[j])
+            stem = gain * signal(spec, rng, num_samples) * _gate(sounding[j])
+            mix += stem
+            if stems is not None:
+                stems[j] = stem
     noise = _background_noise(rng, num_samples)
     signal_rms = float(np.sqrt(np.mean(mix**2)))
     if signal_rms > 0.0:

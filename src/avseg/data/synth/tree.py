@@ -40,6 +40,9 @@ def generate(
     max_objects: int = 4,
     distractor_prob: float = 0.85,
     jpeg_quality: int = 95,
+    assets: str = "synthetic",
+    soundfont: str | None = None,
+    assets_dir: str | None = None,
 ) -> Path:
     """Write a SynthAVS tree for `subset` at `root` (the folder that will hold the CSV).
 
@@ -51,6 +54,7 @@ def generate(
         subset, seed=seed, image_size=image_size, num_classes=num_classes,
         clips_per_split=clips_per_split, snr_db=snr_db, write_pkl=write_pkl,
         max_objects=max_objects, distractor_prob=distractor_prob, jpeg_quality=jpeg_quality,
+        assets=assets, soundfont=soundfont, assets_dir=assets_dir,
     )
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
