@@ -310,3 +310,27 @@ def test_another_soundfont_changes_only_the_melodies(tmp_path):
     ra = synth.resolve_options("ms3", **options)
     rb = synth.resolve_options("ms3", soundfont=str(TIMGM), **options)
     assert synth.cache_key("ms3", ra) != synth.cache_key("ms3", rb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a real-asset tree
+
+
+@needs_packages
+def test_fast_dev_run_of_the_real_experiment(tmp_path, monkeypatch):
+    """experiment=synth_real_ms3 generates its tree, trains a step and tests, end to end."""
+    from helpers_train import TINY_MODEL, TINY_SYNTH, compose_train
+
+    from avseg.train import run
+
+    monkeypatch.setenv("AVSEG_CACHE", str(tmp_path / "cache"))
+    cfg = compose_train(
+        ["experiment=synth_real_ms3", "debug=fast_dev_run", *TINY_SYNTH, *TINY_MODEL, "trainer.enable_progress_bar=false"],
+        run_dir=tmp_path / "run",
+    )
+    assert cfg.data.synth.assets == "real"
+    metrics = run(cfg)
+    assert 0.0 <= metrics["test/miou"] <= 1.0 and "test/fscore" in metrics
+    (tree,) = (tmp_path / "cache" / "synth").glob("ms3-*")
+    sidecar = json.loads((tree / synth.SIDECAR_NAME).read_text())
+    assert sidecar["options"]["assets"] == "real" and sidecar["options"]["image_size"] == 48
