@@ -44,7 +44,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def _pickle_log_mel(samples: np.ndarray, num_frames: int) -> bytes:
     """The official `.pkl`: a pickled float tensor [T, 1, 96, 64] saved with requires_grad, as
-    the official preprocessing left it (AVSBENCH.md section 4), from the quantised WAV samples."""
+    the official preprocessing left it (docs/DATA.md), from the quantised WAV samples."""
     import torch  # only when pickles are wanted
 
     from avseg.data.audio import fit_examples, log_mel_examples

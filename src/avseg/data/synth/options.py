@@ -123,7 +123,7 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
     if not isinstance(write_pkl, bool):
         raise ConfigError(f"write_pkl: expected true or false, got {write_pkl!r}")
     if write_pkl and subset == "avss":
-        raise ConfigError("write_pkl: AVSS ships no pickled log-mel (AVSBENCH.md 4); allowed: false")
+        raise ConfigError("write_pkl: AVSS ships no pickled log-mel (docs/DATA.md); allowed: false")
 
     distractor_prob = merged["distractor_prob"]
     if isinstance(distractor_prob, bool) or not isinstance(distractor_prob, (int, float)):
