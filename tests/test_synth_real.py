@@ -148,6 +148,28 @@ def test_missing_soundfont_is_a_clear_error(tmp_path):
         synth.generate(tmp_path / "t", "ms3", soundfont=str(tmp_path / "none.sf2"), **SMALL)
 
 
+@needs_packages
+def test_assets_dir_of_extracted_packages_gives_the_same_media(real_trees, tmp_path):
+    """`assets_dir=` (packages extracted with dpkg-deb -x, as docs/SYNTHAVS.md tells users without
+    root): the same frames, masks and audio as the installed packages; the sidecar says where from."""
+    extracted = tmp_path / "extracted"
+    for relative in ("usr/share/gcompris-qt/rcc/instruments.rcc", "usr/share/gcompris-qt/rcc/explore_farm_animals.rcc",
+                     "usr/share/sounds/sf2/FluidR3_GM.sf2"):
+        (extracted / relative).parent.mkdir(parents=True, exist_ok=True)
+        (extracted / relative).symlink_to(Path("/") / relative)
+    for package in ("gcompris-qt-data", "fluid-soundfont-gm"):
+        doc = extracted / "usr/share/doc" / package
+        doc.mkdir(parents=True)
+        for name in ("copyright", "changelog.Debian.gz"):
+            (doc / name).symlink_to(Path("/usr/share/doc") / package / name)
+    tree = synth.generate(tmp_path / "ms3", "ms3", assets_dir=str(extracted), **SMALL)
+    media = lambda files: {k: v for k, v in files.items() if k.endswith((".png", ".wav", ".csv"))}  # noqa: E731
+    assert media(_files(tree)) == media(_files(real_trees["ms3"]))
+    sidecar = json.loads((tree / synth.SIDECAR_NAME).read_text())
+    assert sidecar["classes"][0]["drawing"]["bundle"].startswith(str(extracted))
+    assert sidecar["assets"]["packages"]["gcompris-qt-data"] == assets.package_version("gcompris-qt-data", Path("/"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The classes
 

@@ -53,6 +53,25 @@ def _missing(package: str, what: str) -> ConfigError:
     )
 
 
+def require_all(root: Path, *, soundfont: str | None, melodies: bool = True) -> None:
+    """One ConfigError naming every missing package (files under `root`, programs on PATH)."""
+    missing: dict[str, str] = {}
+    for relative, package in PACKAGE_OF.items():
+        if "/" in relative:
+            if relative == DEFAULT_SOUNDFONT and (soundfont is not None or not melodies):
+                continue
+            if not (root / relative).is_file():
+                missing.setdefault(package, str(root / relative))
+        elif (relative != "fluidsynth" or melodies) and shutil.which(relative) is None:
+            missing.setdefault(package, f"the program {relative!r} on PATH")
+    if missing:
+        listed = "; ".join(f"{package} ({what} not found)" for package, what in missing.items())
+        raise ConfigError(
+            f"SynthAVS assets=real needs the Debian package(s) {listed}; install them with "
+            f"`sudo {APT_LINE}`, or set assets_dir= to a folder of extracted packages (docs/SYNTHAVS.md)"
+        )
+
+
 def asset_root(assets_dir: str | os.PathLike | None) -> Path:
     """`/` (the installed packages) or the folder of extracted packages."""
     if assets_dir is None:
@@ -95,15 +114,34 @@ def rcc(path: Path) -> RccArchive:
 # Versions and licences
 
 
+_PROGRAM_OF = {"fluidsynth": "fluidsynth", "librsvg2-bin": "rsvg-convert"}
+
+
+def _dpkg_version(package: str) -> str | None:
+    if shutil.which("dpkg-query") is None:
+        return None
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
+
+
 def package_version(package: str, root: Path) -> str:
     """The installed version (dpkg-query) or, for extracted packages, the first line of the
-    package's Debian changelog."""
-    if root == Path("/") and shutil.which("dpkg-query"):
-        result = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, check=False
-        )
-        if result.returncode == 0 and result.stdout.strip():
-            return result.stdout.strip()
+    package's Debian changelog. Programs (fluidsynth, rsvg-convert) are the ones on PATH: their
+    package's installed version, else the program's own `--version` line."""
+    if package in _PROGRAM_OF:
+        version = _dpkg_version(package)
+        if version is not None:
+            return version
+        program = require_program(_PROGRAM_OF[package])
+        result = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+        lines = (result.stdout or result.stderr).strip().splitlines()
+        if result.returncode != 0 or not lines:
+            raise _missing(package, f"a version from `{program} --version`")
+        return f"{lines[0].strip()} (not a Debian package)"
+    if root == Path("/"):
+        version = _dpkg_version(package)
+        if version is not None:
+            return version
     changelog = root / "usr/share/doc" / package / "changelog.Debian.gz"
     try:
         first = gzip.decompress(changelog.read_bytes()).decode("utf-8", "replace").splitlines()[0]

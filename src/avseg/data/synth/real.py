@@ -93,6 +93,7 @@ def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | No
     chosen = REAL_CLASSES[:num_classes]
     melodic = [(spec[3][1], pitch) for spec in chosen if spec[3][0] == "melody"
                for pitch in range(spec[3][2], spec[3][3] + 1)]
+    assets.require_all(root, soundfont=soundfont, melodies=bool(melodic))
     font = assets.resolve_soundfont(root, soundfont) if melodic else None
     bank = assets.render_notes(font, melodic) if melodic else {}
     out = []
@@ -147,6 +148,7 @@ def soundfont_licence(root: Path, font: Path, soundfont: str | None) -> dict[str
 def asset_versions(assets_dir: str | None, soundfont: str | None) -> dict[str, Any]:
     """Package versions (and the soundfont file) that a real tree is made from: part of its cache key."""
     root = assets.asset_root(assets_dir)
+    assets.require_all(root, soundfont=soundfont)
     versions = {package: assets.package_version(package, root) for package in PACKAGES}
     font = assets.resolve_soundfont(root, soundfont)
     package = _soundfont_package(root, font, soundfont)
