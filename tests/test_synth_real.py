@@ -59,7 +59,9 @@ def _tiny_rcc(compressed_payload: bytes | None = None) -> bytes:
         encoded = name.encode("utf-16-be")
         names += struct.pack(">HI", len(name), 0) + encoded
     plain = b"hello rcc"
-    packed = compressed_payload if compressed_payload is not None else struct.pack(">I", 1000) + zlib.compress(b"x" * 1000)
+    packed = compressed_payload
+    if packed is None:
+        packed = struct.pack(">I", 1000) + zlib.compress(b"x" * 1000)
     data = struct.pack(">I", len(plain)) + plain
     second = len(data)
     data += struct.pack(">I", len(packed)) + packed
@@ -347,7 +349,8 @@ def test_fast_dev_run_of_the_real_experiment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AVSEG_CACHE", str(tmp_path / "cache"))
     cfg = compose_train(
-        ["experiment=synth_real_ms3", "debug=fast_dev_run", *TINY_SYNTH, *TINY_MODEL, "trainer.enable_progress_bar=false"],
+        ["experiment=synth_real_ms3", "debug=fast_dev_run", *TINY_SYNTH, *TINY_MODEL,
+         "trainer.enable_progress_bar=false"],
         run_dir=tmp_path / "run",
     )
     assert cfg.data.synth.assets == "real"

@@ -101,7 +101,9 @@ def resolve_soundfont(root: Path, soundfont: str | None) -> Path:
         return require_file(root, DEFAULT_SOUNDFONT)
     path = Path(soundfont).expanduser()
     if not path.is_file():
-        raise ConfigError(f"soundfont: {str(path)!r} is not a file (a SoundFont 2 .sf2, e.g. {'/' + DEFAULT_SOUNDFONT})")
+        raise ConfigError(
+            f"soundfont: {str(path)!r} is not a file (a SoundFont 2 .sf2, e.g. {'/' + DEFAULT_SOUNDFONT})"
+        )
     return path
 
 

@@ -170,7 +170,9 @@ def paint_sprite(spec: RealClassSpec, u: np.ndarray, v: np.ndarray, brightness: 
     return inside, colour
 
 
-def real_signal(spec: RealClassSpec, rng: np.random.Generator, num_samples: int, log: list[dict[str, Any]]) -> np.ndarray:
+def real_signal(
+    spec: RealClassSpec, rng: np.random.Generator, num_samples: int, log: list[dict[str, Any]]
+) -> np.ndarray:
     """One instance's sound over the whole clip, RMS 1: float64 [num_samples]. What was played
     (melody notes, or recording cut) is appended to `log`."""
     signal = np.zeros(num_samples)
