@@ -257,7 +257,7 @@ def test_ensure_reuses_a_complete_tree(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a complete tree must not be regenerated")
 
-    monkeypatch.setattr(synth, "_write_tree", fail)
+    monkeypatch.setattr(synth.tree, "_write_tree", fail)
     assert synth.ensure_synth_tree(tmp_path, "s4", **SMALL) == root
     monkeypatch.undo()
     other = synth.ensure_synth_tree(tmp_path, "s4", seed=1, **SMALL)
@@ -265,7 +265,7 @@ def test_ensure_reuses_a_complete_tree(tmp_path, monkeypatch):
 
 
 def test_interrupted_generation_is_never_used_and_is_rebuilt(tmp_path, monkeypatch):
-    original = synth._write_clip
+    original = synth.layouts._write_clip
     calls = {"n": 0}
 
     def crash_after_two(*args, **kwargs):
@@ -274,11 +274,11 @@ def test_interrupted_generation_is_never_used_and_is_rebuilt(tmp_path, monkeypat
             raise RuntimeError("simulated crash during generation")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "_write_clip", crash_after_two)
+    monkeypatch.setattr(synth.layouts, "_write_clip", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         synth.ensure_synth_tree(tmp_path, "ms3", **SMALL)
     assert list(tmp_path.iterdir()) == []  # neither a tree nor a partial folder is left
-    monkeypatch.setattr(synth, "_write_clip", original)
+    monkeypatch.setattr(synth.layouts, "_write_clip", original)
     root = synth.ensure_synth_tree(tmp_path, "ms3", **SMALL)
     assert check_tree(root, "ms3") == []
     assert [p.name for p in tmp_path.iterdir()] == [root.name]
@@ -306,11 +306,11 @@ def test_sigkill_mid_generation_leaves_nothing_usable(tmp_path):
         f"""
         import time
         from avseg.data import synth
-        original = synth._write_clip
+        original = synth.layouts._write_clip
         def slow_write_clip(*args, **kwargs):
             original(*args, **kwargs)
             time.sleep(0.2)
-        synth._write_clip = slow_write_clip
+        synth.layouts._write_clip = slow_write_clip
         synth.ensure_synth_tree({str(tmp_path)!r}, "s4", **{options!r})
         """
     )
@@ -402,16 +402,16 @@ def test_command_defaults_are_the_trees_the_synth_configs_use(subset):
 def test_concurrent_generation_of_the_same_tree_uses_the_first_finished(tmp_path, monkeypatch):
     """Another process finishes the same tree while this one is generating: this one's rename
     fails, its partial folder is removed and the finished tree is returned."""
-    original = synth._write_tree
+    original = synth.tree._write_tree
     resolved = synth.resolve_options("s4", **SMALL)
     target = tmp_path / f"s4-{synth.cache_key('s4', resolved)}"
 
     def write_then_lose_the_race(root, subset, options):
         original(root, subset, options)
-        monkeypatch.setattr(synth, "_write_tree", original)
+        monkeypatch.setattr(synth.tree, "_write_tree", original)
         synth.generate(target, subset, **options)  # "the other process" completes first
 
-    monkeypatch.setattr(synth, "_write_tree", write_then_lose_the_race)
+    monkeypatch.setattr(synth.tree, "_write_tree", write_then_lose_the_race)
     root = synth.ensure_synth_tree(tmp_path, "s4", **SMALL)
     assert root == target and synth.is_complete(root, "s4", resolved)
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
