@@ -59,12 +59,19 @@ def test_paper_config_builds_with_resnet50_and_runs():
     )
     net = build_qdformer(cfg).eval()
     assert net.backbone.out_channels == [256, 512, 1024, 2048]
-    assert len(net.fusion.encoder.layers) == 6 and len(net.decoder.layers) == 6
+    # ReferFormer R50's options (opts.py): 4 + 4 layers, FFN 2048, mask_dim 256, per-layer box heads
+    assert len(net.fusion.encoder.layers) == 4 and len(net.decoder.layers) == 4
+    assert net.fusion.encoder.layers[0].linear1.out_features == 2048
+    assert net.decoder.layers[0].linear1.out_features == 2048
+    assert net.decoder.layers[0].dropout1.p == 0.1
+    assert net.fusion.mask_dim == 256 and net.decoder.mask_head.layer_shapes[0] == (8, 258)
+    assert len(net.decoder.bbox_embed) == 4 and net.decoder.mask_head.controller_layout == "referformer"
+    assert net.decoder.mask_head.rel_coords_unit == "pixels"
     with torch.no_grad():
         out = net(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128))
     assert out["pred_masks"].shape == (1, 2, 4, 16, 16)
     assert out["pred_logits"].shape == (1, 2, 4, 70)
-    assert len(out["aux_outputs"]) == 5
+    assert len(out["aux_outputs"]) == 3
 
 
 def test_missing_pretrained_path_is_an_error_not_random_init():

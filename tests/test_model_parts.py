@@ -169,8 +169,11 @@ def test_decoder_rejects_more_queries_than_table():
 
 
 def test_dynamic_mask_head_matches_per_query_convolutions():
+    """Interleaved layout [w0 b0 w1 b1 w2 b2], coordinates in [0, 1] (the CPU demo's head)."""
     torch.manual_seed(0)
-    head = DynamicMaskHead(dim=DIM, mask_dim=5, channels=4, num_layers=3)
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=5, channels=4, num_layers=3, controller_layout="interleaved", rel_coords_unit="unit"
+    )
     queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
     masks = head(queries, centres, feats)
     assert masks.shape == (2, 3, 6, 7)
@@ -193,6 +196,56 @@ def test_dynamic_mask_head_matches_per_query_convolutions():
                 if i < 2:
                     x = x.relu()
             torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_mask_head_reads_the_controller_as_referformer():
+    """ReferFormer's reading: the controller output split into [w0, w1, w2, b0, b1, b2]
+    (weights then biases); relative coordinates in input-image pixels, the reference centre
+    scaled by the image size minus the stride-4 cell centres 4 * k + 2."""
+    torch.manual_seed(0)
+    head = DynamicMaskHead(dim=DIM, mask_dim=5, channels=4, num_layers=3)  # defaults: referformer, pixels
+    queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
+    masks = head(queries, centres, feats)
+    params = head.controller(queries)
+    weight_nums, bias_nums = [(5 + 2) * 4, 4 * 4, 4], [4, 4, 1]
+    img_h, img_w = 6 * 4, 7 * 4
+    loc_y, loc_x = torch.meshgrid(torch.arange(0, img_h, 4.0) + 2, torch.arange(0, img_w, 4.0) + 2, indexing="ij")
+    for n in range(2):
+        for q in range(3):
+            splits = torch.split(params[n, q], weight_nums + bias_nums)
+            weights, biases = splits[:3], splits[3:]
+            cx, cy = centres[n, q, 0] * img_w, centres[n, q, 1] * img_h
+            x = torch.cat((feats[n], torch.stack((cx - loc_x, cy - loc_y))))[None]
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                x = torch.nn.functional.conv2d(x, w.reshape(b.numel(), -1, 1, 1), b)
+                if i < 2:
+                    x = x.relu()
+            torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_box_heads_refine_4d_reference_boxes():
+    """Deformable DETR box refinement: layer l's box = sigmoid(bbox_embed[l](h_l) + logit(ref_l)),
+    ref_0 = the 2-D reference point (size from the head alone), ref_{l+1} = detached box_l (4-D),
+    and the mask head reads the detached box centre."""
+    torch.manual_seed(0)
+    decoder = SemanticGuidedDecoder(
+        dim=DIM, num_classes=2, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
+        dropout=0.0, ms_deform_backend="torch",
+    )
+    assert len(decoder.bbox_embed) == 3 and len(decoder.class_embed) == 3
+    assert decoder.bbox_embed[0].layers[-1].bias[2:].eq(-2.0).all() and decoder.bbox_embed[1].layers[-1].bias.eq(0).all()
+    for head in decoder.bbox_embed:  # non-zero last layers, so refinement shows
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    seen = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append(args[2]))
+    memory, shapes, start = flatten_levels(_levels())
+    out = decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
+    assert seen[0].shape[-1] == 2 and seen[1].shape[-1] == 4 and seen[2].shape[-1] == 4
+    torch.testing.assert_close(seen[1][:, :, 0], out["boxes"][0])
+    torch.testing.assert_close(seen[2][:, :, 0], out["boxes"][1])
+    assert not seen[1].requires_grad
+    assert not torch.allclose(out["boxes"][0], out["boxes"][1])
 
 
 def _outputs(num_classes: int):
