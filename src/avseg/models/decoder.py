@@ -130,19 +130,23 @@ class DynamicMaskHead(nn.Module):
 
     def param_slices(self) -> list[tuple[slice, slice]]:
         """Per dynamic layer: (weight slice, bias slice) of the controller's output vector."""
+        return self.param_slices_for(self.layer_shapes, self.controller_layout)
+
+    @staticmethod
+    def param_slices_for(layer_shapes: list[tuple[int, int]], layout: str) -> list[tuple[slice, slice]]:
+        """(weight slice, bias slice) per layer of ``[(out, in), ...]`` read in ``layout``."""
         slices = []
-        if self.controller_layout == "referformer":
-            offset = 0
+        offset = 0
+        if layout == "referformer":
             weights = []
-            for out_ch, in_ch in self.layer_shapes:
+            for out_ch, in_ch in layer_shapes:
                 weights.append(slice(offset, offset + out_ch * in_ch))
                 offset += out_ch * in_ch
-            for (out_ch, _), weight in zip(self.layer_shapes, weights):
+            for (out_ch, _), weight in zip(layer_shapes, weights):
                 slices.append((weight, slice(offset, offset + out_ch)))
                 offset += out_ch
             return slices
-        offset = 0
-        for out_ch, in_ch in self.layer_shapes:
+        for out_ch, in_ch in layer_shapes:
             weight = slice(offset, offset + out_ch * in_ch)
             offset += out_ch * in_ch
             slices.append((weight, slice(offset, offset + out_ch)))
