@@ -203,7 +203,9 @@ def test_dynamic_mask_head_reads_the_controller_as_referformer():
     (weights then biases); relative coordinates in input-image pixels, the reference centre
     scaled by the image size minus the stride-4 cell centres 4 * k + 2."""
     torch.manual_seed(0)
-    head = DynamicMaskHead(dim=DIM, mask_dim=5, channels=4, num_layers=3)  # defaults: referformer, pixels
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=5, channels=4, num_layers=3, controller_layout="referformer", rel_coords_unit="pixels"
+    )
     queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
     masks = head(queries, centres, feats)
     params = head.controller(queries)
@@ -230,7 +232,7 @@ def test_per_layer_box_heads_refine_4d_reference_boxes():
     torch.manual_seed(0)
     decoder = SemanticGuidedDecoder(
         dim=DIM, num_classes=2, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
-        dropout=0.0, ms_deform_backend="torch",
+        dropout=0.0, ms_deform_backend="torch", box_head="per_layer",
     )
     assert len(decoder.bbox_embed) == 3 and len(decoder.class_embed) == 3
     assert decoder.bbox_embed[0].layers[-1].bias[2:].eq(-2.0).all() and decoder.bbox_embed[1].layers[-1].bias.eq(0).all()

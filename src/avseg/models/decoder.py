@@ -105,8 +105,8 @@ class DynamicMaskHead(nn.Module):
         channels: int = 8,
         num_layers: int = 3,
         rel_coords: bool = True,
-        controller_layout: str = "referformer",
-        rel_coords_unit: str = "pixels",
+        controller_layout: str = "interleaved",
+        rel_coords_unit: str = "unit",
         stride: int = 4,
     ) -> None:
         super().__init__()
@@ -189,6 +189,10 @@ class SemanticGuidedDecoder(nn.Module):
     ``logits [layers, N, Q, num_classes]``, ``boxes [layers, N, Q, 4]``, ``masks [layers, N, Q, H/4, W/4]``
     with ``Q = K + extra_queries``.
 
+    The keyword defaults are avseg's earlier head (so checkpoints whose stored config predates
+    these switches rebuild unchanged); the paper setup sets ReferFormer's values in
+    ``conf/model/decoder/deformable.yaml``.
+
     ``box_head``:
 
     - ``"per_layer"`` (Deformable DETR / ReferFormer ``--with_box_refine``): one class head and
@@ -216,12 +220,12 @@ class SemanticGuidedDecoder(nn.Module):
         max_queries: int = 32,
         extra_queries: int = 0,
         box_refine: bool = True,
-        box_head: str = "per_layer",
+        box_head: str = "shared",
         dynamic_mask_channels: int = 8,
         controller_layers: int = 3,
-        controller_layout: str = "referformer",
+        controller_layout: str = "interleaved",
         rel_coords: bool = True,
-        rel_coords_unit: str = "pixels",
+        rel_coords_unit: str = "unit",
         prior_prob: float = 0.01,
         ms_deform_backend: str = "auto",
     ) -> None:
