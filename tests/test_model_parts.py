@@ -7,7 +7,8 @@ import torch
 
 from avseg.errors import ConfigError
 from avseg.models.decoder import DynamicMaskHead, SemanticGuidedDecoder
-from avseg.models.fusion import AudioVisualFusion, flatten_levels
+from avseg.models.fusion import AudioVisualFusion, DualCrossModalBlock, flatten_levels
+from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.postprocess import binary_logits, semantic_scores
 
@@ -125,14 +126,15 @@ def test_early_fusion_forms():
         AudioVisualFusion(dim=DIM, res2_channels=12, early_fusion_form="concat")
 
 
+@pytest.mark.parametrize("dual_form", ["r2vos", "gate"])
 @pytest.mark.parametrize("dual_stride", [8, 16, 32])
-def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
+def test_dual_block_gates_the_chosen_encoder_level(dual_stride, dual_form):
     """The dual block works on the encoder output of the configured stride (its input has that
     level's size) and its output reaches the mask features (a gradient arrives at its filters)."""
     torch.manual_seed(0)
     fusion = AudioVisualFusion(
         dim=DIM, res2_channels=12, fpn_type="audio_dual", num_heads=4, num_points=2, num_encoder_layers=1,
-        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride,
+        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride, dual_form=dual_form,
     )
     seen = []
     fusion.dual.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
@@ -141,6 +143,30 @@ def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
     assert seen == [(2, DIM, side, side)]
     out["mask_features"].square().sum().backward()
     assert fusion.dual.filter_proj.weight.grad.abs().sum() > 0
+
+
+def test_r2vos_dual_block_attends_over_the_clip_and_masks_padded_frames():
+    """R2VOS's block is clip-level: frame 0's output depends on frame 1's pixels and audio (the
+    per-frame gate does not); a padded frame (frame_valid false) influences no other frame."""
+    torch.manual_seed(0)
+    block = R2VOSDualBlock(dim=DIM, num_heads=4, ffn_dim=64, dropout=0.0, pool_size=3).eval()
+    visual, audio = torch.randn(4, DIM, 3, 3), torch.randn(4, 2, DIM)  # B = 2 clips of T = 2
+    out, prompts = block(visual, audio, num_frames=2)
+    assert out.shape == visual.shape and prompts.shape == audio.shape
+    changed_visual, changed_audio = visual.clone(), audio.clone()
+    changed_visual[1] += 1.0
+    changed_audio[1] += 1.0
+    out2, prompts2 = block(changed_visual, changed_audio, num_frames=2)
+    assert not torch.allclose(out2[0], out[0]) and not torch.allclose(prompts2[0], prompts[0])
+    torch.testing.assert_close(out2[2:], out[2:])  # the other clip is untouched
+    valid = torch.tensor([[True, False], [True, True]])
+    masked, _ = block(visual, audio, num_frames=2, frame_valid=valid)
+    masked2, _ = block(changed_visual, changed_audio, num_frames=2, frame_valid=valid)
+    torch.testing.assert_close(masked2[0], masked[0])
+    gate = DualCrossModalBlock(dim=DIM, num_heads=4, ffn_dim=64, dropout=0.0, num_groups=8).eval()
+    torch.testing.assert_close(gate(changed_visual, changed_audio)[0][0], gate(visual, audio)[0][0])
+    with pytest.raises(ConfigError, match="dual_form"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, dual_form="film")
 
 
 @pytest.mark.parametrize("extra", [0, 2])
