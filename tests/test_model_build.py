@@ -257,13 +257,13 @@ def test_init_from_loads_a_referformer_r50_checkpoint_into_the_paper_setup(tmp_p
     paper setup's model; every backbone / input_proj / transformer / box-head / controller tensor
     lands, nothing but the allowed groups is left at init."""
     cfg = model_config("qdformer", ["backbone.weights=null", "backbone.random_init=true", "audio_encoder=embeddings"])
-    net = build_qdformer(cfg)
     state = referformer_state()
+    state["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(7)  # as a plain-BatchNorm checkpoint would hold
     path = write_referformer_checkpoint(tmp_path / "r50_pretrained.pth", state)
     cfg["init_from"] = str(path)
     net = build_qdformer(cfg)
     for key, value in state.items():
-        if key.startswith("backbone.0.body."):
+        if key.startswith("backbone.0.body.") and not key.endswith("num_batches_tracked"):
             torch.testing.assert_close(net.state_dict()["backbone.body." + key.removeprefix("backbone.0.body.")], value)
     torch.testing.assert_close(net.decoder.bbox_embed[3].layers[2].bias, state["bbox_embed.3.layers.2.bias"])
     torch.testing.assert_close(net.decoder.layers[3].linear1.weight, state["transformer.decoder.layers.3.linear1.weight"])
@@ -271,6 +271,7 @@ def test_init_from_loads_a_referformer_r50_checkpoint_into_the_paper_setup(tmp_p
     torch.testing.assert_close(net.decoder.mask_head.controller.layers[2].weight, state["controller.layers.2.weight"])
     report = load_init_from(net, path)
     assert not any("beyond" in reason for reason in report.skipped)  # 4 + 4 layers: nothing left over
+    assert "backbone.0.body.bn1.num_batches_tracked" in report.skipped_keys
     left = {".".join(k.split(".")[:2]) for k in report.left_at_init}
     assert left <= {"audio_encoder.embed", "audio_encoder.proj", "audio_encoder.norm", "decoder.query_pos",
                     "decoder.class_embed"} | {k for k in left if k.startswith(("decomposition.", "fusion.", "audio_encoder."))}

@@ -214,7 +214,10 @@ def load_init_from(net: nn.Module, path: str | os.PathLike) -> InitReport:
             report.skipped[f"{name}: layers beyond this model's depth ({depth[layer.group(1)]})"].append(key)
             continue
         if target not in own:
-            absent.append(f"{key} -> {target}")
+            if key.endswith(".num_batches_tracked"):  # a BatchNorm counter; avseg's FrozenBatchNorm has none
+                report.skipped[f"{name}: BatchNorm step counters (this model's norm layers keep none)"].append(key)
+            else:
+                absent.append(f"{key} -> {target}")
             continue
         if own[target].shape != value.shape:
             wrong_shape.append(f"{key} {tuple(value.shape)} -> {target} {tuple(own[target].shape)}")
