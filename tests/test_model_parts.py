@@ -251,6 +251,28 @@ def test_dynamic_mask_head_reads_the_controller_as_referformer():
             torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rel_coords", [True, False])
+def test_dynamic_mask_head_factorised_first_layer_equals_the_concatenation(rel_coords):
+    """Wide mask features take the factorised first layer (no per-query copy of the features);
+    it computes what the narrow path's concatenation computes, for stacked layers too."""
+    torch.manual_seed(0)
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=64, channels=4, num_layers=3, rel_coords=rel_coords,
+        controller_layout="referformer", rel_coords_unit="pixels",
+    )
+    queries, centres, feats = torch.randn(2, 3, 2, DIM), torch.rand(2, 3, 2, 2), torch.randn(3, 64, 5, 6)
+    masks = head(queries, centres, feats)  # [layers 2, N 3, Q 2, 5, 6]
+    assert masks.shape == (2, 3, 2, 5, 6)
+    from avseg.models import decoder as decoder_module
+    original = decoder_module.FACTORISED_MIN_CHANNELS
+    decoder_module.FACTORISED_MIN_CHANNELS = 10**6  # force the concatenation path
+    try:
+        reference = head(queries, centres, feats)
+    finally:
+        decoder_module.FACTORISED_MIN_CHANNELS = original
+    torch.testing.assert_close(masks, reference, rtol=1e-4, atol=1e-3)
+
+
 def test_per_layer_box_heads_refine_4d_reference_boxes():
     """Deformable DETR box refinement: layer l's box = sigmoid(bbox_embed[l](h_l) + logit(ref_l)),
     ref_0 = the 2-D reference point (size from the head alone), ref_{l+1} = detached box_l (4-D),

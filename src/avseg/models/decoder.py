@@ -78,6 +78,8 @@ class DeformableDecoderLayer(nn.Module):
 CONTROLLER_LAYOUTS = ("referformer", "interleaved")
 REL_COORD_UNITS = ("pixels", "unit")
 BOX_HEADS = ("per_layer", "shared")
+# mask-feature width from which the dynamic head's first layer is computed factorised (see forward)
+FACTORISED_MIN_CHANNELS = 64
 
 
 class DynamicMaskHead(nn.Module):
@@ -153,26 +155,46 @@ class DynamicMaskHead(nn.Module):
             offset += out_ch
         return slices
 
+    def _relative_coords(self, centres: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        """``centres [..., N, Q, 2]`` -> offsets to every cell centre ``[..., N, Q, 2, h*w]``."""
+        ys = (torch.arange(h, device=centres.device, dtype=dtype) + 0.5) / h
+        xs = (torch.arange(w, device=centres.device, dtype=dtype) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        locations = torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=0)  # [2, hw]
+        rel = centres[..., :, None] - locations  # [..., N, Q, 2, hw]
+        if self.rel_coords_unit == "pixels":
+            # input-image pixels: cell centres at stride * k + stride / 2 (ReferFormer)
+            scale = torch.tensor([w * self.stride, h * self.stride], device=rel.device, dtype=rel.dtype)
+            rel = rel * scale[:, None]
+        return rel.to(dtype)
+
     def forward(self, queries: torch.Tensor, centres: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         n, d, h, w = mask_features.shape
         lead = queries.shape[:-1]  # [..., N, Q]
         params = self.controller(queries)  # [..., N, Q, P]
         feats = mask_features.flatten(2)  # [N, D, hw]
-        feats = feats.expand(*lead[:-2], n, d, h * w)[..., None, :, :].expand(*lead, d, h * w)
-        if self.rel_coords:
-            ys = (torch.arange(h, device=feats.device, dtype=feats.dtype) + 0.5) / h
-            xs = (torch.arange(w, device=feats.device, dtype=feats.dtype) + 0.5) / w
-            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-            locations = torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=0)  # [2, hw]
-            rel = centres[..., :, None] - locations  # [..., N, Q, 2, hw]
-            if self.rel_coords_unit == "pixels":
-                # input-image pixels: cell centres at stride * k + stride / 2 (ReferFormer)
-                scale = torch.tensor([w * self.stride, h * self.stride], device=rel.device, dtype=rel.dtype)
-                rel = rel * scale[:, None]
-            x = torch.cat((feats, rel.to(feats.dtype)), dim=-2)
+        slices = self.param_slices()
+        rel = self._relative_coords(centres, h, w, feats.dtype) if self.rel_coords else None
+        if d >= FACTORISED_MIN_CHANNELS:
+            # wide mask features (the paper setup's 256): the first layer as W_feat @ features
+            # (one matmul per frame for all queries and layers) + W_rel @ offsets, instead of
+            # copying the features for every query and layer before the concatenation (ReferFormer
+            # repeats them per query); the same function, without the [layers, N, Q, D, hw] copy
+            out_ch, in_ch = self.layer_shapes[0]
+            weight = params[..., slices[0][0]].unflatten(-1, (out_ch, in_ch))  # [..., N, Q, o, in]
+            per_frame = weight[..., :d].movedim(-4, 0)  # [N, ..., Q, o, D]
+            x = torch.matmul(per_frame.reshape(n, -1, d), feats).reshape(*per_frame.shape[:-1], h * w).movedim(0, -4)
+            if rel is not None:
+                x = x + torch.matmul(weight[..., d:], rel)
+            x += params[..., slices[0][1]][..., None]
+            layers = list(zip(self.layer_shapes, slices))[1:]
+            x = F.relu(x, inplace=True)
         else:
-            x = feats
-        for index, ((out_ch, in_ch), (weight_slice, bias_slice)) in enumerate(zip(self.layer_shapes, self.param_slices())):
+            x = feats.expand(*lead[:-2], n, d, h * w)[..., None, :, :].expand(*lead, d, h * w)
+            if rel is not None:
+                x = torch.cat((x, rel), dim=-2)
+            layers = list(zip(self.layer_shapes, slices))
+        for index, ((out_ch, in_ch), (weight_slice, bias_slice)) in enumerate(layers, start=len(self.layer_shapes) - len(layers)):
             weight = params[..., weight_slice].unflatten(-1, (out_ch, in_ch))
             bias = params[..., bias_slice]
             # bias and relu in place: neither the matmul nor the add keeps its output for backward
