@@ -36,7 +36,7 @@ PARTS = {
     "neck (input projection)": "neck",
     "early fusion (gated cross-attn)": "fusion.early_fusion",
     "deformable encoder": "fusion.encoder",
-    "dual block": "fusion.dual",
+    "dual block": "fusion.dual",  # R2VOS's clip-level block in the paper setup (model.fusion.dual_form)
     "decoder + heads": "decoder",
 }
 
@@ -154,7 +154,9 @@ def main() -> None:
     lines = [
         "# QDFormer CPU latency (benchmarks/model_latency.py)",
         "",
-        f"s4_r50 model part (ResNet-50, C = 256, 6+6 layers, VGGish on log-mel, binary), one clip "
+        f"s4_r50 model part (ResNet-50, C = 256, {len(net.fusion.encoder.layers)}+{len(net.decoder.layers)} layers, "
+        f"FFN {net.decoder.layers[0].linear1.out_features}, mask_dim {net.fusion.mask_dim}, "
+        f"{net.decoder.box_head} box heads, dual block {net.fusion.dual_form}, VGGish on log-mel, binary), one clip "
         f"[1, {args.frames}, 3, {args.size}, {args.size}], fp32, eval, `torch.inference_mode` (FLOPs counted in a separate grad-enabled pass), "
         f"deformable attention torch path; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "

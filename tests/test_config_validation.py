@@ -146,6 +146,23 @@ def test_dual_stride_must_be_an_encoder_stride(configs):
     assert "8 | 16 | 32" in _only_problem(cfg, "model.fusion.dual_stride")
 
 
+@pytest.mark.parametrize(
+    ("key", "allowed"),
+    [
+        ("model.fusion.dual_form", "r2vos | gate"),
+        ("model.decoder.box_head", "per_layer | shared"),
+        ("model.decoder.controller_layout", "referformer | interleaved"),
+        ("model.decoder.rel_coords_unit", "pixels | unit"),
+        ("model.loss.match_level", "clip | frame"),
+        ("model.decomposition.vq_loss_form", "vqvae | taming_legacy"),
+    ],
+)
+def test_paper_fidelity_switches_name_their_values(configs, key, allowed):
+    cfg = _copy(configs, "train")
+    OmegaConf.update(cfg, key, "bogus", force_add=True)
+    assert allowed in _only_problem(cfg, key)
+
+
 def _without_similarity(cfg):
     """The demo (the train config's default experiment) turns the similarity switches on; off here."""
     cfg.model.fusion.audio_similarity_dim = 0

@@ -303,3 +303,87 @@ def test_similarity_weight_needs_the_similarity_map() -> None:
     plain = SetCriterion(num_classes=1, semantic=False)(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
     assert "loss_similarity" in terms
     torch.testing.assert_close(terms["loss"], plain["loss"])
+
+
+# ------------------------------------------------------------------ clip-level matching (ReferFormer)
+@pytest.mark.parametrize("semantic", [False, True])
+def test_clip_matching_equals_frame_matching_with_one_labelled_frame_per_clip(semantic: bool) -> None:
+    """With one labelled frame per clip the clip instance is the frame object: same terms."""
+    generator = torch.Generator().manual_seed(3)
+    classes = 70 if semantic else 1
+    outputs = _random_outputs(generator, 2, 3, 4, classes, aux_layers=1)
+    outputs["pred_boxes"] = torch.rand(2, 3, 4, 4, generator=generator) * 0.5 + 0.25
+    outputs["aux_outputs"][0]["pred_boxes"] = outputs["pred_boxes"].flip(2)
+    masks = _block_masks(2, 3, semantic)
+    label_valid = torch.zeros(2, 3, dtype=torch.bool)
+    label_valid[0, 0] = label_valid[1, 1] = True
+    clip = SetCriterion(num_classes=classes, semantic=semantic, match_level="clip")(outputs, masks, label_valid)
+    frame = SetCriterion(num_classes=classes, semantic=semantic, match_level="frame")(outputs, masks, label_valid)
+    assert set(clip) == set(frame)
+    for name in frame:
+        torch.testing.assert_close(clip[name], frame[name], msg=name)
+
+
+def test_clip_matching_picks_the_query_that_follows_the_object() -> None:
+    """Query 0 fits frame 0 best but misses frames 1-2; query 1 fits all three reasonably: the clip
+    match takes query 1 for every frame, the frame match takes query 0 in frame 0."""
+    masks = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.long)
+    masks[0, :, 4:12, 4:12] = 1
+    small = masks[0, :, ::4, ::4].float()
+    mask_logits = torch.full((1, 3, 2, SIZE // 4, SIZE // 4), -8.0)
+    mask_logits[0, 0, 0] = small[0] * 16 - 8  # perfect in frame 0
+    mask_logits[0, :, 1] = small * 4 - 2  # good everywhere
+    outputs = {"pred_logits": torch.zeros(1, 3, 2, 1), "pred_masks": mask_logits}
+    labelled = torch.ones(1, 3, dtype=torch.bool)
+    clip = SetCriterion(num_classes=1, semantic=False, match_level="clip", weight_bbox=0, weight_giou=0)
+    targets = clip.build_targets(masks, labelled, (SIZE // 4, SIZE // 4))
+    instances = clip.clip_instances(targets, 3)
+    assert len(instances) == 1 and instances[0]["objects"].tolist() == [[0, 1, 2]]
+    frames = {k: v.flatten(0, 1) for k, v in outputs.items()}
+    frames["pred_boxes"] = torch.full((3, 2, 4), 0.5)
+    clip_target = {
+        "labels": torch.tensor([0]), "masks": targets.masks[None], "boxes": targets.boxes[None],
+        "present": torch.ones(1, 3, dtype=torch.bool),
+    }
+    (query, _), = clip.matcher.match_clips([frames], [clip_target])
+    assert query.tolist() == [1]
+    per_frame = clip.matcher(frames, targets.per_frame)
+    assert per_frame[0][0].tolist() == [0] and per_frame[1][0].tolist() == [1]
+
+
+def test_clip_mask_and_dice_are_per_instance_over_its_labelled_frames() -> None:
+    """One object present in frame 0, absent in frame 1 (both labelled), frame 2 unlabelled:
+    mask focal = mean over the two frames' pixels, dice over both frames together (empty target
+    in frame 1), class target only in frame 0, all divided by the 1 (frame, object) pair."""
+    generator = torch.Generator().manual_seed(5)
+    masks = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.long)
+    masks[0, 0, 0:8, 0:8] = 1
+    masks[0, 2, 8:16, 8:16] = 1  # unlabelled: must be ignored
+    labelled = torch.tensor([[True, True, False]])
+    outputs = _random_outputs(generator, 1, 3, 1, 1)
+    outputs["pred_boxes"] = torch.full((1, 3, 1, 4), 0.4)
+    terms = SetCriterion(num_classes=1, semantic=False, match_level="clip")(outputs, masks, labelled)
+    logits = outputs["pred_masks"][0, :2, 0].detach().flatten()  # two labelled frames, one query
+    target = (masks[0, :2, ::4, ::4] > 0).float().flatten()
+    prob = logits.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = 0.25 * target + 0.75 * (1 - target)
+    focal = (alpha_t * ce * (1 - p_t) ** 2).mean()
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    torch.testing.assert_close(terms["loss_mask"].detach(), focal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_dice"].detach(), dice, rtol=1e-5, atol=1e-6)
+    class_logits = outputs["pred_logits"][0, :2, 0, 0].detach()
+    class_target = torch.tensor([1.0, 0.0])
+    p = class_logits.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(class_logits, class_target, reduction="none")
+    p_t = p * class_target + (1 - p) * (1 - class_target)
+    alpha_t = 0.25 * class_target + 0.75 * (1 - class_target)
+    torch.testing.assert_close(terms["loss_class"].detach(), (alpha_t * ce * (1 - p_t) ** 2).sum(), rtol=1e-5, atol=1e-6)
+    box = torch.tensor([0.25, 0.25, 0.5, 0.5])  # frame 0's object only
+    torch.testing.assert_close(terms["loss_bbox"].detach(), (torch.full((4,), 0.4) - box).abs().sum())
+
+
+def test_match_level_is_checked() -> None:
+    with pytest.raises(ConfigError, match="match_level"):
+        SetCriterion(num_classes=1, semantic=False, match_level="video")

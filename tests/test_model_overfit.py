@@ -29,13 +29,33 @@ def _clip(semantic: bool):
     return frames, audio, masks
 
 
+def _paper_heads(num_classes: int):
+    """The tiny widths with the paper setup's ancestor choices: per-layer box heads, ReferFormer's
+    controller layout and pixel coordinates, wide mask features (the factorised first layer),
+    R2VOS's clip-level dual block, taming's VQ loss form."""
+    from test_model_build import model_config
+
+    cfg = model_config("qdformer_tiny", [f"num_classes={num_classes}", "audio_encoder=embeddings"])
+    cfg["decoder"].update(box_head="per_layer", controller_layout="referformer", rel_coords_unit="pixels")
+    cfg["fusion"].update(dual_form="r2vos", mask_dim=64)
+    cfg["decomposition"].update(vq_loss_form="taming_legacy")
+    from avseg.models.build import build_qdformer
+
+    return build_qdformer(cfg)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("heads", ["demo", "paper"])
 @pytest.mark.parametrize("semantic", [False, True])
-def test_tiny_model_overfits_one_clip(semantic):
+def test_tiny_model_overfits_one_clip(semantic, heads):
     torch.manual_seed(0)
     num_classes = 70 if semantic else 1
-    net = tiny(num_classes=num_classes)
-    criterion = SetCriterion(num_classes=num_classes, semantic=semantic)
+    if heads == "demo":
+        net = tiny(num_classes=num_classes)
+        criterion = SetCriterion(num_classes=num_classes, semantic=semantic)
+    else:
+        net = _paper_heads(num_classes)
+        criterion = SetCriterion(num_classes=num_classes, semantic=semantic, match_level="clip")
     frames, audio, masks = _clip(semantic)
     label_valid = torch.ones(1, 2, dtype=torch.bool)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)

@@ -7,7 +7,8 @@ import torch
 
 from avseg.errors import ConfigError
 from avseg.models.decoder import DynamicMaskHead, SemanticGuidedDecoder
-from avseg.models.fusion import AudioVisualFusion, flatten_levels
+from avseg.models.fusion import AudioVisualFusion, DualCrossModalBlock, flatten_levels
+from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.postprocess import binary_logits, semantic_scores
 
@@ -125,14 +126,15 @@ def test_early_fusion_forms():
         AudioVisualFusion(dim=DIM, res2_channels=12, early_fusion_form="concat")
 
 
+@pytest.mark.parametrize("dual_form", ["r2vos", "gate"])
 @pytest.mark.parametrize("dual_stride", [8, 16, 32])
-def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
+def test_dual_block_gates_the_chosen_encoder_level(dual_stride, dual_form):
     """The dual block works on the encoder output of the configured stride (its input has that
     level's size) and its output reaches the mask features (a gradient arrives at its filters)."""
     torch.manual_seed(0)
     fusion = AudioVisualFusion(
         dim=DIM, res2_channels=12, fpn_type="audio_dual", num_heads=4, num_points=2, num_encoder_layers=1,
-        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride,
+        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride, dual_form=dual_form,
     )
     seen = []
     fusion.dual.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
@@ -141,6 +143,30 @@ def test_dual_block_gates_the_chosen_encoder_level(dual_stride):
     assert seen == [(2, DIM, side, side)]
     out["mask_features"].square().sum().backward()
     assert fusion.dual.filter_proj.weight.grad.abs().sum() > 0
+
+
+def test_r2vos_dual_block_attends_over_the_clip_and_masks_padded_frames():
+    """R2VOS's block is clip-level: frame 0's output depends on frame 1's pixels and audio (the
+    per-frame gate does not); a padded frame (frame_valid false) influences no other frame."""
+    torch.manual_seed(0)
+    block = R2VOSDualBlock(dim=DIM, num_heads=4, ffn_dim=64, dropout=0.0, pool_size=3).eval()
+    visual, audio = torch.randn(4, DIM, 3, 3), torch.randn(4, 2, DIM)  # B = 2 clips of T = 2
+    out, prompts = block(visual, audio, num_frames=2)
+    assert out.shape == visual.shape and prompts.shape == audio.shape
+    changed_visual, changed_audio = visual.clone(), audio.clone()
+    changed_visual[1] += 1.0
+    changed_audio[1] += 1.0
+    out2, prompts2 = block(changed_visual, changed_audio, num_frames=2)
+    assert not torch.allclose(out2[0], out[0]) and not torch.allclose(prompts2[0], prompts[0])
+    torch.testing.assert_close(out2[2:], out[2:])  # the other clip is untouched
+    valid = torch.tensor([[True, False], [True, True]])
+    masked, _ = block(visual, audio, num_frames=2, frame_valid=valid)
+    masked2, _ = block(changed_visual, changed_audio, num_frames=2, frame_valid=valid)
+    torch.testing.assert_close(masked2[0], masked[0])
+    gate = DualCrossModalBlock(dim=DIM, num_heads=4, ffn_dim=64, dropout=0.0, num_groups=8).eval()
+    torch.testing.assert_close(gate(changed_visual, changed_audio)[0][0], gate(visual, audio)[0][0])
+    with pytest.raises(ConfigError, match="dual_form"):
+        AudioVisualFusion(dim=DIM, res2_channels=12, dual_form="film")
 
 
 @pytest.mark.parametrize("extra", [0, 2])
@@ -169,8 +195,11 @@ def test_decoder_rejects_more_queries_than_table():
 
 
 def test_dynamic_mask_head_matches_per_query_convolutions():
+    """Interleaved layout [w0 b0 w1 b1 w2 b2], coordinates in [0, 1] (the CPU demo's head)."""
     torch.manual_seed(0)
-    head = DynamicMaskHead(dim=DIM, mask_dim=5, channels=4, num_layers=3)
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=5, channels=4, num_layers=3, controller_layout="interleaved", rel_coords_unit="unit"
+    )
     queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
     masks = head(queries, centres, feats)
     assert masks.shape == (2, 3, 6, 7)
@@ -193,6 +222,80 @@ def test_dynamic_mask_head_matches_per_query_convolutions():
                 if i < 2:
                     x = x.relu()
             torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_mask_head_reads_the_controller_as_referformer():
+    """ReferFormer's reading: the controller output split into [w0, w1, w2, b0, b1, b2]
+    (weights then biases); relative coordinates in input-image pixels, the reference centre
+    scaled by the image size minus the stride-4 cell centres 4 * k + 2."""
+    torch.manual_seed(0)
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=5, channels=4, num_layers=3, controller_layout="referformer", rel_coords_unit="pixels"
+    )
+    queries, centres, feats = torch.randn(2, 3, DIM), torch.rand(2, 3, 2), torch.randn(2, 5, 6, 7)
+    masks = head(queries, centres, feats)
+    params = head.controller(queries)
+    weight_nums, bias_nums = [(5 + 2) * 4, 4 * 4, 4], [4, 4, 1]
+    img_h, img_w = 6 * 4, 7 * 4
+    loc_y, loc_x = torch.meshgrid(torch.arange(0, img_h, 4.0) + 2, torch.arange(0, img_w, 4.0) + 2, indexing="ij")
+    for n in range(2):
+        for q in range(3):
+            splits = torch.split(params[n, q], weight_nums + bias_nums)
+            weights, biases = splits[:3], splits[3:]
+            cx, cy = centres[n, q, 0] * img_w, centres[n, q, 1] * img_h
+            x = torch.cat((feats[n], torch.stack((cx - loc_x, cy - loc_y))))[None]
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                x = torch.nn.functional.conv2d(x, w.reshape(b.numel(), -1, 1, 1), b)
+                if i < 2:
+                    x = x.relu()
+            torch.testing.assert_close(masks[n, q], x[0, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rel_coords", [True, False])
+def test_dynamic_mask_head_factorised_first_layer_equals_the_concatenation(rel_coords):
+    """Wide mask features take the factorised first layer (no per-query copy of the features);
+    it computes what the narrow path's concatenation computes, for stacked layers too."""
+    torch.manual_seed(0)
+    head = DynamicMaskHead(
+        dim=DIM, mask_dim=64, channels=4, num_layers=3, rel_coords=rel_coords,
+        controller_layout="referformer", rel_coords_unit="pixels",
+    )
+    queries, centres, feats = torch.randn(2, 3, 2, DIM), torch.rand(2, 3, 2, 2), torch.randn(3, 64, 5, 6)
+    masks = head(queries, centres, feats)  # [layers 2, N 3, Q 2, 5, 6]
+    assert masks.shape == (2, 3, 2, 5, 6)
+    from avseg.models import decoder as decoder_module
+    original = decoder_module.FACTORISED_MIN_CHANNELS
+    decoder_module.FACTORISED_MIN_CHANNELS = 10**6  # force the concatenation path
+    try:
+        reference = head(queries, centres, feats)
+    finally:
+        decoder_module.FACTORISED_MIN_CHANNELS = original
+    torch.testing.assert_close(masks, reference, rtol=1e-4, atol=1e-3)
+
+
+def test_per_layer_box_heads_refine_4d_reference_boxes():
+    """Deformable DETR box refinement: layer l's box = sigmoid(bbox_embed[l](h_l) + logit(ref_l)),
+    ref_0 = the 2-D reference point (size from the head alone), ref_{l+1} = detached box_l (4-D),
+    and the mask head reads the detached box centre."""
+    torch.manual_seed(0)
+    decoder = SemanticGuidedDecoder(
+        dim=DIM, num_classes=2, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
+        dropout=0.0, ms_deform_backend="torch", box_head="per_layer",
+    )
+    assert len(decoder.bbox_embed) == 3 and len(decoder.class_embed) == 3
+    assert decoder.bbox_embed[0].layers[-1].bias[2:].eq(-2.0).all() and decoder.bbox_embed[1].layers[-1].bias.eq(0).all()
+    for head in decoder.bbox_embed:  # non-zero last layers, so refinement shows
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    seen = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append(args[2]))
+    memory, shapes, start = flatten_levels(_levels())
+    out = decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
+    assert seen[0].shape[-1] == 2 and seen[1].shape[-1] == 4 and seen[2].shape[-1] == 4
+    torch.testing.assert_close(seen[1][:, :, 0], out["boxes"][0])
+    torch.testing.assert_close(seen[2][:, :, 0], out["boxes"][1])
+    assert not seen[1].requires_grad
+    assert not torch.allclose(out["boxes"][0], out["boxes"][1])
 
 
 def _outputs(num_classes: int):

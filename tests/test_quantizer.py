@@ -100,6 +100,27 @@ def test_total_loss_is_codebook_plus_beta_commitment():
     torch.testing.assert_close(out["codebook_loss"], out["commitment_loss"])
 
 
+def test_taming_legacy_form_puts_beta_on_the_codebook_term():
+    """taming-transformers' legacy loss: mean((sg(e) - z)^2) + beta * mean((e - sg(z))^2). The
+    gradients show where beta sits: the encoder gets 2 (z - e) / (M D), the codebook beta times its
+    pull (the VQ-VAE form is the other way round)."""
+    inputs = torch.randn(12, 8, requires_grad=True)
+    legacy = _quantizer(beta=0.25, loss_form="taming_legacy")
+    out = legacy(inputs)
+    torch.testing.assert_close(out["loss"], out["commitment_loss"] + 0.25 * out["codebook_loss"])
+    out["loss"].backward()
+    codewords = legacy.codebook.detach()[out["indices"]]
+    torch.testing.assert_close(inputs.grad, 2 * (inputs.detach() - codewords) / inputs.numel())
+    legacy_codebook_grad = legacy.codebook.grad.clone()
+    inputs.grad = None
+    vqvae = _quantizer(beta=0.25, loss_form="vqvae")
+    vqvae(inputs)["loss"].backward()
+    torch.testing.assert_close(inputs.grad, 0.25 * 2 * (inputs.detach() - codewords) / inputs.numel())
+    torch.testing.assert_close(legacy_codebook_grad, 0.25 * vqvae.codebook.grad)
+    with pytest.raises(ConfigError, match="vq_loss_form"):
+        _quantizer(loss_form="sonnet")
+
+
 def test_detached_codebook_gives_codebook_no_gradient():
     quantizer = _quantizer(beta=0.25)
     inputs = torch.randn(10, 8, requires_grad=True)

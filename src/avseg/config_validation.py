@@ -74,6 +74,15 @@ MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
 FPN_TYPES = ("audio_dual", "audio", "none")
 DUAL_STRIDES = (8, 16, 32)
 GATE_FORMS = ("product", "residual_product", "sum")
+# the paper-fidelity switches (docs/MODEL.md, "Paper setup vs its ancestors")
+FIDELITY_SWITCHES = {
+    "model.fusion.dual_form": ("r2vos", "gate"),
+    "model.decoder.box_head": ("per_layer", "shared"),
+    "model.decoder.controller_layout": ("referformer", "interleaved"),
+    "model.decoder.rel_coords_unit": ("pixels", "unit"),
+    "model.loss.match_level": ("clip", "frame"),
+    "model.decomposition.vq_loss_form": ("vqvae", "taming_legacy"),
+}
 AUDIO_INPUTS = ("log_mel", "embeddings")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 EVAL_SPLITS = ("train", "val", "test")
@@ -248,6 +257,8 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     _one_of(r, "model.fusion.fpn_type", r.get("model.fusion.fpn_type"), FPN_TYPES)
     _one_of(r, "model.fusion.dual_stride", r.get("model.fusion.dual_stride"), DUAL_STRIDES)
     _one_of(r, "model.fusion.early_fusion_form", r.get("model.fusion.early_fusion_form"), GATE_FORMS)
+    for key, allowed in FIDELITY_SWITCHES.items():
+        _one_of(r, key, r.get(key), allowed)
     similarity = r.get("model.fusion.audio_similarity_dim")
     if similarity is not _ABSENT and _int_at_least(r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"):
         if similarity > 0 and r.get("model.fusion.fpn_type") == "none":

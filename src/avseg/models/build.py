@@ -1,4 +1,4 @@
-"""Build a ``QDFormer`` from the plain ``model`` config; ``model.init_from`` checkpoint import.
+"""Build a ``QDFormer`` from the plain ``model`` config (``model.init_from``: `avseg.models.init_from`).
 
 ``build_qdformer(model_cfg)`` reads these keys of the ``model`` config (other top-level keys, e.g.
 the optimiser settings of the LightningModule, are ignored here):
@@ -15,19 +15,14 @@ the optimiser settings of the LightningModule, are ignored here):
 
 from __future__ import annotations
 
-import argparse
-import os
-import re
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import hydra.utils
 from hydra.errors import InstantiationException
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from avseg.errors import AvsegError, CheckpointError, ConfigError
+from avseg.errors import AvsegError, ConfigError
+from avseg.models.init_from import load_init_from
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.qdformer import QDFormer
 
@@ -109,145 +104,4 @@ def build_qdformer(model_cfg: Mapping) -> QDFormer:
     return net
 
 
-# --------------------------------------------------------------------------------------------
-# model.init_from: ReferFormer-family checkpoints (r50_pretrained.pth: backbone + deformable
-# transformer). Key mapping table: checkpoint regex -> this model's key template.
-REFERFORMER_KEY_MAP: tuple[tuple[str, str], ...] = (
-    (r"^backbone\.0\.body\.(.+)$", r"backbone.body.\1"),
-    (r"^input_proj\.(\d+)\.(.+)$", r"neck.proj.\1.\2"),
-    (r"^transformer\.level_embed$", r"fusion.encoder.level_embed"),
-    (r"^transformer\.encoder\.layers\.(\d+)\.(.+)$", r"fusion.encoder.layers.\1.\2"),
-    (r"^transformer\.decoder\.layers\.(\d+)\.(.+)$", r"decoder.layers.\1.\2"),
-    (r"^transformer\.reference_points\.(.+)$", r"decoder.reference_points.\1"),
-)
-
-# Checkpoint keys that are expected to have no counterpart here (text branch, heads sized for
-# another task, ReferFormer's own pixel decoder); anything else unmapped is an error.
-REFERFORMER_ALLOWED_UNEXPECTED: tuple[str, ...] = (
-    r"^text_encoder\.",
-    r"^resizer\.",
-    r"^fusion_module\.",
-    r"^text_pos\.",
-    r"^pixel_decoder\.",
-    r"^controller\.",
-    r"^class_embed\.",
-    r"^bbox_embed\.",
-    r"^query_embed\.",
-    r"^transformer\.decoder\.(class_embed|bbox_embed)\.",
-    r"^backbone\.0\.body\.fc\.",
-    r"\.num_batches_tracked$",
-)
-
-# Keys of this model that a ReferFormer checkpoint does not provide (left at their init):
-# the audio branch, the audio-visual fusion parts, the FPN and the heads.
-REFERFORMER_ALLOWED_MISSING: tuple[str, ...] = (
-    r"^audio_encoder\.",
-    r"^decomposition\.",
-    r"^fusion\.(early_fusion|dual|out16|out8|reduce8|lateral4|out4|mask_proj)\.",
-    r"^decoder\.(query_pos|extra_content|class_embed|bbox_embed|mask_head)\.",
-    r"\.num_batches_tracked$",
-)
-
-_LAYER_KEY = re.compile(r"^(fusion\.encoder|decoder)\.layers\.(\d+)\.")
-
-
-@dataclass
-class InitReport:
-    """What ``load_init_from`` did: checkpoint keys loaded (as model keys), checkpoint keys skipped
-    (allowed-unexpected or layers beyond this model's depth), model keys left at their init."""
-
-    path: str
-    loaded: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    left_at_init: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        def grouped(keys: list[str]) -> str:
-            groups = Counter(".".join(k.split(".")[:-1][:3]) or k for k in keys)  # module path, 3 levels deep
-            return "\n".join(f"    {name}.* ({count})" for name, count in sorted(groups.items()))
-
-        return (
-            f"init_from {self.path}\n"
-            f"  loaded: {len(self.loaded)} tensors\n{grouped(self.loaded)}\n"
-            f"  skipped (in checkpoint, not used): {len(self.skipped)}\n{grouped(self.skipped)}\n"
-            f"  left at init (not in checkpoint): {len(self.left_at_init)}\n{grouped(self.left_at_init)}"
-        )
-
-
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise CheckpointError(path, "init_from checkpoint does not exist")
-    try:
-        # ReferFormer checkpoints may carry their argparse.Namespace `args`: a plain attribute bag.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - reported with the file name
-        raise CheckpointError(path, f"cannot be read as a weights-only torch file: {exc}") from exc
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(path, "expected a state dict, or a dict with the state dict under `model`")
-    return dict(state)
-
-
-def _map_key(key: str) -> str | None:
-    for pattern, template in REFERFORMER_KEY_MAP:
-        if re.match(pattern, key):
-            return re.sub(pattern, template, key)
-    return None
-
-
-def load_init_from(net: QDFormer, path: str | os.PathLike, *, verbose: bool = True) -> InitReport:
-    """Initialise ``net`` from a ReferFormer-family checkpoint via ``REFERFORMER_KEY_MAP``.
-
-    Errors (``CheckpointError`` naming the file and the keys): a checkpoint key that maps nowhere
-    and is not in ``REFERFORMER_ALLOWED_UNEXPECTED``; a mapped key absent from this model (other
-    than layers beyond this model's depth); a shape mismatch; a model key not provided by the
-    checkpoint and not in ``REFERFORMER_ALLOWED_MISSING``. Prints and returns an ``InitReport``.
-    """
-    path = os.fspath(path)
-    state = _read_checkpoint(path)
-    own = net.state_dict()
-    depth = {"fusion.encoder": len(net.fusion.encoder.layers), "decoder": len(net.decoder.layers)}
-    report = InitReport(path=path)
-    to_load: dict[str, torch.Tensor] = {}
-    unknown, absent, wrong_shape = [], [], []
-    for key, value in state.items():
-        if any(re.search(p, key) for p in REFERFORMER_ALLOWED_UNEXPECTED):
-            report.skipped.append(key)
-            continue
-        target = _map_key(key)
-        if target is None:
-            unknown.append(key)
-            continue
-        if target not in own:
-            layer = _LAYER_KEY.match(target)
-            if layer and int(layer.group(2)) >= depth[layer.group(1)]:
-                report.skipped.append(key)
-            elif target.endswith("num_batches_tracked"):
-                report.skipped.append(key)
-            else:
-                absent.append(f"{key} -> {target}")
-            continue
-        if own[target].shape != value.shape:
-            wrong_shape.append(f"{key} {tuple(value.shape)} -> {target} {tuple(own[target].shape)}")
-            continue
-        to_load[target] = value
-    not_provided = [k for k in own if k not in to_load]
-    disallowed_missing = [k for k in not_provided if not any(re.search(p, k) for p in REFERFORMER_ALLOWED_MISSING)]
-    problems = []
-    if unknown:
-        problems.append(f"unexpected checkpoint keys (not in the mapping or the allow-list): {sorted(unknown)}")
-    if absent:
-        problems.append(f"mapped keys this model does not have: {sorted(absent)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {sorted(wrong_shape)}")
-    if disallowed_missing:
-        problems.append(f"model keys the checkpoint does not provide: {sorted(disallowed_missing)}")
-    if problems:
-        raise CheckpointError(path, "; ".join(problems))
-    net.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    report.left_at_init = sorted(not_provided)
-    if verbose:
-        print(report.summary())
-    return report
+__all__ = ["build_qdformer", "load_init_from"]

@@ -1,4 +1,8 @@
-"""Set criterion of QDFormer: per-frame Hungarian matching and the DETR-family losses.
+"""Set criterion of QDFormer: Hungarian matching (per clip or per frame) and the DETR-family losses.
+
+``match_level: clip`` (the paper setup, ReferFormer's criterion): one match per clip, a query being
+one object across the clip; see ``SetCriterion._stream_losses_clip``. ``match_level: frame`` (the
+keyword default and the CPU demo): every labelled frame matched on its own, as described below.
 
 Targets (DESIGN.md section 1.7 / HELPERS.md):
   - binary (AVS, ``semantic=False``, ``num_classes=1``): a labelled frame whose mask has any
@@ -61,6 +65,7 @@ from avseg.models.matcher import (
 __all__ = ["SetCriterion", "FrameTargets"]
 
 _SEGMENTATION_TERMS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
+MATCH_LEVELS = ("clip", "frame")
 
 
 class FrameTargets:
@@ -131,6 +136,7 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         mask_resolution: str = "pred",
+        match_level: str = "frame",
     ) -> None:
         """
         Args:
@@ -143,6 +149,9 @@ class SetCriterion(nn.Module):
             focal_alpha, focal_gamma: the sigmoid focal loss parameters (class and mask terms).
             mask_resolution: ``"pred"`` or ``"target"`` (see `avseg.models.matcher`); must equal
                 the matcher's.
+            match_level: ``"clip"`` (ReferFormer: one match per clip, mask / dice per instance over
+                the clip's labelled frames) or ``"frame"`` (every frame matched on its own; the
+                keyword default, avseg's earlier criterion; the paper setup sets ``clip``).
         """
         super().__init__()
         if num_classes < 1:
@@ -154,6 +163,8 @@ class SetCriterion(nn.Module):
             )
         if mask_resolution not in MASK_RESOLUTIONS:
             raise ConfigError(f"criterion.mask_resolution={mask_resolution!r}: allowed values are {MASK_RESOLUTIONS}")
+        if match_level not in MATCH_LEVELS:
+            raise ConfigError(f"criterion.match_level={match_level!r}: allowed values are {MATCH_LEVELS}")
         weights = {
             "loss_class": weight_class,
             "loss_bbox": weight_bbox,
@@ -190,6 +201,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.mask_resolution = mask_resolution
+        self.match_level = match_level
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, semantic={self.semantic}, weights={self.weight_dict}"
@@ -340,6 +352,128 @@ class SetCriterion(nn.Module):
         return losses
 
     @staticmethod
+    def clip_instances(targets: FrameTargets, length: int) -> list[dict[str, Tensor]]:
+        """Group the labelled frames' objects into clip-level instances (one per class per clip).
+
+        Returns one dict per clip that has labelled frames: ``frames`` [F_b] long (positions among
+        the labelled frames), ``labels`` [n] long, ``objects`` [n, F_b] long (index into the flat
+        targets, -1 where the instance is absent from that frame).
+        """
+        frame_clip = (targets.frame_ids // length).tolist()
+        first_object = [0]
+        for count in targets.counts[:-1]:
+            first_object.append(first_object[-1] + count)
+        labels_host = targets.labels.tolist()
+        clips: dict[int, list[int]] = {}
+        for position, clip in enumerate(frame_clip):
+            clips.setdefault(clip, []).append(position)
+        result = []
+        for positions in clips.values():
+            per_frame = {}
+            for column, position in enumerate(positions):
+                for offset in range(targets.counts[position]):
+                    index = first_object[position] + offset
+                    per_frame[(labels_host[index], column)] = index
+            labels = sorted({label for label, _ in per_frame})
+            objects = torch.full((len(labels), len(positions)), -1, dtype=torch.long)
+            for (label, column), index in per_frame.items():
+                objects[labels.index(label), column] = index
+            result.append(
+                {
+                    "frames": torch.as_tensor(positions, dtype=torch.long),
+                    "labels": torch.as_tensor(labels, dtype=torch.long),
+                    "objects": objects,
+                }
+            )
+        return result
+
+    def _stream_losses_clip(
+        self, output: dict[str, Any], targets: FrameTargets, clips: list[dict[str, Tensor]], num_objects: float
+    ) -> dict[str, Tensor]:
+        """The five terms with one match per clip (ReferFormer): a matched query is the instance's
+        prediction in every labelled frame of the clip. Class: the matched query's target is the
+        instance's class in the frames where it is present (no object elsewhere); boxes: over those
+        frames; mask focal / dice: per instance over all the clip's labelled frames taken together
+        (empty target where absent), summed over instances. All divided by ``num_objects`` (the
+        (frame, object) pairs, ReferFormer's ``num_boxes``)."""
+        frames = self._select_frames(output, targets.frame_ids)
+        anchor = _zero_connected(output["pred_logits"], output["pred_masks"], output.get("pred_boxes"))
+        if frames["pred_logits"].shape[0] == 0:
+            return {name: anchor for name in _SEGMENTATION_TERMS}
+        device = frames["pred_logits"].device
+        if "pred_boxes" not in frames:
+            frames["pred_boxes"] = predicted_boxes(frames["pred_masks"])
+        empty = targets.masks.new_zeros((1, *targets.masks.shape[1:]))
+        empty_box = targets.boxes.new_zeros((1, 4))
+        flat_masks = torch.cat((targets.masks, empty))  # index -1 -> the empty mask
+        flat_boxes = torch.cat((targets.boxes, empty_box))
+        clip_outputs, clip_targets = [], []
+        for clip in clips:
+            positions = clip["frames"].to(device)
+            objects = clip["objects"].to(device)
+            clip_outputs.append({key: frames[key][positions] for key in ("pred_logits", "pred_masks", "pred_boxes")})
+            clip_targets.append(
+                {
+                    "labels": clip["labels"].to(device),
+                    "masks": flat_masks[objects],
+                    "boxes": flat_boxes[objects],
+                    "present": objects >= 0,
+                }
+            )
+        indices = self.matcher.match_clips(clip_outputs, clip_targets)
+
+        # rows: (matched instance, labelled frame of its clip)
+        row_frame, row_query, row_object, row_instance = [], [], [], []
+        instance = 0
+        for clip, (query_ids, instance_ids) in zip(clips, indices):
+            for query, inst in zip(query_ids.tolist(), instance_ids.tolist()):
+                row_frame.append(clip["frames"])
+                row_query.append(torch.full_like(clip["frames"], query))
+                row_object.append(clip["objects"][inst])
+                row_instance.append(torch.full_like(clip["frames"], instance))
+                instance += 1
+        logits = frames["pred_logits"].float()
+        pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        if instance == 0:
+            return {"loss_class": (neg.sum() / num_objects) + anchor, **{name: anchor for name in _SEGMENTATION_TERMS[1:]}}
+        frame_index = torch.cat(row_frame).to(device)
+        query_index = torch.cat(row_query).to(device)
+        object_index = torch.cat(row_object).to(device)
+        instance_index = torch.cat(row_instance).to(device)
+        present = object_index >= 0
+
+        class_target = torch.zeros_like(logits)
+        class_target[frame_index[present], query_index[present], targets.labels[object_index[present]]] = 1.0
+        losses = {"loss_class": (class_target * pos + (1 - class_target) * neg).sum() / num_objects + anchor}
+
+        src_masks = frames["pred_masks"][frame_index, query_index].float()  # [R, h, w]
+        src_aligned, tgt_aligned = align_masks(src_masks, flat_masks[object_index], self.mask_resolution)
+        src_flat, tgt_flat = src_aligned.flatten(1), tgt_aligned.flatten(1)
+        pos_m, neg_m = sigmoid_focal_terms(src_flat, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        focal_rows = (tgt_flat * pos_m + (1 - tgt_flat) * neg_m).sum(1)
+        prob = src_flat.sigmoid()
+
+        def per_instance(values: Tensor) -> Tensor:
+            return values.new_zeros((instance,)).index_add_(0, instance_index, values)
+
+        pixels = per_instance(torch.full_like(focal_rows, float(src_flat.shape[1])))
+        losses["loss_mask"] = (per_instance(focal_rows) / pixels).sum() / num_objects
+        inter = per_instance((prob * tgt_flat).sum(1))
+        dice = 1 - (2 * inter + 1) / (per_instance(prob.sum(1)) + per_instance(tgt_flat.sum(1)) + 1)
+        losses["loss_dice"] = dice.sum() / num_objects
+
+        if not bool(present.any()):
+            losses["loss_bbox"] = anchor
+            losses["loss_giou"] = anchor
+            return losses
+        src_boxes = frames["pred_boxes"][frame_index[present], query_index[present]].float()
+        tgt_boxes = targets.boxes[object_index[present]]
+        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        return losses
+
+    @staticmethod
     def _similarity_loss(similarity: Tensor, masks: Tensor, label_valid: Tensor) -> Tensor:
         """BCE + (1 - dice) of the similarity map [B, T, 1, h, w] against the labelled frames'
         foreground, averaged over those frames (0, still connected, without any)."""
@@ -375,11 +509,19 @@ class SetCriterion(nn.Module):
         targets = self.build_targets(masks.to(device), label_valid.to(device), tuple(pred_masks.shape[-2:]))
         num_objects = self._global_num_objects(targets.num_objects, pred_masks.device)
 
-        terms: dict[str, Tensor] = {}
-        for name, value in self._stream_losses(outputs, targets, num_objects).items():
-            terms[name] = value
+        if self.match_level == "clip":
+            clips = self.clip_instances(targets, pred_masks.shape[1])
+
+            def stream(output: dict[str, Any]) -> dict[str, Tensor]:
+                return self._stream_losses_clip(output, targets, clips, num_objects)
+        else:
+
+            def stream(output: dict[str, Any]) -> dict[str, Tensor]:
+                return self._stream_losses(output, targets, num_objects)
+
+        terms: dict[str, Tensor] = dict(stream(outputs))
         for layer, aux in enumerate(outputs.get("aux_outputs") or []):
-            for name, value in self._stream_losses(aux, targets, num_objects).items():
+            for name, value in stream(aux).items():
                 terms[f"{name}_aux{layer}"] = value
 
         quant = outputs.get("quant")

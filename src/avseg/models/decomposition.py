@@ -138,7 +138,9 @@ class AudioDecomposition(nn.Module):
     - ``global_codes`` [B, K, C]: quantised clip-level codes (straight-through gradient),
     - ``local_codes`` [B, T, K, C]: quantised frame-level codes (the decoder's content queries);
       the global codes broadcast over T when local calibration is off, and at padded frames,
-    - ``vq_loss`` scalar: global codebook + beta * commitment, plus beta * the local commitment,
+    - ``vq_loss`` scalar: the global quantiser loss (``vq_loss_form`` "vqvae": codebook + beta *
+      commitment; "taming_legacy": commitment + beta * codebook) plus the local commitment term
+      (weighted beta in "vqvae", 1 in "taming_legacy"; the local branch does not train the codebook),
     - ``distill_loss`` scalar: local-to-global distillation (0 without local calibration),
     - ``perplexity`` scalar, ``usage`` float [N] (global code counts this batch),
       ``dead_codes`` long scalar (codes whose usage EMA is below threshold),
@@ -172,6 +174,7 @@ class AudioDecomposition(nn.Module):
         prototype_init_std: float = 1.0,
         codebook_update: str = "loss",
         codebook_ema_decay: float = 0.8,
+        vq_loss_form: str = "vqvae",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -262,6 +265,7 @@ class AudioDecomposition(nn.Module):
                 codebook_init=codebook_init,
                 codebook_update=codebook_update,
                 codebook_ema_decay=codebook_ema_decay,
+                loss_form=vq_loss_form,
             )
 
     # ------------------------------------------------------------------ encoders
@@ -377,7 +381,7 @@ class AudioDecomposition(nn.Module):
             local_q = self.quantizer(
                 local_features, valid_mask=local_valid, detach_codebook=True, update_stats=False
             )
-            vq_loss = vq_loss + local_q["loss"]  # beta * commitment only: the codebook is detached
+            vq_loss = vq_loss + local_q["loss"]  # the commitment term only: the codebook is detached
             local_codes = torch.where(frame_mask[..., None], self._to_tokens(local_q["quantized"]), broadcast_codes)
             local_indices = torch.where(frame_mask, local_q["indices"], broadcast_indices)
             distill = self._distillation(local_features, local_q["distances"], global_q, local_valid)

@@ -6,9 +6,11 @@ Per frame (all ``N = B*T`` frames in one batch):
    audio tokens and are multiplied by the result (ReferFormer's multiplicative fusion);
 2. a multi-scale deformable transformer encoder over the 4 fused levels (strides 8..64);
 3. the "dual" cross-modal block at the coarsest FPN level (stride 32; ``dual_stride`` 16 or 8
-   moves it to a finer encoder output): audio tokens attend to the visual tokens, visual tokens
-   attend back to the updated audio tokens, and every audio token becomes a dynamic 1x1 filter
-   whose response maps (max-pooled over tokens) gate the visual map;
+   moves it to a finer encoder output). ``dual_form: r2vos`` (the paper setup): R2VOS's dual
+   block over the whole clip with the audio tokens as its prompts (`avseg.models.layers.dual`);
+   ``dual_form: gate`` (avseg's earlier per-frame block, kept for the CPU demo): audio tokens
+   attend to the frame's visual tokens, visual tokens attend back, and every audio token becomes a
+   dynamic 1x1 filter whose response maps (max-pooled over tokens) gate the visual map;
 4. a top-down FPN from stride 32 to stride 4 (with the backbone's res2) giving mask features
    ``[N, mask_dim, H/4, W/4]``.
 
@@ -28,11 +30,13 @@ from torch import nn
 
 from avseg.errors import ConfigError
 from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
+from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
 from avseg.ops import MSDeformAttn
 
 FPN_TYPES = ("audio_dual", "audio", "none")
+DUAL_FORMS = ("r2vos", "gate")
 # stride of the encoder output the dual block works on -> index among the FPN maps (strides 8, 16, 32)
 DUAL_STRIDES = {8: 0, 16: 1, 32: 2}
 
@@ -225,7 +229,8 @@ def _conv_gn_relu(in_ch: int, out_ch: int, num_groups: int) -> nn.Sequential:
 class AudioVisualFusion(nn.Module):
     """Steps 1-4 of the module docstring.
 
-    ``forward(levels [p3, p4, p5, p6] each [N, C, h, w], res2 [N, C2, H/4, W/4], audio [N, K, C])``
+    ``forward(levels [p3, p4, p5, p6] each [N, C, h, w], res2 [N, C2, H/4, W/4], audio [N, K, C],
+    num_frames=T, frame_valid [B, T] | None)``
     -> dict with ``memory [N, S, C]``, ``spatial_shapes [L, 2]``, ``level_start_index [L]``,
     ``memory_pos [1, S, C]``, ``mask_features [N, mask_dim, H/4, W/4]``, ``audio [N, K, C]``
     (after the dual block) and ``similarity`` (the audio-visual similarity map [N, 1, H/4, W/4], the
@@ -252,10 +257,14 @@ class AudioVisualFusion(nn.Module):
         early_fusion_form: str = "product",
         audio_similarity_dim: int = 0,
         similarity_to_masks: bool = False,
+        dual_form: str = "gate",
+        dual_pool_size: int = 3,
     ) -> None:
         super().__init__()
         if fpn_type not in FPN_TYPES:
             raise ConfigError(f"model.fusion.fpn_type: {fpn_type!r} is not one of {FPN_TYPES}")
+        if dual_form not in DUAL_FORMS:
+            raise ConfigError(f"model.fusion.dual_form: {dual_form!r} is not one of {DUAL_FORMS}")
         if early_fusion_form not in GATE_FORMS:
             raise ConfigError(f"model.fusion.early_fusion_form: {early_fusion_form!r} is not one of {GATE_FORMS}")
         if dual_stride not in DUAL_STRIDES:
@@ -294,11 +303,17 @@ class AudioVisualFusion(nn.Module):
             dropout=dropout,
             backend=ms_deform_backend,
         )
-        self.dual = (
-            DualCrossModalBlock(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, num_groups=num_groups)
-            if fpn_type == "audio_dual"
-            else None
-        )
+        self.dual_form = dual_form
+        if fpn_type != "audio_dual":
+            self.dual = None
+        elif dual_form == "r2vos":
+            self.dual = R2VOSDualBlock(
+                dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, pool_size=dual_pool_size
+            )
+        else:
+            self.dual = DualCrossModalBlock(
+                dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, num_groups=num_groups
+            )
         # top-down FPN: stride 32 -> 16 -> 8 at width C, then stride 4 at the narrower stride4_dim
         self.out16 = _conv_gn_relu(dim, dim, num_groups)
         self.out8 = _conv_gn_relu(dim, dim, num_groups)
@@ -315,7 +330,17 @@ class AudioVisualFusion(nn.Module):
             else None
         )
 
-    def forward(self, levels: Sequence[torch.Tensor], res2: torch.Tensor, audio: torch.Tensor) -> dict:
+    def forward(
+        self,
+        levels: Sequence[torch.Tensor],
+        res2: torch.Tensor,
+        audio: torch.Tensor,
+        *,
+        num_frames: int = 1,
+        frame_valid: torch.Tensor | None = None,
+    ) -> dict:
+        """``num_frames`` (T) and ``frame_valid [B, T]`` are read by the clip-level ``r2vos`` dual
+        block only (frames are clip-major: ``N = B * T``)."""
         audio_in = audio
         src, spatial_shapes, level_start_index = flatten_levels(levels)
         pos = self.encoder.positions(levels)
@@ -327,7 +352,11 @@ class AudioVisualFusion(nn.Module):
         maps = []
         for (h, w), start in zip(spatial_shapes.tolist(), level_start_index.tolist()):
             maps.append(rearrange(memory[:, start : start + h * w], "n (h w) c -> n c h w", h=h, w=w))
-        if self.dual is not None:
+        if isinstance(self.dual, R2VOSDualBlock):
+            maps[self.dual_level], audio = self.dual(
+                maps[self.dual_level], audio, num_frames=num_frames, frame_valid=frame_valid
+            )
+        elif self.dual is not None:
             maps[self.dual_level], audio = self.dual(maps[self.dual_level], audio)
         top = maps[2]
         y16 = self.out16(maps[1] + F.interpolate(top, size=maps[1].shape[-2:], mode="nearest"))

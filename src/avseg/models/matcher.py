@@ -1,4 +1,10 @@
-"""Per-frame Hungarian matching between decoder queries and ground-truth objects.
+"""Hungarian matching between decoder queries and ground-truth objects, per frame or per clip.
+
+``forward`` matches every frame on its own (``match_level: frame``). ``match_clips`` matches once
+per clip (``match_level: clip``, ReferFormer's matcher): a query is one object across the clip, and
+its cost against an object is the class and box costs averaged over the frames where the object is
+present plus the mask focal / dice costs over the clip's labelled frames taken together (an absent
+object's target is empty there), so the match is the query that follows the object best.
 
 Costs (DESIGN.md section 1.7, ReferFormer-family defaults; the matching costs equal the loss
 weights): class sigmoid focal 2, box L1 5, box GIoU 2, mask sigmoid focal 2, mask dice 5.
@@ -10,7 +16,9 @@ Mask resolution (``mask_resolution``):
     are not lost as they would be by nearest-neighbour downsampling. 16x fewer pixels than the
     alternative, on every query of every frame of every decoder layer.
   - ``"target"``: predicted mask logits are bilinearly upsampled (align_corners=False) to the
-    ground-truth resolution and compared with the binary masks there (ReferFormer's choice).
+    ground-truth resolution and compared with the binary masks there (an avseg option; ReferFormer
+    instead point-samples the ground truth at the stride-4 cell centres, ``mask[2::4, 2::4]``, and
+    compares at the prediction's resolution, as ``"pred"`` does with area sampling).
 The focal term is written as ``t * pos + (1 - t) * neg`` (the expected binary focal loss under a
 Bernoulli(t) target): for binary targets it is the usual sigmoid focal loss, and it stays linear in
 ``t``, so the pairwise matching cost of a (query, object) pair equals the mask loss of that pair.
@@ -206,6 +214,86 @@ class HungarianMatcher(nn.Module):
         dice = 1 - (numerator + 1) / (denominator + 1)
         return cost + self.cost_mask * focal + self.cost_dice * dice
 
+    def clip_cost(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        pred_boxes: Tensor,
+        target: dict[str, Tensor],
+    ) -> Tensor:
+        """Cost matrix of one clip (its labelled frames only).
+
+        Args:
+            pred_logits: [F, Nq, K]. pred_masks: [F, Nq, h, w]. pred_boxes: [F, Nq, 4] cxcywh.
+            target: ``labels`` [n], ``masks`` [n, F, H, W] (empty where absent), ``boxes`` [n, F, 4],
+                ``present`` [n, F] bool (every object present in at least one frame).
+
+        Returns:
+            [Nq, n] float32: class and box costs averaged over each object's present frames, mask
+            focal cost averaged over all F frames' pixels, dice over the F frames taken together.
+        """
+        labels, present = target["labels"], target["present"].float()  # [n], [n, F]
+        frames_present = present.sum(1).clamp_min(1.0)  # [n]
+        num_frames, num_queries = pred_logits.shape[:2]
+        cost = pred_logits.new_zeros((num_queries, labels.shape[0]), dtype=torch.float32)
+        focal = torch.zeros_like(cost)
+        inter = torch.zeros_like(cost)
+        prob_sum = torch.zeros_like(cost)
+        target_sum = cost.new_zeros((labels.shape[0],))
+        num_pixels = 0
+        for f in range(num_frames):
+            weight = present[:, f] / frames_present  # [n]
+            pos, neg = sigmoid_focal_terms(pred_logits[f].float(), alpha=self.focal_alpha, gamma=self.focal_gamma)
+            frame_cost = self.cost_class * (pos[:, labels] - neg[:, labels])
+            boxes_pred = pred_boxes[f].float()
+            boxes_target = target["boxes"][:, f].float()
+            frame_cost = frame_cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
+            frame_cost = frame_cost - self.cost_giou * generalized_box_iou(
+                box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
+            )
+            cost = cost + frame_cost * weight[None, :]
+            masks_pred, masks_target = align_masks(pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution)
+            masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
+            num_pixels += masks_pred.shape[1]
+            pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            focal = focal + pos @ masks_target.T + neg @ (1 - masks_target).T
+            prob = masks_pred.sigmoid()
+            inter = inter + prob @ masks_target.T
+            prob_sum = prob_sum + prob.sum(-1)[:, None]
+            target_sum = target_sum + masks_target.sum(-1)
+        dice = 1 - (2 * inter + 1) / (prob_sum + target_sum[None, :] + 1)
+        return cost + self.cost_mask * focal / max(num_pixels, 1) + self.cost_dice * dice
+
+    @torch.no_grad()
+    def match_clips(
+        self, clip_outputs: list[dict[str, Tensor]], clip_targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """One assignment per clip: ``clip_outputs`` / ``clip_targets`` as ``clip_cost``'s
+        arguments (``pred_logits``, ``pred_masks``, ``pred_boxes``); returns per clip
+        ``(query_indices, object_indices)`` sorted by query, on the CPU."""
+        costs = [
+            self.clip_cost(out["pred_logits"], out["pred_masks"], out["pred_boxes"], target)
+            for out, target in zip(clip_outputs, clip_targets)
+        ]
+        return self._assign(costs)
+
+    @staticmethod
+    def _assign(costs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        # One device-to-host copy for all cost matrices. Non-finite costs come from non-finite
+        # predictions, whose losses are then non-finite too: the training loop reports (or skips)
+        # such a batch. Matching them as "very bad" keeps every DDP rank on the same code path.
+        shapes = [tuple(cost.shape) for cost in costs]
+        flat = torch.cat([cost.flatten() for cost in costs]).cpu() if costs else torch.zeros(0)
+        flat = torch.nan_to_num(flat, nan=_NONFINITE_COST, posinf=_NONFINITE_COST, neginf=-_NONFINITE_COST)
+        indices: list[tuple[Tensor, Tensor]] = []
+        offset = 0
+        for rows_count, cols_count in shapes:
+            matrix = flat[offset : offset + rows_count * cols_count].view(rows_count, cols_count)
+            offset += rows_count * cols_count
+            rows, cols = linear_sum_assignment(matrix.numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return indices
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         pred_logits = _flatten_frames(outputs["pred_logits"], 2)
@@ -231,23 +319,6 @@ class HungarianMatcher(nn.Module):
                 raise ValueError(f"matcher: target labels must be in [0, {num_classes}), got [{int(low)}, {int(high)}]")
 
         costs = [
-            self.frame_cost(pred_logits[i], pred_masks[i], pred_boxes[i], targets[i]).flatten()
-            for i in range(num_frames)
+            self.frame_cost(pred_logits[i], pred_masks[i], pred_boxes[i], targets[i]) for i in range(num_frames)
         ]
-        # One device-to-host copy for all frames.
-        flat = torch.cat(costs).cpu() if costs else torch.zeros(0)
-        # Non-finite costs come from non-finite predictions, whose losses are then non-finite too:
-        # the training loop reports (or skips) such a batch. Matching them as "very bad" keeps
-        # every DDP rank on the same code path instead of one rank raising while the others wait.
-        flat = torch.nan_to_num(flat, nan=_NONFINITE_COST, posinf=_NONFINITE_COST, neginf=-_NONFINITE_COST)
-        indices: list[tuple[Tensor, Tensor]] = []
-        offset = 0
-        for target in targets:
-            count = target["labels"].shape[0]
-            matrix = flat[offset : offset + num_queries * count].view(num_queries, count)
-            offset += num_queries * count
-            rows, cols = linear_sum_assignment(matrix.numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
-            )
-        return indices
+        return self._assign(costs)

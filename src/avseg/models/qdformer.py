@@ -26,9 +26,10 @@ class QDFormer(nn.Module):
     - ``pred_similarity`` [B, T, 1, H/4, W/4], only with ``model.fusion.audio_similarity_dim`` on: the
       audio-visual similarity map (a per-pixel "sounding" logit; ``model.loss.weight_similarity``).
 
-    All B*T frames go through the backbone, fusion, encoder and decoder as one batch; only the
-    decomposition sees the clip (it is where frames interact), and padded frames (``frame_valid``
-    false) are excluded from it and from the audio tokens, and get no audio: their codes are zero.
+    All B*T frames go through the backbone, fusion, encoder and decoder as one batch; the
+    decomposition and (with ``model.fusion.dual_form: r2vos``) the dual block see the clip (where
+    frames interact), and padded frames (``frame_valid`` false) are excluded from them and from
+    the audio tokens, and get no audio: their codes are zero.
     """
 
     def __init__(
@@ -70,7 +71,7 @@ class QDFormer(nn.Module):
             codes = codes * rearrange(frame_valid, "b t -> (b t) 1 1").to(codes.dtype)
 
         levels = self.neck(features[1:])
-        fused = self.fusion(levels, features[0], codes)
+        fused = self.fusion(levels, features[0], codes, num_frames=length, frame_valid=frame_valid)
         decoded = self.decoder(
             codes, fused["memory"], fused["spatial_shapes"], fused["level_start_index"], fused["mask_features"]
         )

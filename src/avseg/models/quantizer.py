@@ -1,4 +1,4 @@
-"""Vector quantiser with one codebook (VQ-VAE style) and codebook-health statistics.
+"""Vector quantiser with one codebook and codebook-health statistics.
 
 The quantiser maps every input vector ``z`` ([..., D]) to its nearest codeword ``e_n`` (squared
 Euclidean distance), returns ``z + sg(e_n - z)`` (the straight-through estimator: the forward
@@ -6,9 +6,13 @@ value is the codeword, the gradient reaches ``z`` unchanged) and the VQ-VAE loss
 
     codebook loss   = || sg(z) - e_n ||^2      (moves the codebook toward the encoder outputs)
     commitment loss = || z - sg(e_n) ||^2      (keeps the encoder close to its code)
-    loss            = codebook loss + beta * commitment loss
+    loss            = codebook loss + beta * commitment loss     (loss_form "vqvae")
+    loss            = commitment loss + beta * codebook loss     (loss_form "taming_legacy")
 
-each averaged over the valid positions and the D channels.
+each averaged over the valid positions and the D channels. ``"vqvae"`` is the VQ-VAE paper's
+form (also the one R2VOS's ``VectorQuantizer`` computes); ``"taming_legacy"`` is the form of
+taming-transformers' ``VectorQuantizer`` (``legacy=True`` in its ``VectorQuantizer2``), which the
+QDFormer author's answer points to (docs/MODEL.md, "VQ loss").
 
 Codebook health: every training-mode call with ``update_stats=True`` counts how often each code
 was chosen (summed over all processes when ``torch.distributed`` is initialised), updates an
@@ -35,6 +39,7 @@ __all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_U
 
 CODEBOOK_INITS = ("normal", "data")
 CODEBOOK_UPDATES = ("loss", "ema")
+LOSS_FORMS = ("vqvae", "taming_legacy")
 
 
 def _distributed_ready() -> bool:
@@ -69,7 +74,7 @@ class VectorQuantizer(nn.Module):
     - ``distances`` float32 [..., N]: squared distances to every codeword (differentiable w.r.t.
       the inputs; w.r.t. the codebook only when it is not detached),
     - ``loss``, ``codebook_loss``, ``commitment_loss``: scalars (``loss`` = codebook + beta *
-      commitment; with ``detach_codebook=True`` the codebook term is zero and the codebook gets no
+      commitment, or commitment + beta * codebook with ``loss_form="taming_legacy"``; with ``detach_codebook=True`` the codebook term is zero and the codebook gets no
       gradient from anything this call returns),
     - ``counts`` float [N]: how often each code was chosen at valid positions (summed over
       processes when the statistics are being updated under ``torch.distributed``),
@@ -94,8 +99,12 @@ class VectorQuantizer(nn.Module):
         codebook_init: str = "normal",
         codebook_update: str = "loss",
         codebook_ema_decay: float = 0.8,
+        loss_form: str = "vqvae",
     ) -> None:
         super().__init__()
+        if loss_form not in LOSS_FORMS:
+            raise ConfigError(f"vq_loss_form: got {loss_form!r}; allowed: {' | '.join(LOSS_FORMS)}")
+        self.loss_form = loss_form
         if int(num_codes) < 1:
             raise ConfigError(f"codebook_size: got {num_codes}; allowed: an integer >= 1")
         if int(code_dim) < 1:
@@ -180,7 +189,7 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, loss_form={self.loss_form!r}, "
             f"codebook_init={self.codebook_init}, reseed_dead_codes={self.reseed_dead_codes}"
         )
 
@@ -378,7 +387,10 @@ class VectorQuantizer(nn.Module):
             codebook_loss = commitment.new_zeros(())
         else:
             codebook_loss = ((codewords.float() - flat.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
-        loss = codebook_loss + self.beta * commitment
+        if self.loss_form == "taming_legacy":
+            loss = commitment + self.beta * codebook_loss
+        else:
+            loss = codebook_loss + self.beta * commitment
 
         # Straight-through: forward value = codeword, gradient to the inputs = identity.
         quantized = flat + (codewords - flat).detach()
