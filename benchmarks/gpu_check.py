@@ -264,10 +264,7 @@ def synth_batches(cfg, *, cache: Path, clips: int, workers: int, passes: int, ke
     """The experiment's training loader on a SynthAVS S4 tree at its image size: ``keep`` batches
     for the training steps, and the loader's clips/s (median of ``passes`` passes after a warm-up
     pass that starts the workers)."""
-    from torch.utils.data import DataLoader
-
     from avseg.data.avsbench import DATASETS
-    from avseg.data.collate import collate_clips
     from avseg.data.synth import ensure_synth_tree
 
     batch_size, _, size = clip_shape(cfg)
@@ -279,13 +276,34 @@ def synth_batches(cfg, *, cache: Path, clips: int, workers: int, passes: int, ke
     generation_s = time.perf_counter() - start
     augment = dict(data.augment) if data.get("augment") else False
     dataset = DATASETS["s4"](root, "train", image_size=size, augment=augment, audio_source="wav")
+    loader_error = None
+    try:
+        batches, rates = _time_loader(dataset, batch_size=batch_size, workers=workers, passes=passes, keep=keep)
+    except Exception as error:  # e.g. a small /dev/shm: said in the report, then the batches come from the main process
+        if workers == 0:
+            raise
+        log.exception("loader with %d workers failed", workers)
+        loader_error = f"{workers} workers failed ({type(error).__name__}: {' '.join(str(error).split())[:200]}); measured with 0"
+        workers = 0
+        batches, rates = _time_loader(dataset, batch_size=batch_size, workers=0, passes=passes, keep=keep)
+    return batches, {
+        "loader_clips_per_s": statistics.median(rates), "loader_passes": rates, "workers": workers,
+        "clips": len(dataset), "generation_s": generation_s, "batch_size": batch_size, "image_size": size,
+        "error": loader_error,
+    }
+
+
+def _time_loader(dataset, *, batch_size: int, workers: int, passes: int, keep: int) -> tuple[list[dict], list[float]]:
+    from torch.utils.data import DataLoader
+
+    from avseg.data.collate import collate_clips
+
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_clips,
         persistent_workers=workers > 0, drop_last=True,
     )
-    batches = []
-    rates = []
-    for index in range(passes + 1):
+    batches, rates = [], []
+    for index in range(passes + 1):  # the first pass starts the workers and is not timed
         start = time.perf_counter()
         count = 0
         for batch in loader:
@@ -294,10 +312,7 @@ def synth_batches(cfg, *, cache: Path, clips: int, workers: int, passes: int, ke
                 batches.append(batch)
         if index > 0:
             rates.append(count / (time.perf_counter() - start))
-    return batches, {
-        "loader_clips_per_s": statistics.median(rates), "loader_passes": rates, "workers": workers,
-        "clips": len(dataset), "generation_s": generation_s, "batch_size": batch_size, "image_size": size,
-    }
+    return batches, rates
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -348,7 +363,8 @@ def training_lines(result: dict[str, Any], loader: dict[str, Any], frames_per_cl
         f"| median step | {result['step_s_median'] * 1e3:.1f} ms |",
         f"| training clips/s | {result['clips_per_s']:.2f} |",
         f"| data loader clips/s ({loader['workers']} workers, {loader['clips']} clips, median of "
-        f"{len(loader['loader_passes'])} passes) | {loader['loader_clips_per_s']:.2f} |",
+        f"{len(loader['loader_passes'])} passes) | {loader['loader_clips_per_s']:.2f}"
+        + (f" ({loader['error']})" if loader.get("error") else "") + " |",
         f"| peak GPU memory (allocated) | {peak} |",
         f"| loss first / last / min / max | {losses[0]:.3f} / {losses[-1]:.3f} / {min(losses):.3f} / {max(losses):.3f} |",
         f"| non-finite losses / all parameters finite | {result['nonfinite_losses']} / {'yes' if result['finite_params'] else 'NO'} |",

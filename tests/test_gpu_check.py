@@ -98,3 +98,29 @@ def test_write_atomically(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "report.md"
     gpu_check.write_atomically(target, "text\n")
     assert target.read_text() == "text\n" and list(target.parent.iterdir()) == [target]
+
+
+def test_script_without_gpu_exits_with_the_reason() -> None:
+    import os
+    import subprocess
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, str(Path(gpu_check.__file__)), "--steps", "1"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 1 and "gpu_check: benchmarks/gpu_check.py needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_loader_worker_failure_is_reported_and_measured_without_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = gpu_check._time_loader
+
+    def failing_with_workers(dataset, *, workers, **kwargs):
+        if workers > 0:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error")
+        return original(dataset, workers=workers, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "_time_loader", failing_with_workers)
+    cfg = compose_experiment(["experiment=synth_s4", *TINY_SYNTH, *TINY_MODEL])
+    batches, loader = gpu_check.synth_batches(cfg, cache=tmp_path, clips=2, workers=4, passes=1, keep=1)
+    assert len(batches) == 1 and loader["workers"] == 0
+    assert loader["error"].startswith("4 workers failed (RuntimeError: DataLoader worker")
