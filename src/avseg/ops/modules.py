@@ -116,12 +116,13 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"MSDeformAttn: spatial_shapes must be [{self.num_levels}, 2], got {tuple(spatial_shapes.shape)}"
             )
-        level_total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-        if level_total != num_values:
-            raise ValueError(
-                f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to "
-                f"{level_total}"
-            )
+        if not torch.compiler.is_compiling():  # a host sync; under torch.compile also a graph break
+            level_total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+            if level_total != num_values:
+                raise ValueError(
+                    f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to "
+                    f"{level_total}"
+                )
         head_dim = self.dim // self.num_heads
 
         value = self.value_proj(value_input)
