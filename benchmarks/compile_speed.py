@@ -1,6 +1,7 @@
 """torch.compile (``model.compile``) against eager: training-step time of the same model, side by side.
 
     python benchmarks/compile_speed.py [--setup synth_ms3] [--steps 10] [--backend inductor] [--mode default]
+    python benchmarks/compile_speed.py --device cuda --bf16 --setup s4_r50_224px   # on a GPU
 
 Builds the experiment's LightningModule once, copies it, compiles the copy's backbone, neck,
 fusion and decoder as ``model.compile`` does (`avseg.lit.compilation`), and times optimiser steps
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: torch's)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as precision=bf16-mixed")
     args = parser.parse_args(argv)
 
     import torch
@@ -40,34 +43,46 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("compile_speed: --device cuda but torch sees no CUDA device")
+    autocast_dtype = torch.bfloat16 if args.bf16 else None
+
+    def timed_step(name: str) -> tuple[float, dict]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        terms = train_step(modules[name], optimizers[name], batch, autocast_dtype=autocast_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, terms
     load_start = os.getloadavg()
     cfg = compose_experiment(SETUPS[args.setup])
     torch.manual_seed(0)
-    eager = build_module(cfg).train()
+    eager = build_module(cfg).to(device).train()
     compiled = copy.deepcopy(eager)
     options = {"backend": args.backend, **({"mode": args.mode} if args.mode else {})}
     compile_network(compiled.net, options)
-    batch = random_batch(eager, cfg, torch.Generator().manual_seed(0))
+    batch = {k: v.to(device) for k, v in random_batch(eager, cfg, torch.Generator().manual_seed(0)).items()}
     optimizers = {"eager": optimizer_of(eager), "compiled": optimizer_of(compiled)}
     modules = {"eager": eager, "compiled": compiled}
     first, times, losses = {}, {name: [] for name in modules}, {name: [] for name in modules}
-    for name, module in modules.items():
-        start = time.perf_counter()
-        train_step(module, optimizers[name], batch)
-        first[name] = time.perf_counter() - start
+    for name in modules:
+        first[name], _ = timed_step(name)
         print(f"{name}: first step {first[name]:.1f} s", flush=True)
     for _ in range(args.steps):
-        for name, module in modules.items():
-            start = time.perf_counter()
-            terms = train_step(module, optimizers[name], batch)
-            times[name].append(time.perf_counter() - start)
+        for name in modules:
+            seconds, terms = timed_step(name)
+            times[name].append(seconds)
             losses[name].append(float(terms["loss"]))
     load_end = os.getloadavg()
     eager_median = statistics.median(times["eager"])
     clips, frames, size = batch["frames"].shape[0], batch["frames"].shape[1], batch["frames"].shape[-1]
     print()
     print(
-        f"`{args.setup}` training step, batch {clips} clips x {frames} frames at {size} px, torch {torch.__version__}, "
+        f"`{args.setup}` training step on {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"{', bf16 autocast' if args.bf16 else ', fp32'}, batch {clips} clips x {frames} frames at {size} px, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} CPUs; torch.compile({options}) of "
         f"backbone, neck, fusion, decoder; load average (1/5/15 min) {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} "
         f"at the start, {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end; {args.steps} alternating steps each."
