@@ -32,98 +32,20 @@ from pathlib import Path
 import torch
 
 
-def _use_checkout_if_not_installed() -> None:
-    """Let the script run from a plain checkout (e.g. copied to a GPU box with torch + triton only)."""
-    import importlib.util
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    SIZES,
+    make_inputs,
+    memory_floor_bytes,
+    peak_bandwidth,
+    relative_errors,
+    run_once,
+    use_checkout_if_not_installed,
+)
 
-    root = Path(__file__).resolve().parents[1]
-    if importlib.util.find_spec("avseg") is None:
-        sys.path.insert(0, str(root / "src"))
-    if importlib.util.find_spec("avseg_kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "avseg_kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["avseg_kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_use_checkout_if_not_installed()
+use_checkout_if_not_installed()
 
 from avseg.ops import ms_deform_attn, ms_deform_attn_grid_sample, ms_deform_attn_torch  # noqa: E402
-
-SIZES = {
-    "avs": dict(batch=5, level_shapes=[(28, 28), (14, 14), (7, 7), (4, 4)]),
-    "detr": dict(batch=2, level_shapes=[(100, 167), (50, 84), (25, 42), (13, 21)]),
-}
-HEADS, HEAD_DIM, POINTS = 8, 32, 4
-# Peak DRAM bandwidth in GB/s by device name fragment (vendor figures); --peak-gbps overrides.
-PEAK_GBPS = {
-    "H100 SXM": 3350.0,
-    "H100 80GB HBM3": 3350.0,
-    "H100 PCIe": 2000.0,
-    "H100": 3350.0,
-    "H200": 4800.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100": 1555.0,
-    "L40S": 864.0,
-    "RTX 4090": 1008.0,
-}
-
-
-def make_inputs(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    spec = SIZES[size]
-    generator = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(spec["level_shapes"], dtype=torch.long)
-    areas = shapes[:, 0] * shapes[:, 1]
-    start = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-    num_values = int(areas.sum())
-    batch, levels = spec["batch"], len(spec["level_shapes"])
-    value = torch.randn(batch, num_values, HEADS, HEAD_DIM, generator=generator)
-    # Deformable DETR's regime: points around a reference, some outside the map.
-    locations = torch.rand(batch, num_values, HEADS, levels, POINTS, 2, generator=generator) * 1.2 - 0.1
-    weights = torch.rand(batch, num_values, HEADS, levels, POINTS, generator=generator)
-    weights = weights / weights.sum(dim=(-1, -2), keepdim=True)
-    grad_output = torch.randn(batch, num_values, HEADS * HEAD_DIM, generator=generator)
-    to = dict(device=device, dtype=dtype)
-    return (
-        value.to(**to),
-        shapes.to(device),
-        start.to(device),
-        locations.to(**to),
-        weights.to(**to),
-        grad_output.to(**to),
-    )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_once(function, inputs, device):
-    """One forward (with autograd) and one backward; returns (fwd s, bwd s, output, grads)."""
-    value, shapes, start, locations, weights, grad_output = inputs
-    leaves = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
-    _sync(device)
-    t0 = time.perf_counter()
-    output = function(leaves[0], shapes, start, leaves[1], leaves[2])
-    _sync(device)
-    t1 = time.perf_counter()
-    output.backward(grad_output)
-    _sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, output.detach(), [leaf.grad for leaf in leaves]
-
-
-def relative_errors(reference, candidate):
-    """max |a - b| / max(1, max |a|) for (output, grad_value, grad_loc, grad_attn)."""
-    errors = []
-    for ref, cand in zip(reference, candidate):
-        scale = max(1.0, ref.abs().max().item())
-        errors.append((ref.float() - cand.float()).abs().max().item() / scale)
-    return errors
 
 
 def benchmark(size, device, functions, repeats, warmup):
@@ -161,23 +83,8 @@ def benchmark(size, device, functions, repeats, warmup):
     for row in rows:
         row["speedup"] = base["total_ms"] / row["total_ms"]
         row["fwd_speedup"] = base["forward_ms"] / row["forward_ms"]
-    value, _, _, locations, weights, _ = inputs
-    floor_bytes = sum(t.numel() * t.element_size() for t in (value, locations, weights)) + (
-        value.numel() // value.shape[1] * locations.shape[1] * value.element_size()
-    )
+    floor_bytes = memory_floor_bytes(inputs)[0]
     return rows, floor_bytes
-
-
-def peak_bandwidth(device: torch.device, override: float | None) -> tuple[float | None, str]:
-    if override:
-        return override, "--peak-gbps"
-    if device.type != "cuda":
-        return None, ""
-    name = torch.cuda.get_device_name(device)
-    for fragment, gbps in PEAK_GBPS.items():
-        if fragment in name:
-            return gbps, name
-    return None, name
 
 
 def bf16_check(device: torch.device) -> float:

@@ -20,55 +20,27 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The paper setup with random weights (no downloads) and the default demo, as the issue asks.
-SETUPS: dict[str, list[str]] = {
-    "synth_ms3": ["experiment=synth_ms3"],
-    "s4_r50_224px": [
-        "experiment=s4_r50",
-        "model.backbone.weights=null",
-        "model.backbone.random_init=true",
-        "model.audio_encoder.vggish_weights=null",
-        "model.audio_encoder.random_init=true",
-    ],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, SETUPS, build_module, compose_experiment, optimizer_of, random_batch, train_step  # noqa: E402
 
 
 def measure(overrides: list[str], steps: int) -> dict:
     """Time ``steps`` optimiser steps after one warm-up step; runs in the calling process."""
-    import hydra.utils
     import torch
-    from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    module = hydra.utils.instantiate(cfg.model)
-    optimizers = module.configure_optimizers()
-    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
-    data = cfg.data
-    size = int(data.synth.image_size) if data.get("synth") else int(data.image_size)
-    clips, frames_per_clip = int(data.batch_size), (10 if data.subset == "avss" else 5)
-    generator = torch.Generator().manual_seed(0)
-    frames = torch.randn(clips, frames_per_clip, 3, size, size, generator=generator)
-    if module.hparams["audio_encoder"].get("input", "log_mel") == "embeddings":
-        audio = torch.randn(clips, frames_per_clip, 128, generator=generator)
-    else:
-        audio = torch.randn(clips, frames_per_clip, 1, 96, 64, generator=generator)
-    frame_valid = torch.ones(clips, frames_per_clip, dtype=torch.bool)
-    masks = (torch.rand(clips, frames_per_clip, size, size, generator=generator) > 0.7).long()
+    cfg = compose_experiment(overrides)
+    module = build_module(cfg)
+    optimizer = optimizer_of(module)
+    batch = random_batch(module, cfg, torch.Generator().manual_seed(0))
     module.train()
     step_times = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        loss = module.criterion(module.net(frames, audio, frame_valid), masks, frame_valid)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 0.1)
-        optimizer.step()
+        train_step(module, optimizer, batch)
         if step > 0:  # the first step warms up allocators and lazy initialisation
             step_times.append(time.perf_counter() - start)
     median = statistics.median(step_times)
+    clips, frames_per_clip, size = batch["frames"].shape[0], batch["frames"].shape[1], batch["frames"].shape[-1]
     return {
         "image_size": size,
         "clips_per_batch": clips,

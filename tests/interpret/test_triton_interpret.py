@@ -299,3 +299,43 @@ def test_bf16_is_refused_by_the_interpreter():
     bf16 = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
     with pytest.raises(TypeError, match="bf16"):
         kernels.ms_deform_attn_forward(*bf16)
+
+
+def test_mixed_dtypes_as_autocast_gives_them():
+    """Under autocast MSDeformAttn hands the op an fp16/bf16 value (from the value projection) and
+    fp32 locations and weights (its geometry runs in fp32): the kernels accept the mix, return the
+    output in the value's dtype and each gradient in its input's dtype. (fp16 here: the interpreter
+    cannot do bf16 arithmetic.)"""
+    value, shapes, start, locations, weights = make_inputs(
+        batch=2, level_shapes=[(6, 7), (3, 4)], heads=2, head_dim=8, points=3, queries=9, dtype=torch.float32, seed=5,
+    )
+    locations = off_pixel_grid(locations, shapes)
+    leaves = [value.half().requires_grad_(True), locations.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    output = ms_deform_attn(leaves[0], shapes, start, leaves[1], leaves[2], backend="triton")
+    assert output.dtype == torch.float16
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2))
+    output.float().backward(grad_output)
+    assert [leaf.grad.dtype for leaf in leaves] == [torch.float16, torch.float32, torch.float32]
+    reference = [value.half().float().requires_grad_(True), locations.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    expected = ms_deform_attn_torch(reference[0], shapes, start, reference[1], reference[2])
+    expected.backward(grad_output)
+    assert_close_scaled(output.float(), expected.detach(), 1e-3, "output")
+    for name, leaf, ref in zip(("grad_value", "grad_loc", "grad_attn"), leaves, reference):
+        assert_close_scaled(leaf.grad.float(), ref.grad, 1e-3, name)
+
+
+def test_module_under_fp16_autocast_runs_the_kernels():
+    from avseg.ops import MSDeformAttn
+
+    torch.manual_seed(0)
+    module = MSDeformAttn(dim=16, num_levels=2, num_heads=2, num_points=2, backend="triton")
+    shapes, start = torch.tensor([[6, 7], [3, 4]]), torch.tensor([0, 42])
+    query, reference, value = torch.randn(1, 5, 16), torch.rand(1, 5, 2, 2), torch.randn(1, 54, 16)
+    with torch.no_grad():
+        expected = module(query, reference, value, shapes, start)
+    with torch.autocast("cpu", dtype=torch.float16):
+        output = module(query, reference, value, shapes, start)
+    assert output.dtype == torch.float16
+    assert float((output.float() - expected).abs().max() / expected.abs().max()) < 1e-2
+    output.float().sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)

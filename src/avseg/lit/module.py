@@ -16,6 +16,8 @@ recipe of DESIGN.md):
   or ``type: none``.
 - ``metric``: ``frames_per_batch`` of the official binary F-score batches; ``null`` (default) =
   the data module's evaluation batch (``eval_batch_size`` clips x T frames: 4 x 5 = 20 officially).
+- ``compile``: ``false`` | ``true`` | torch.compile options: compile the network's parts
+  (`avseg.lit.compilation`).
 - ``skip_nonfinite``: a batch with a NaN/Inf loss term is skipped and counted
   (``train/nonfinite_skipped``) instead of stopping the run (the top-level config switch).
 
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from avseg.errors import AvsegError, CheckpointError, ConfigError
 from avseg.inference import NUM_AVSS_CLASSES, batch_scores, new_metric, scores_to_labels, update_metric
+from avseg.lit.compilation import compile_network, compile_options
 from avseg.metrics import BinaryAVSMetric, SemanticAVSMetric
 from avseg.models.build import build_qdformer
 from avseg.models.criterion import SetCriterion
@@ -43,7 +46,7 @@ from avseg.models.matcher import HungarianMatcher
 
 __all__ = ["AVSLitModule", "NonFiniteLossError", "TRAINING_KEYS"]
 
-TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite")
+TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite", "compile")
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
 
 _DEFAULT_OPTIM = {"lr": 1e-4, "backbone_lr": 5e-5, "weight_decay": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8}
@@ -104,6 +107,9 @@ class AVSLitModule(LightningModule):
         self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
 
         self.net = build_qdformer({k: v for k, v in cfg.items() if k not in TRAINING_KEYS})
+        compile_kwargs = compile_options(cfg.get("compile", False))
+        if compile_kwargs is not None:
+            compile_network(self.net, compile_kwargs)
         matcher_cfg = cfg.get("matcher")
         loss_cfg = dict(cfg.get("loss") or {})
         matcher = None

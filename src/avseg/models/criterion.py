@@ -61,6 +61,7 @@ from avseg.models.matcher import (
     predicted_boxes,
     sigmoid_focal_terms,
 )
+from avseg.precision import full_precision
 
 __all__ = ["SetCriterion", "FrameTargets"]
 
@@ -495,6 +496,7 @@ class SetCriterion(nn.Module):
         dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
         return (bce + dice).mean()
 
+    @full_precision  # the losses in float32 under autocast (inputs are cast with .float())
     def forward(self, outputs: dict[str, Any], masks: Tensor, label_valid: Tensor) -> dict[str, Tensor]:
         if "pred_masks" not in outputs or "pred_logits" not in outputs:
             raise KeyError("criterion: outputs must hold 'pred_logits' and 'pred_masks'")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from avseg.errors import ConfigError
 from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_to_boxes
+from avseg.precision import full_precision
 
 __all__ = [
     "MASK_RESOLUTIONS",
@@ -174,6 +175,7 @@ class HungarianMatcher(nn.Module):
             f"cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, mask_resolution={self.mask_resolution!r}"
         )
 
+    @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
     def frame_cost(
         self,
         pred_logits: Tensor,

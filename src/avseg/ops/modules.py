@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from avseg.ops.ms_deform_attn import BACKENDS, ms_deform_attn
+from avseg.precision import autocast_disabled
 
 __all__ = ["MSDeformAttn"]
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 -> fp32; fp32 and fp64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 class MSDeformAttn(nn.Module):
@@ -110,12 +116,13 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"MSDeformAttn: spatial_shapes must be [{self.num_levels}, 2], got {tuple(spatial_shapes.shape)}"
             )
-        level_total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-        if level_total != num_values:
-            raise ValueError(
-                f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to "
-                f"{level_total}"
-            )
+        if not torch.compiler.is_compiling():  # a host sync; under torch.compile also a graph break
+            level_total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+            if level_total != num_values:
+                raise ValueError(
+                    f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to "
+                    f"{level_total}"
+                )
         head_dim = self.dim // self.num_heads
 
         value = self.value_proj(value_input)
@@ -123,33 +130,38 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(num_batch, num_values, self.num_heads, head_dim)
 
-        offsets = self.sampling_offsets(query).view(
-            num_batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
-        )
-        weights = self.attention_weights(query).view(
-            num_batch, num_queries, self.num_heads, self.num_levels * self.num_points
-        )
-        weights = weights.softmax(-1).view(
-            num_batch, num_queries, self.num_heads, self.num_levels, self.num_points
-        )
+        # The sampling geometry (offsets, attention weights, locations) is computed in float32
+        # even under autocast: a bf16 location is off by up to W / 256 pixels at level width W
+        # (0.65 px at W = 167), and the two projections are small. The value and output
+        # projections (the large matrix products) keep the autocast dtype.
+        with autocast_disabled():
+            offsets = self.sampling_offsets(_upcast(query)).view(
+                num_batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+            )
+            weights = self.attention_weights(_upcast(query)).view(
+                num_batch, num_queries, self.num_heads, self.num_levels * self.num_points
+            )
+            weights = weights.softmax(-1).view(
+                num_batch, num_queries, self.num_heads, self.num_levels, self.num_points
+            )
 
-        if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: divide by (W, H)
-            normaliser = torch.stack((spatial_shapes[:, 1], spatial_shapes[:, 0]), dim=-1).to(offsets.dtype)
-            # one fused op: reference + offsets * (1 / (W, H)) (a division was a third slower)
-            locations = torch.addcmul(
-                reference_points[:, :, None, :, None, :], offsets, normaliser.reciprocal()[:, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
-        else:
-            raise ValueError(
-                "MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape "
-                f"{tuple(reference_points.shape)}"
-            )
+            if reference_points.shape[-1] == 2:
+                # offsets are in pixels of each level: divide by (W, H)
+                normaliser = torch.stack((spatial_shapes[:, 1], spatial_shapes[:, 0]), dim=-1).to(offsets.dtype)
+                # one fused op: reference + offsets * (1 / (W, H)) (a division was a third slower)
+                locations = torch.addcmul(
+                    _upcast(reference_points)[:, :, None, :, None, :], offsets, normaliser.reciprocal()[:, None, :]
+                )
+            elif reference_points.shape[-1] == 4:
+                locations = (
+                    _upcast(reference_points)[:, :, None, :, None, :2]
+                    + offsets / self.num_points * _upcast(reference_points)[:, :, None, :, None, 2:] * 0.5
+                )
+            else:
+                raise ValueError(
+                    "MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape "
+                    f"{tuple(reference_points.shape)}"
+                )
 
         output = ms_deform_attn(
             value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
