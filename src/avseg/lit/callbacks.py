@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ class TrainingInterrupted(AvsegError):
         name = signal.Signals(signum).name
         then = "the SLURM job was requeued and resumes from it" if requeued else f"resume with ckpt_path={checkpoint}"
         super().__init__(f"training stopped by {name} after step {step}; its final state is in {checkpoint} ({then})")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (submitit sends a job's exception back)
+        return (type(self), (self.signum, self.step, self.checkpoint, self.requeued))
 
 
 # SIGINT (Ctrl-C) and SIGTERM (kill, scancel, a SLURM preemption): save and stop. SIGUSR1 / SIGUSR2
@@ -180,8 +184,10 @@ class LastCheckpoint(Checkpoint):
         previous = self._previous_handlers.get(signum)
         owner = getattr(previous, "__self__", None)
         if owner is not None and type(owner).__module__.startswith("submitit"):
-            self._restore_handlers()
-            previous(signum, None)  # requeues, then sys.exit
+            try:
+                previous(signum, None)  # stores the resubmission, scontrol requeue, then sys.exit
+            except SystemExit:
+                pass
             return True
         job = os.environ.get("SLURM_JOB_ID")
         if not job:
@@ -223,8 +229,21 @@ class LastCheckpoint(Checkpoint):
         if (periodic or final or requested) and step != self._last_step_saved:
             self._save(trainer)
         if requested:
-            self._restore_handlers()
             requeued = self._requeue(requested) if requested in REQUEUE_SIGNALS else False
+            self._restore_handlers()
+            if requeued:
+                # SLURM ends this run of the job and starts it again, which resumes from last.ckpt.
+                # Leave at once: no test, no teardown (its collectives would meet ranks already
+                # gone), and no job result (submitit waits for the requeued run's result).
+                log.warning(
+                    "%s: last.ckpt holds step %d; the SLURM job was requeued and resumes from it. Exiting.",
+                    signal.Signals(requested).name,
+                    step,
+                )
+                logging.shutdown()
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                os._exit(0)
             raise TrainingInterrupted(requested, step, self.last_model_path, requeued)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -511,6 +530,15 @@ class MaskOverlayLogger(Callback):
 JOB_STATUS_FILE = "job_status.json"
 
 
+def _launched_rank() -> int:
+    """The global rank a cluster launcher gave this process (torchrun: RANK; SLURM: SLURM_PROCID)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 class SweepSummary(HydraCallback):
     """After every multirun job, records ``<job dir>/job_status.json`` (job number, overrides, ok /
     failed, error) and rewrites ``summary.csv`` and ``summary.md`` in the sweep directory from all
@@ -523,8 +551,8 @@ class SweepSummary(HydraCallback):
         from hydra.types import RunMode
 
         hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else config.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return
+        if hydra_cfg.mode != RunMode.MULTIRUN or _launched_rank() != 0:
+            return  # a job of several processes (SLURM tasks, torchrun): its rank 0 records it
         from hydra.core.utils import JobStatus
 
         job_dir = Path(hydra_cfg.runtime.output_dir)
