@@ -69,7 +69,7 @@ def test_run_dir_has_subsecond_timestamp() -> None:
 
 
 def test_slurm_launcher_config_composes() -> None:
-    cfg = compose_train(["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    cfg = compose_train(["hydra/launcher=submitit_slurm_gpu", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.nodes == 2 and launcher.gpus_per_node == 4

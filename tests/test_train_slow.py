@@ -86,7 +86,9 @@ def test_checkpoint_loads_standalone_and_the_demo_tests_the_last(short_run: tupl
     got = _evaluate(module, cache_dir, run_dir)
     for key in ("test/miou", "test/fscore", "test/fscore_global"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
-    assert "last checkpoint" in proc.stdout and f"tested       : last ({run_dir / 'checkpoints' / 'last.ckpt'})" in proc.stdout
+    assert "last checkpoint" in proc.stdout and f"tested       : last ({run_dir / 'checkpoints' / 'last.ckpt'}, step {2 * STEPS_PER_EPOCH})" in proc.stdout
+    assert metrics["test/ckpt_path"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert metrics["test/ckpt_step"] == 2 * STEPS_PER_EPOCH
     assert isinstance(pl.__version__, str)
 
 
@@ -101,7 +103,9 @@ def test_test_ckpt_best_tests_the_best_checkpoint(tmp_path: Path, cache_dir: Pat
     for key in ("test/miou", "test/fscore", "test/fscore_global"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
     assert "best checkpoint by val/miou" in proc.stdout
-    assert f"tested       : best ({run_dir / 'checkpoints' / 'best.ckpt'})" in proc.stdout
+    assert f"tested       : best ({run_dir / 'checkpoints' / 'best.ckpt'}, step " in proc.stdout
+    best_step = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert metrics["test/ckpt_path"] == str(run_dir / "checkpoints" / "best.ckpt") and metrics["test/ckpt_step"] == best_step
 
 
 def _evaluate(module, cache_dir: Path, run_dir: Path, extra: list[str] | None = None) -> dict[str, float]:

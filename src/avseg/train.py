@@ -3,12 +3,19 @@
 With no arguments it runs the embedded default: SynthAVS multi-source data generated on first use,
 a small QDFormer, CPU; it prints M_J / M_F on the synthetic test split and where the outputs went.
 Every run but ``fast_dev_run`` writes ``metrics.json`` (one flat object of the final logged
-metrics) in its Hydra run directory, next to ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt``.
+metrics, and ``test/ckpt_path`` / ``test/ckpt_step``: the checkpoint the test metrics come from) in
+its Hydra run directory, next to ``checkpoints/last.ckpt`` (always the final training state, however
+``fit`` ended) and ``checkpoints/best.ckpt``.
+
+``ckpt_path=auto`` resumes from the run directory's ``checkpoints/last.ckpt`` when there is one; a
+SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0) does so with ``ckpt_path=null`` too.
 See docs/TRAINING.md.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,9 @@ from avseg.cli import run_main
 from avseg.config_validation import validate_config
 from avseg.errors import CheckpointError
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "resolve_ckpt_path"]
+
+log = logging.getLogger(__name__)
 
 
 def _select(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -40,6 +49,34 @@ def _single_console_log() -> None:
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
+
+
+def resolve_ckpt_path(ckpt_path: Any, output_dir: Path) -> str | None:
+    """The checkpoint ``fit`` resumes from. ``auto``: ``<output_dir>/checkpoints/last.ckpt`` if it
+    exists, else none (a fresh start). ``null`` in a requeued SLURM job (``SLURM_RESTART_COUNT`` >
+    0): the same as ``auto``, so a preempted job continues where it stopped. Logged either way."""
+    own = output_dir / "checkpoints" / "last.ckpt"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if ckpt_path is None and restarts > 0:
+        if own.is_file():
+            log.info("SLURM restart %d of job %s: resuming from %s", restarts, os.environ.get("SLURM_JOB_ID"), own)
+            return str(own)
+        log.warning("SLURM restart %d, but %s does not exist: starting from scratch", restarts, own)
+        return None
+    if ckpt_path == "auto":
+        if own.is_file():
+            log.info("ckpt_path=auto: resuming from %s", own)
+            return str(own)
+        log.info("ckpt_path=auto: %s does not exist, starting from scratch", own)
+        return None
+    return None if ckpt_path is None else str(ckpt_path)
+
+
+def _checkpoint_step(path: str) -> int:
+    """The global step stored in a checkpoint file (read with the safe loader)."""
+    from avseg.lit.checkpoint_io import load_checkpoint_file
+
+    return int(load_checkpoint_file(path, map_location="cpu")["global_step"])
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -79,11 +116,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None:
         module.checkpoint_source = str(ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    final = scalar_metrics(trainer.callback_metrics)
+    final: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
 
     best = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor == "val/miou"), None)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
@@ -99,6 +136,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
                     "test_ckpt=last but no last checkpoint was written (callbacks.checkpoint null?); use test_ckpt=best",
                 )
             test_ckpt = last.last_model_path
+            # last.ckpt is written at the step fit ended on (LastCheckpoint): check it is that state
+            if _checkpoint_step(test_ckpt) != trainer.global_step:
+                raise CheckpointError(
+                    test_ckpt,
+                    f"holds step {_checkpoint_step(test_ckpt)}, but training ended at step {trainer.global_step}: "
+                    "not the final state (test_ckpt=last)",
+                )
         elif not trainer.fast_dev_run:
             if best is None or not best.best_model_path:
                 raise CheckpointError(
@@ -110,6 +154,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.checkpoint_source = test_ckpt
         trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
         final.update(scalar_metrics(trainer.callback_metrics))
+        if test_ckpt is not None:
+            final["test/ckpt_path"] = str(test_ckpt)
+            final["test/ckpt_step"] = _checkpoint_step(test_ckpt)
     final["train/nonfinite_skipped"] = float(module.nonfinite_skipped)
 
     if trainer.is_global_zero:
@@ -122,11 +169,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if last is not None:
                 where.append(f"last ckpt    : {last.last_model_path}")
             if test_ckpt is not None:
-                where.append(f"tested       : {test_choice} ({test_ckpt})")
+                where.append(f"tested       : {test_choice} ({test_ckpt}, step {final['test/ckpt_step']})")
         for logger in loggers:
             where.append(f"{type(logger).__name__:<13}: {getattr(logger, 'log_dir', None) or getattr(logger, 'save_dir', '')}")
         subset = _select(cfg, "data.subset")
         chosen = "last checkpoint" if test_choice == "last" else "best checkpoint by val/miou"
+        if test_ckpt is not None:
+            chosen += f": {test_ckpt}, step {final['test/ckpt_step']}"
         title = f"Test results ({subset}{', synthetic' if _select(cfg, 'data.synth') else ''}; {chosen})"
         if cfg.get("test", True):
             print("\n" + format_result_table(final, title=title))

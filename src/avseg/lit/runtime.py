@@ -122,8 +122,9 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, float]) -> None:
-    """One flat JSON object keyed by the logged names; NaN / inf become null (valid JSON)."""
+def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
+    """One flat JSON object keyed by the logged names (numbers, and strings such as the tested
+    checkpoint's path); NaN / inf become null (valid JSON)."""
     payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in sorted(metrics.items())}
     write_json_atomic(path, payload)
 
