@@ -26,7 +26,8 @@ _ANIMALS = ("explore_farm_animals.rcc", "gcompris/src/activities/explore_farm_an
 
 #: (AVSS class, bundle, drawing, sound): sound is ("melody", GM program, lowest, highest MIDI pitch)
 #: or ("recording", file in the same bundle). Instruments and animals alternate, so any first
-#: `num_classes` entries mix both kinds.
+#: `num_classes` entries mix both kinds; the first eight look unlike each other (the cello, the
+#: violin's look-alike at random scales, comes later).
 REAL_CLASSES: tuple[tuple[str, tuple[str, str], str, tuple[Any, ...]], ...] = (
     ("violin", _INSTRUMENTS, "violin.svg", ("melody", 40, 55, 79)),
     ("dog", _ANIMALS, "dog.svg", ("recording", "dog.ogg")),
@@ -34,7 +35,7 @@ REAL_CLASSES: tuple[tuple[str, tuple[str, str], str, tuple[Any, ...]], ...] = (
     ("cat", _ANIMALS, "cat.svg", ("recording", "cat.ogg")),
     ("piano", _INSTRUMENTS, "piano.svg", ("melody", 0, 48, 72)),
     ("duck", _ANIMALS, "duck.svg", ("recording", "duck.ogg")),
-    ("cello", _INSTRUMENTS, "cello.svg", ("melody", 42, 36, 60)),
+    ("accordion", _INSTRUMENTS, "accordion.svg", ("melody", 21, 53, 77)),
     ("sheep", _ANIMALS, "sheep.svg", ("recording", "sheep.ogg")),
     ("flute", _INSTRUMENTS, "flute_traversiere.svg", ("melody", 73, 67, 91)),
     ("horse", _ANIMALS, "horse.svg", ("recording", "horse.ogg")),
@@ -48,14 +49,17 @@ REAL_CLASSES: tuple[tuple[str, tuple[str, str], str, tuple[Any, ...]], ...] = (
     ("drum", _INSTRUMENTS, "drum_kit.svg", ("recording", "drum_kit.ogg")),
     ("tuba", _INSTRUMENTS, "tuba.svg", ("melody", 58, 33, 57)),
     ("harp", _INSTRUMENTS, "harp.svg", ("melody", 46, 48, 72)),
-    ("accordion", _INSTRUMENTS, "accordion.svg", ("melody", 21, 53, 77)),
+    ("cello", _INSTRUMENTS, "cello.svg", ("melody", 42, 36, 60)),
     ("harmonica", _INSTRUMENTS, "harmonica.svg", ("melody", 22, 60, 84)),
 )
 PACKAGES: tuple[str, ...] = ("gcompris-qt-data", "fluid-soundfont-gm", "fluidsynth", "librsvg2-bin")
+#: Bump when real-asset trees change for the same options and packages (part of their cache key;
+#: GENERATOR_VERSION also seeds the clips, so bumping it would change the synthetic trees too).
+REAL_ASSETS_VERSION = 2
 
 SPRITE_SIZE = 128  # drawings are rasterised once per class at this size
 SPRITE_EXTENT = 0.7  # the drawing's square spans [-0.7, 0.7] of the object radius: it fits any tilt
-RADIUS_SCALE = 1.4  # real objects are drawn 1.4x the synthetic radius (drawings do not fill their box)
+RADIUS_SCALE = 1.8  # real objects are drawn 1.8x the synthetic radius (drawings do not fill their box)
 MAX_TILT = 0.35  # radians; drawings lean by at most ~20 degrees (never upside down)
 _ALPHA_THRESHOLD = 128  # mask = rasterised alpha >= 128 (the same pixels are painted)
 _PENTATONIC = (0, 2, 4, 7, 9, 12, 14, 16)
@@ -154,7 +158,11 @@ def asset_versions(assets_dir: str | None, soundfont: str | None) -> dict[str, A
     package = _soundfont_package(root, font, soundfont)
     if package is not None and package not in versions:
         versions[package] = assets.package_version(package, root)
-    return {"packages": versions, "soundfont": {**assets.describe_file(font), "package": package}}
+    return {
+        "real_assets_version": REAL_ASSETS_VERSION,
+        "packages": versions,
+        "soundfont": {**assets.describe_file(font), "package": package},
+    }
 
 
 def paint_sprite(spec: RealClassSpec, u: np.ndarray, v: np.ndarray, brightness: float) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +224,7 @@ def real_signal(
 
 
 def realistic_layout(layout: Any) -> Any:
-    """The synthetic layout with drawings 1.4x larger and tilted by at most ~20 degrees."""
+    """The synthetic layout with drawings 1.8x larger and tilted by at most ~20 degrees."""
     return type(layout)(
         centre=layout.centre, radius=layout.radius * RADIUS_SCALE, angle=MAX_TILT * np.sin(layout.angle)
     )
