@@ -210,7 +210,7 @@ def kernel_table(rows: Sequence[dict[str, Any]]) -> list[str]:
         e = r["errors"]
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['impl']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | "
-            f"{r['forward_gbps']:.0f} | {floor(r['forward_floor'])} | {r['backward_gbps']:.0f} | {floor(r['backward_floor'])} | "
+            f"{r['forward_gbps']:.1f} | {floor(r['forward_floor'])} | {r['backward_gbps']:.1f} | {floor(r['backward_floor'])} | "
             f"{r['first_s']:.2f} | {e['out']:.1e} | {e['grad_value']:.1e} | {e['grad_loc']:.1e} | {e['grad_attn']:.1e} | "
             f"{'yes' if r['dtypes_ok'] else 'NO'} |"
         )
