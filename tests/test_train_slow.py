@@ -277,7 +277,7 @@ def test_max_time_mid_epoch_tests_the_final_state(tmp_path: Path, cache_dir: Pat
             *BASE,
             "trainer.max_epochs=1000",
             "trainer.min_epochs=0",
-            "++trainer.max_time={seconds:3}",
+            "++trainer.max_time=00:00:00:03",
             "callbacks.checkpoint.every_n_train_steps=0",
             "test_ckpt=last",
             f"hydra.run.dir={run_dir}",
