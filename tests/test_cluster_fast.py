@@ -120,3 +120,12 @@ def test_signal_handlers_mark_a_stop_and_are_restored(tmp_path: Path) -> None:
 def test_slurm_local_usage() -> None:
     proc = subprocess.run([str(REPO / "tools" / "slurm-local")], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "tools/slurm-local start DIR" in proc.stderr
+
+
+def test_ckpt_path_auto_is_a_valid_training_value() -> None:
+    from avseg.config_validation import validate_config
+    from avseg.errors import ConfigError
+
+    validate_config(compose_train(["ckpt_path=auto"]))
+    with pytest.raises(ConfigError, match="allowed: null, auto or an existing checkpoint file"):
+        validate_config(compose_train(["ckpt_path=/no/such/file.ckpt"]))
