@@ -1,12 +1,15 @@
 """Slow training-system tests (real ``python -m avseg.train`` processes on tiny synthetic data):
 a short run's outputs, 2-process CPU DDP against a single-process evaluation, a multirun summary
-with a failing job, mid-epoch resume equivalence, a real SIGKILL mid-epoch, non-finite losses."""
+with a failing job, mid-epoch resume equivalence, a real SIGKILL mid-epoch, the final state kept
+and tested however fit ends (max_steps mid-epoch, max_time, SIGTERM, Ctrl-C), non-finite losses.
+The cluster runs (SLURM, torchrun, DDP resume): tests/test_cluster_slow.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,8 +209,12 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
 
 def test_resume_mid_epoch_ends_with_the_same_weights(uninterrupted: Path, tmp_path: Path, cache_dir: Path) -> None:
     first = tmp_path / "first"
-    # stop after 3 of the 4 steps of epoch 0
-    run_train([*RESUME, "trainer.max_steps=3", f"hydra.run.dir={first}"], cache_dir=cache_dir)
+    # stop after 3 of the 4 steps of epoch 0, with no periodic checkpoint: the one written where
+    # fit ended (max_steps in the middle of an epoch) is the resumable one
+    run_train(
+        [*RESUME, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=0", f"hydra.run.dir={first}"],
+        cache_dir=cache_dir,
+    )
     stopped = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert stopped["global_step"] == 3 and stopped["epoch"] == 0
     loader_state = stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
@@ -252,6 +259,107 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resumes(uninterrupte
     resumed = tmp_path / "resumed"
     run_train([*RESUME, f"ckpt_path={last}", f"hydra.run.dir={resumed}"], cache_dir=cache_dir)
     _assert_same_weights(uninterrupted, resumed / "checkpoints" / "last.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------
+# the final state: whatever ends fit, last.ckpt holds it and test_ckpt=last tests it
+
+
+def test_max_steps_mid_epoch_tests_the_final_state(tmp_path: Path, cache_dir: Path) -> None:
+    """max_steps=3 of 4 steps per epoch, no periodic checkpoint: last.ckpt holds step 3 and the
+    run's test metrics are that checkpoint's (before: the last epoch end's state, or no file)."""
+    from avseg.lit.module import AVSLitModule
+
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        [*BASE, "++trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=0", "test_ckpt=last", f"hydra.run.dir={run_dir}"],
+        cache_dir=cache_dir,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 and state["epoch"] == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/ckpt_path"] == str(last) and metrics["test/ckpt_step"] == 3
+    assert f"last checkpoint: {last}, step 3" in proc.stdout
+    got = _evaluate(AVSLitModule.load_trained(last), cache_dir, run_dir)
+    for key in ("test/miou", "test/fscore", "test/fscore_global"):
+        assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_max_time_mid_epoch_tests_the_final_state(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        [
+            *BASE,
+            "trainer.max_epochs=1000",
+            "trainer.min_epochs=0",
+            "++trainer.max_time=00:00:00:03",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            "test_ckpt=last",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cache_dir=cache_dir,
+    )
+    assert "Time limit reached" in proc.stdout + proc.stderr
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 1 <= state["global_step"] < 1000 * STEPS_PER_EPOCH
+    assert metrics["test/ckpt_step"] == state["global_step"]  # the final state, not an epoch-end one
+
+
+def _start_and_signal(args: list[str], run_dir: Path, cache_dir: Path, signum: int) -> tuple[subprocess.CompletedProcess, int]:
+    """Starts a run (a checkpoint every step), sends ``signum`` once it has trained a step; returns
+    the finished process and the step last.ckpt held when the signal was sent."""
+    from avseg.lit.checkpoint_io import load_checkpoint_file
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "avseg.train", *args, "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=train_env(cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    step = -1
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if last.is_file():
+                step = int(load_checkpoint_file(last)["global_step"])
+                if step >= 1:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, "training ended before it could be signalled"
+        os.kill(process.pid, signum)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_saves_the_final_state_and_resumes(signum: int, uninterrupted: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """SIGTERM (kill, scancel) and Ctrl-C stop at the end of the current step with last.ckpt
+    holding that step; resuming from it ends with the uninterrupted run's weights (SIGTERM)."""
+    stopped = tmp_path / "stopped"
+    proc, seen = _start_and_signal(RESUME, stopped, cache_dir, signum)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    name = signal.Signals(signum).name
+    match = re.search(rf"error: training stopped by {name} after step (\d+); its final state is in (\S+) ", proc.stderr)
+    assert match, proc.stderr[-3000:]
+    step = int(match.group(1))
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert match.group(2) == str(last)
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == step and seen <= step < 2 * STEPS_PER_EPOCH
+    assert not (stopped / "metrics.json").exists()  # stopped by the user: no test
+    if signum == signal.SIGTERM:
+        resumed = tmp_path / "resumed"
+        run_train([*RESUME, f"ckpt_path={last}", f"hydra.run.dir={resumed}"], cache_dir=cache_dir)
+        _assert_same_weights(uninterrupted, resumed / "checkpoints" / "last.ckpt")
 
 
 # ------------------------------------------------------------------------------------------------

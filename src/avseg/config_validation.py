@@ -27,7 +27,7 @@ What is checked (docs/RELIABILITY.md has the table):
   needs GPUs), ``precision`` (Lightning's accepted values), ``max_epochs`` / ``min_epochs`` /
   ``max_steps`` (not both unlimited; min <= max), clipping, accumulation, logging interval,
   ``limit_*_batches``, ``deterministic``.
-- top level: ``seed`` an int, ``skip_nonfinite`` a bool, ``ckpt_path`` null or an existing file,
+- top level: ``seed`` an int, ``skip_nonfinite`` a bool, ``ckpt_path`` null, an existing file (or, training, ``auto``),
   ``callbacks.checkpoint.every_n_train_steps`` an int >= 0; eval's ``split``, ``perturb``,
   ``perturb_snr_db``, ``device``, ``batch_size``.
 
@@ -534,10 +534,12 @@ def _check_top_level(r: _Reader) -> None:
     _bool(r, "test", r.get("test"))
     _one_of(r, "test_ckpt", r.get("test_ckpt"), ("best", "last"))
     ckpt = r.get("ckpt_path", None)
-    if ckpt not in (_ABSENT, None):
+    training = r.has("trainer")
+    if ckpt not in (_ABSENT, None) and not (training and ckpt == "auto"):  # auto: avseg.train.resolve_ckpt_path
         if not isinstance(ckpt, (str, os.PathLike)) or not _expand(ckpt).is_file():
-            hint = "<run dir>/checkpoints/last.ckpt to resume" if r.has("trainer") else "a checkpoint written by avseg.train"
-            r.problems.append(f"ckpt_path={ckpt!r}: no such file; allowed: null or an existing checkpoint file ({hint})")
+            hint = "<run dir>/checkpoints/last.ckpt to resume" if training else "a checkpoint written by avseg.train"
+            allowed = "null, auto or an existing checkpoint file" if training else "null or an existing checkpoint file"
+            r.problems.append(f"ckpt_path={ckpt!r}: no such file; allowed: {allowed} ({hint})")
     every = r.get("callbacks.checkpoint.every_n_train_steps", None)
     if every not in (_ABSENT, None):
         _int_at_least(r, "callbacks.checkpoint.every_n_train_steps", every, 0, note=" (0: at epoch ends only)")

@@ -206,6 +206,11 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_handlers()
+        if not self._skip(trainer) and trainer.global_step != self._last_step_saved:
+            # a stop that came between steps (early stopping in a mid-epoch validation): keep the
+            # final weights (a resume from here starts the next epoch)
+            log.info("training ended at step %d between checkpoints: writing %s", trainer.global_step, self.last_model_path)
+            self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
