@@ -174,3 +174,15 @@ def test_missing_truncated_and_garbage_files_are_data_errors(tmp_path):
     garbage.write_bytes(b"\x00not a pickle at all")
     with pytest.raises(DataError):
         load_tensor_pickle(garbage)
+
+
+def test_path_errors_survive_pickling():
+    """DataError / CheckpointError cross process boundaries (submitit job results, DDP) intact."""
+    import pickle
+
+    from avseg.errors import CheckpointError, DataError, UnsafePickleError
+
+    for cls in (DataError, CheckpointError, UnsafePickleError):
+        err = pickle.loads(pickle.dumps(cls("/data/x.pkl", "truncated")))
+        assert type(err) is cls
+        assert (err.path, err.problem, str(err)) == ("/data/x.pkl", "truncated", "/data/x.pkl: truncated")

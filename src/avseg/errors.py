@@ -17,6 +17,11 @@ class DataError(AvsegError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuild from (path, problem), not from the formatted message: submitit and DDP send
+        # exceptions between processes by pickling them.
+        return (type(self), (self.path, self.problem))
+
 
 class UnsafePickleError(DataError):
     """A pickle asks for something other than a plain tensor (it may try to run code)."""
@@ -29,6 +34,11 @@ class CheckpointError(AvsegError, ValueError):
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        # Rebuild from (path, problem), not from the formatted message: submitit and DDP send
+        # exceptions between processes by pickling them.
+        return (type(self), (self.path, self.problem))
 
 
 class ConfigError(AvsegError, ValueError):
