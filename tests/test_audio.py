@@ -1,4 +1,4 @@
-"""WAV reading, the VGGish log-mel front end and example fitting (AVSBENCH.md section 4)."""
+"""WAV reading, the VGGish log-mel front end and example fitting (docs/AVSBENCH.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Official AVSBench metrics: hand-computed golden values, a literal re-statement of the protocol
-(AVSBENCH.md section 5, computed the slow way on whole tensors), and 2-process DDP equivalence."""
+(docs/AVSBENCH.md section 5, computed the slow way on whole tensors), and 2-process DDP equivalence."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _f(precision: float, recall: float) -> float:
 
 # ---------------------------------------------------------------- literal protocol (slow, float32)
 def _protocol_binary(logits: torch.Tensor, target: torch.Tensor, frames_per_batch: int) -> dict[str, float]:
-    """AVSBENCH.md section 5, binary, written out batch by batch as the official test loop runs."""
+    """docs/AVSBENCH.md section 5, binary, written out batch by batch as the official test loop runs."""
     thresholds = torch.linspace(0, 1 - 1e-10, 255)
     batch_miou, batch_f, all_curves = [], [], []
     for start in range(0, logits.shape[0], frames_per_batch):

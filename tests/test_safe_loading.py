@@ -7,7 +7,7 @@ An `ast` scan of every ``.py`` under ``src/`` and ``kernels/``:
   (a variable or ``**kwargs`` does not count: the reader must see it is safe);
 - ``pickle.load`` / ``pickle.loads`` / ``pickle.Unpickler`` (also via ``_pickle``/``cPickle`` or a
   ``from pickle import ...``) appear only in ``src/avseg/data/safe_pickle.py``, the restricted
-  unpickler (AVSBENCH.md section 4);
+  unpickler (docs/AVSBENCH.md section 4);
 - other pickle-based loaders are refused outright: ``numpy.load`` with ``allow_pickle`` anything
   but a literal ``False``, ``pandas.read_pickle``, ``joblib.load``, ``dill``, ``shelve``,
   ``marshal.load(s)``, ``torch.jit.load``, ``torch.hub.load``, ``yaml.load`` / ``yaml.unsafe_load``.

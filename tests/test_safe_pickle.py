@@ -1,4 +1,4 @@
-"""The restricted unpickler for the official `.pkl` log-mel files (AVSBENCH.md section 4)."""
+"""The restricted unpickler for the official `.pkl` log-mel files (docs/AVSBENCH.md section 4)."""
 
 from __future__ import annotations
 

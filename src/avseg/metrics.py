@@ -1,4 +1,4 @@
-"""The official AVSBench metrics (AVSBENCH.md section 5) as torchmetrics ``Metric``s.
+"""The official AVSBench metrics (docs/AVSBENCH.md section 5) as torchmetrics ``Metric``s.
 
 Both metrics keep per-frame sufficient statistics rather than logits, so evaluation memory grows
 by a few kilobytes per frame, and ``compute()`` reproduces the official numbers from them:

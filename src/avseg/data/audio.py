@@ -1,4 +1,4 @@
-"""WAV reading and the VGGish log-mel front end (AVSBENCH.md section 4).
+"""WAV reading and the VGGish log-mel front end (docs/AVSBENCH.md section 4).
 
 `log_mel_examples` reproduces torchvggish's `vggish_input.waveform_to_examples` /
 `mel_features.log_mel_spectrogram`: 16 kHz mono, 25 ms periodic-Hann frames every 10 ms (no
@@ -226,7 +226,7 @@ def log_mel_examples(wav: np.ndarray, sample_rate: int) -> torch.Tensor:
 def fit_examples(examples: torch.Tensor, num_frames: int, mode: FitMode) -> torch.Tensor:
     """Match the example count to the clip's frame count: [n, 1, 96, 64] -> [num_frames, 1, 96, 64].
 
-    Extra examples are dropped. Missing ones are filled per AVSBENCH.md section 4:
+    Extra examples are dropped. Missing ones are filled per docs/AVSBENCH.md section 4:
     `repeat_last` (S4 / MS3 official preprocessing) repeats the last example; `zero_pad` (AVSS
     official model code) appends all-zero examples.
     """

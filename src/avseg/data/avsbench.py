@@ -1,7 +1,7 @@
 """AVSBench loaders: S4, MS3 (AVSBench-object) and AVSS (AVSBench-semantic), official layouts.
 
 Each dataset reads its split from the metadata CSV (items in CSV row order) and returns one dict per
-clip (DESIGN.md section 3):
+clip (docs/METHOD.md section 3):
 
 - `frames` float32 [T, 3, H, W], ImageNet-normalised; AVSS padded frames are zeros AFTER
   normalisation (the mean colour), as the official loader pads the normalised tensor.
@@ -11,7 +11,7 @@ clip (DESIGN.md section 3):
   (`audio_source="embeddings"`); AVSS padded frames zeroed.
 - `video_id` str, `index` int (position in the split).
 
-Layouts are in AVSBENCH.md; every missing or unreadable file raises `DataError` naming it.
+Layouts are in docs/AVSBENCH.md; every missing or unreadable file raises `DataError` naming it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Each `<root>/<rel>/<name>.wav` gives `<out>/<rel>/<name>.npy` (`embedding_path`)
 `<out>/s4_data/audio_wav/<split>/<category>/<name>.npy`, MS3
 `<out>/ms3_data/audio_wav/<split>/<name>.npy`, AVSS `<out>/<label>/<uid>/audio.npy`.
 An embedding is VGGish(fit_examples(log_mel_examples(wav), T, mode)) with T = 5 and
-`repeat_last` for S4 / MS3, T = 10 and `zero_pad` for AVSS (AVSBENCH.md section 4), so the
+`repeat_last` for S4 / MS3, T = 10 and `zero_pad` for AVSS (docs/AVSBENCH.md section 4), so the
 loader's `audio_source="embeddings"` gives what the model would compute from the WAV.
 `out` must lie outside the data tree; every file is written atomically (`avseg.io`).
 Existing outputs are kept unless `overwrite=true`.

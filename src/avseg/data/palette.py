@@ -1,7 +1,7 @@
 """AVSBench-semantic classes and their colours.
 
 Class order is the key order of the official `label2idx.json` (background first); the colour of
-class j is the PASCAL-VOC bit-interleaved colour map (AVSBENCH.md section 3).
+class j is the PASCAL-VOC bit-interleaved colour map (docs/AVSBENCH.md section 3).
 """
 
 from __future__ import annotations

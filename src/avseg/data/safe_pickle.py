@@ -6,7 +6,7 @@ A pickled tensor needs only a handful of globals: `torch._utils._rebuild_tensor_
 for the storage. The real `_load_from_bytes` calls `torch.load(..., weights_only=False)` on the
 embedded bytes, so it is never called: the storage bytes go through
 `torch.load(BytesIO(b), weights_only=True, map_location="cpu")` instead, which refuses a payload
-hidden there too (AVSBENCH.md section 4). Every other global is refused before anything is called.
+hidden there too (docs/AVSBENCH.md section 4). Every other global is refused before anything is called.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every transform here acts on a whole clip at once (frames `[T, 3, H, W]` uint8 a
 long), so all frames of a clip share one flip, one crop and one colour jitter, and the masks follow
 the frames exactly (torchvision transforms v2 with `tv_tensors.Video` / `tv_tensors.Mask`).
 
-Protocol (AVSBENCH.md section 3): train = short side to `image_size` (bilinear for images, nearest
+Protocol (docs/AVSBENCH.md section 3): train = short side to `image_size` (bilinear for images, nearest
 for masks) then centre crop `image_size`; val/test = resize to `image_size x image_size`.
 Masks use `NEAREST_EXACT`, which picks the same source pixel as PIL's nearest filter.
 """

@@ -4,7 +4,7 @@ Hydra instantiates it from the ``model`` config with ``_recursive_: false``; eve
 a keyword argument. The network keys (``dim``, ``num_classes``, ``backbone``, ``audio_encoder``,
 ``decomposition``, ``fusion``, ``decoder``, ...) go to `avseg.models.build.build_qdformer`; the keys
 below belong to training and are read here (all optional; defaults are the ReferFormer-family
-recipe of DESIGN.md):
+recipe of docs/METHOD.md section 1.9):
 
 - ``semantic``: AVSS (71-class semantic masks) or binary AVS; default ``num_classes > 1``.
 - ``loss``: `SetCriterion` weights (``weight_class`` 2, ``weight_bbox`` 5, ``weight_giou`` 2,

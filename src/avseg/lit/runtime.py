@@ -16,7 +16,8 @@ from lightning.pytorch import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from avseg.errors import ConfigError
-from avseg.lit.callbacks import ResumeState, write_json_atomic
+from avseg.io import write_json_atomic
+from avseg.lit.callbacks import ResumeState
 
 __all__ = [
     "wandb_credentials_available",

@@ -4,7 +4,7 @@
 one object across the clip; see ``SetCriterion._stream_losses_clip``. ``match_level: frame`` (the
 keyword default and the CPU demo): every labelled frame matched on its own, as described below.
 
-Targets (DESIGN.md section 1.7 / HELPERS.md):
+Targets (docs/METHOD.md section 1.7):
   - binary (AVS, ``semantic=False``, ``num_classes=1``): a labelled frame whose mask has any
     foreground (value 1) holds one object of class 0 whose mask is the foreground;
   - semantic (AVSS, ``semantic=True``, ``num_classes=70`` for AVSBench): every class c > 0 present in

@@ -1,4 +1,4 @@
-"""Product-quantised audio decomposition with global-to-local calibration (QDFormer, DESIGN.md 1.3-1.4).
+"""Product-quantised audio decomposition with global-to-local calibration (QDFormer, docs/METHOD.md 1.3-1.4).
 
 Variants (config group ``model/decomposition``):
 

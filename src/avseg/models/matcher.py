@@ -6,7 +6,7 @@ its cost against an object is the class and box costs averaged over the frames w
 present plus the mask focal / dice costs over the clip's labelled frames taken together (an absent
 object's target is empty there), so the match is the query that follows the object best.
 
-Costs (DESIGN.md section 1.7, ReferFormer-family defaults; the matching costs equal the loss
+Costs (docs/METHOD.md section 1.7, ReferFormer-family defaults; the matching costs equal the loss
 weights): class sigmoid focal 2, box L1 5, box GIoU 2, mask sigmoid focal 2, mask dice 5.
 
 Mask resolution (``mask_resolution``):

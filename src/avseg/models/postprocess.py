@@ -1,4 +1,4 @@
-"""Query outputs -> the metric inputs of DESIGN.md section 1.8, at ground-truth resolution."""
+"""Query outputs -> the metric inputs of docs/METHOD.md section 1.8, at ground-truth resolution."""
 
 from __future__ import annotations
 
