@@ -33,3 +33,13 @@ def test_ruff(command: list[str]) -> None:
         [*_ruff(), *command, *_python_trees()], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, f"ruff {' '.join(command)} failed:\n{result.stdout[-6000:]}{result.stderr[-2000:]}"
+
+
+def test_every_package_is_listed_in_pyproject() -> None:
+    """A wheel carries only the packages pyproject.toml lists: a new sub-package must be added there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
+    found.add("avseg_kernels")
+    assert found == listed, f"packages on disk but not listed: {sorted(found - listed)}; listed but gone: {sorted(listed - found)}"
