@@ -261,6 +261,16 @@ def test_sidecar_lists_the_true_sources_of_every_second(real_trees):
 
 
 @needs_packages
+def test_plan_clip_refuses_a_catalogue_of_the_other_mode():
+    resolved = synth.resolve_options("ms3", **SMALL)
+    with pytest.raises(ConfigError, match="catalogue_for"):
+        synth.plan_clip(options=resolved, catalogue=synth.class_catalogue(4), subset="ms3", split="train", index=0)
+    with pytest.raises(ConfigError, match="catalogue_for"):
+        synth.plan_clip(options=synth.resolve_options("ms3"), catalogue=synth.catalogue_for(resolved),
+                        subset="ms3", split="train", index=0)
+
+
+@needs_packages
 def test_every_class_is_audible_in_its_seconds():
     """s4 clips cycle through the classes: each class's sound carries energy in every second of
     its clip, well above the background noise of the mix."""

@@ -11,8 +11,9 @@ import numpy as np
 
 from avseg.data.synth.options import AVSS_KINDS, GENERATOR_VERSION, KIND_FRAMES, SAMPLE_RATE, SPLITS, SUBSETS
 from avseg.data.synth.pictures import _background, _render, _sample_layout
-from avseg.data.synth.real import paint_sprite, real_signal, realistic_layout
+from avseg.data.synth.real import RealClassSpec, paint_sprite, real_signal, realistic_layout
 from avseg.data.synth.sounds import _mix_audio
+from avseg.errors import ConfigError
 
 _MIN_VISIBLE_FRACTION = 0.3  # of an object's own area, in every frame (else the layout is redrawn)
 
@@ -129,6 +130,11 @@ def plan_clip(
     sounding = sounding[order]
 
     real = options.get("assets") == "real"
+    if any(isinstance(spec, RealClassSpec) != real for spec in catalogue):
+        raise ConfigError(
+            f"plan_clip: the options say assets={options.get('assets', 'synthetic')} but the catalogue holds "
+            "other classes; build it with avseg.data.synth.catalogue_for(options)"
+        )
     size = options["image_size"]
     background = _background(rng, size)
     brightness = rng.uniform(0.9, 1.1, size=len(classes))
