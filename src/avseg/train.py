@@ -176,7 +176,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         chosen = "last checkpoint" if test_choice == "last" else "best checkpoint by val/miou"
         if test_ckpt is not None:
             chosen += f": {test_ckpt}, step {final['test/ckpt_step']}"
-        title = f"Test results ({subset}{', synthetic' if _select(cfg, 'data.synth') else ''}; {chosen})"
+        synth = _select(cfg, "data.synth")
+        kind = "" if not synth else (", SynthAVS real assets" if _select(cfg, "data.synth.assets") == "real" else ", synthetic")
+        title = f"Test results ({subset}{kind}; {chosen})"
         if cfg.get("test", True):
             print("\n" + format_result_table(final, title=title))
         print("\n".join(where), flush=True)

@@ -195,13 +195,14 @@ def load_analysis_inputs(ckpt_path: str, overrides: Sequence[str] = (), *, need_
 def synth_plans(sidecar: Mapping[str, Any], subset: str, split: str, video_ids: Sequence[str], where: Path) -> list[Any]:
     """The generator's plans of ``video_ids`` (re-drawn from the sidecar's resolved options; each
     clip has its own seeded generator), checked against the sidecar's sounding lists."""
-    from avseg.data.synth import class_catalogue, plan_clip
+    from avseg.data.synth import catalogue_for, plan_clip
 
     options = dict(sidecar.get("options") or {})
     if sidecar.get("subset") != subset or not options:
         raise DataError(where, f"the sidecar describes subset {sidecar.get('subset')!r} without options; expected {subset!r}")
     options["snr_db"] = tuple(options["snr_db"])
-    catalogue = class_catalogue(int(options["num_classes"]))
+    options["num_classes"] = int(options["num_classes"])
+    catalogue = catalogue_for(options)  # synthetic shapes and tones, or the real drawings and sounds
     plans = []
     for video_id in video_ids:
         entry = sidecar["clips"].get(video_id)
