@@ -218,7 +218,8 @@ def test_one_layout_per_subset():
     assert [LAYOUTS[s].num_mask_classes for s in SUBSETS] == [2, 2, NUM_AVSS_CLASSES]
     assert LAYOUTS["avss"].object_classes == 70 and LAYOUTS["avss"].label_file == "label2idx.json"
     for subset, dataset in DATASETS.items():  # the loader's class facts are the layout's
-        assert dataset.layout is LAYOUTS[subset]
+        assert dataset.layout is LAYOUTS[subset] and dataset.num_frames == LAYOUTS[subset].num_frames
+        assert dataset.log_mel_fit == LAYOUTS[subset].fit_mode and dataset.metadata_name == LAYOUTS[subset].metadata_csv
     with pytest.raises(ConfigError, match="subset"):
         get_layout("avs")
 

@@ -226,26 +226,19 @@ class AVSBenchDataset(Dataset):
     layout: ClassVar[SubsetLayout]
     supports_pkl: ClassVar[bool] = True
     mask_source: str = "rgb"
+    # The layout's facts as class attributes (the data module reads them before any dataset exists).
+    subset: ClassVar[str]
+    num_frames: ClassVar[int]
+    semantic: ClassVar[bool]
+    metadata_name: ClassVar[str]
+    log_mel_fit: ClassVar[str]
 
-    @property
-    def subset(self) -> str:
-        return self.layout.name
-
-    @property
-    def num_frames(self) -> int:
-        return self.layout.num_frames
-
-    @property
-    def semantic(self) -> bool:
-        return self.layout.semantic
-
-    @property
-    def metadata_name(self) -> str:
-        return self.layout.metadata_csv
-
-    @property
-    def log_mel_fit(self) -> str:
-        return self.layout.fit_mode
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        layout = cls.layout
+        cls.subset, cls.num_frames, cls.semantic = layout.name, layout.num_frames, layout.semantic
+        cls.metadata_name, cls.log_mel_fit = layout.metadata_csv, layout.fit_mode
+        cls.supports_pkl = layout.has_pkl
 
     def __init__(
         self,
@@ -498,7 +491,6 @@ class AVSSDataset(AVSBenchDataset):
     """
 
     layout = LAYOUTS["avss"]
-    supports_pkl = False
     FRAMES_PER_LABEL: ClassVar[dict[str, int]] = LAYOUTS["avss"].clip_kinds
 
     def __init__(self, root: str | os.PathLike, split: str, *, mask_source: str = "rgb", **options: Any) -> None:

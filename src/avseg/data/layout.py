@@ -174,6 +174,12 @@ def get_layout(subset: str) -> SubsetLayout:
     return LAYOUTS[subset]
 
 
+def model_layout(semantic: bool) -> SubsetLayout:
+    """The layout whose clip length and audio fit mode a model was trained with, from its task:
+    AVSS for a semantic model, else S4 (MS3 has the same T and fit mode)."""
+    return LAYOUTS["avss"] if semantic else LAYOUTS["s4"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Metadata files: readers shared by the loader and the checker
 
