@@ -34,7 +34,9 @@ def pristine(tmp_path_factory) -> dict[str, Path]:
         "s4": synth.generate(base / "s4", "s4", image_size=SIZE, clips_per_split=clips),
         "ms3": synth.generate(base / "ms3", "ms3", image_size=SIZE, clips_per_split=clips),
         # train cycles v1s, v1m, v2; the val clip is a v1s clip with 5 labels
-        "avss": synth.generate(base / "avss", "avss", image_size=SIZE, clips_per_split={"train": 3, "val": 1, "test": 0}),
+        "avss": synth.generate(
+            base / "avss", "avss", image_size=SIZE, clips_per_split={"train": 3, "val": 1, "test": 0}
+        ),
     }
 
 
@@ -71,7 +73,11 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-_FRAME = {"s4": "s4_data/visual_frames/*/*/*/*.png", "ms3": "ms3_data/visual_frames/*/*.png", "avss": "*/*/frames/*.jpg"}
+_FRAME = {
+    "s4": "s4_data/visual_frames/*/*/*/*.png",
+    "ms3": "ms3_data/visual_frames/*/*.png",
+    "avss": "*/*/frames/*.jpg",
+}
 _MASK = {"s4": "s4_data/gt_masks/*/*/*/*.png", "ms3": "ms3_data/gt_masks/*/*/*.png", "avss": "*/*/labels_rgb/*.png"}
 _WAV = {"s4": "s4_data/audio_wav/*/*/*.wav", "ms3": "ms3_data/audio_wav/*/*.wav", "avss": "*/*/audio.wav"}
 
@@ -265,8 +271,15 @@ def test_one_layout_per_subset():
 
 @pytest.mark.parametrize(
     ("subset", "split", "kind", "labelled"),
-    [("s4", "train", None, 1), ("s4", "val", None, 5), ("ms3", "train", None, 5),
-     ("avss", "train", "v1s", 1), ("avss", "test", "v1s", 5), ("avss", "train", "v1m", 5), ("avss", "train", "v2", 10)],
+    [
+        ("s4", "train", None, 1),
+        ("s4", "val", None, 5),
+        ("ms3", "train", None, 5),
+        ("avss", "train", "v1s", 1),
+        ("avss", "test", "v1s", 5),
+        ("avss", "train", "v1m", 5),
+        ("avss", "train", "v2", 10),
+    ],
 )
 def test_labelled_frames(subset, split, kind, labelled):
     layout = LAYOUTS[subset]

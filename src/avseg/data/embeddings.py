@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avseg.cli import console_log
 from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
 from avseg.data.layout import LAYOUTS
-from avseg.cli import console_log
 from avseg.errors import ConfigError, DataError
 from avseg.io import write_npy_atomic
 from avseg.models.audio import VGGish
