@@ -2,7 +2,8 @@
 
     python -m avseg.data.check root=PATH subset=s4|ms3|avss [image_size=224] [workers=8]
 
-Checks, against the layouts in docs/AVSBENCH.md: the CSV (and AVSS `label2idx.json`) parse; every CSV
+Checks, against the layouts in docs/AVSBENCH.md (their code: `avseg.data.layout`, which the loader
+reads too, so a row or file the loader would reject is a problem here): the CSV (and AVSS `label2idx.json`) parse; every CSV
 row has exactly its expected frames, masks, WAV (and pickle, when the tree has `audio_log_mel/`),
 per clip kind and split; no extra files and no clip folders without a CSV row inside the subset's
 data folders; every image is structurally whole (PNG chunks with valid CRCs up to IEND, JPEG end
@@ -127,16 +128,23 @@ def _layout(root: Path, subset: str) -> _Layout:
 # Walking for extras
 
 
-# Per subset: the deepest folder level (in path parts) at which a folder still stands for clips
-# (split, category, clip folder) under each data folder, and where clip-level files (WAV, pickle) sit.
-_ROW_DIR_DEPTH = {
-    "s4": {"visual_frames": 5, "gt_masks": 5, "audio_wav": 4, "audio_log_mel": 4},
-    "ms3": {"visual_frames": 3, "gt_masks": 4, "audio_wav": 3, "audio_log_mel": 3},
-}
-_ROW_FILE_DEPTH = {
-    "s4": {"audio_wav": 5, "audio_log_mel": 5},
-    "ms3": {"audio_wav": 4, "audio_log_mel": 4},
-}
+def _row_depths(subset: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per data folder (`visual_frames`, `gt_masks`, `audio_wav`, `audio_log_mel`): the deepest
+    folder level (in path parts) at which a folder still stands for clips (split, category, clip
+    folder), and the level at which clip-level files (WAV, pickle) sit; from a sample clip of the
+    subset's layout (S4: 5 and 4/5, MS3: 3, 4 and 3/4)."""
+    layout = LAYOUTS[subset]
+    sample = layout.clip_files({"name": "n", "category": "c", "split": "train"}, with_pkl=True)
+    dirs = {PurePosixPath(folder).parts[1]: len(PurePosixPath(folder).parts) for folder in sample.folders}
+    files: dict[str, int] = {}
+    for rel in (sample.wav, sample.pkl):
+        parts = PurePosixPath(rel).parts if rel is not None else ()
+        if parts:
+            dirs[parts[1]], files[parts[1]] = len(parts) - 1, len(parts)
+    return dirs, files
+
+
+_ROW_DEPTHS = {subset: _row_depths(subset) for subset in ("s4", "ms3")}  # AVSS: <label>/<uid>
 
 
 def _row_level(subset: str, parts: tuple[str, ...], is_dir: bool) -> bool:
@@ -147,9 +155,9 @@ def _row_level(subset: str, parts: tuple[str, ...], is_dir: bool) -> bool:
     if len(parts) < 2:
         return False
     if is_dir:
-        depth = _ROW_DIR_DEPTH[subset].get(parts[1])
+        depth = _ROW_DEPTHS[subset][0].get(parts[1])
         return depth is not None and len(parts) <= depth
-    return _ROW_FILE_DEPTH[subset].get(parts[1]) == len(parts)
+    return _ROW_DEPTHS[subset][1].get(parts[1]) == len(parts)
 
 
 def _find_extras(root: Path, subset: str, layout: _Layout) -> tuple[set[str], list[Problem]]:
