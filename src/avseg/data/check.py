@@ -4,14 +4,15 @@
 
 Checks, against the layouts in docs/AVSBENCH.md (their code: `avseg.data.layout`, which the loader
 reads too, so a row or file the loader would reject is a problem here): the CSV (and AVSS
-`label2idx.json`) parse; every CSV row has exactly its expected frames, masks, WAV (and pickle,
-when the tree has `audio_log_mel/`), per clip kind and split; no extra files and no clip folders
-without a CSV row inside the subset's data folders; every image is structurally whole (PNG chunks with valid CRCs up to IEND, JPEG end
-marker: PIL decodes a PNG that lost its tail), decodes fully (PIL `load()`), has the expected size
-(`image_size`) and matches its clip's frame size; binary masks hold one foreground value at most; AVSS colour masks
-hold only class colours and agree with `labels_semantic/`; WAVs decode fully at 16 kHz and are long
-enough for one log-mel example; pickles are plain tensors [5, 1, 96, 64] loaded through the
-restricted unpickler. Each file is read once; clips are checked in parallel threads.
+`label2idx.json`) parse; every CSV row has exactly its expected frames, masks, WAV (and pickle, when
+the tree has `audio_log_mel/`), per clip kind and split; no extra files and no clip folders without
+a CSV row inside the subset's data folders; every image is structurally whole (PNG chunks with valid
+CRCs up to IEND, JPEG end marker: PIL decodes a PNG that lost its tail), decodes fully (PIL
+`load()`), has the expected size (`image_size`) and matches its clip's frame size; binary masks hold
+one foreground value at most; AVSS colour masks hold only class colours and agree with
+`labels_semantic/`; WAVs decode fully at 16 kHz and are long enough for one log-mel example; pickles
+are plain tensors [5, 1, 96, 64] loaded through the restricted unpickler. Each file is read once;
+clips are checked in parallel threads.
 Entries at the root beside the CSV (e.g. another subset's folder, the SynthAVS sidecar) are not
 inspected.
 """
