@@ -47,6 +47,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from avseg.data.layout import LAYOUTS
 from avseg.errors import ConfigError
 
 __all__ = [
@@ -62,13 +63,17 @@ __all__ = [
 
 DECOMPOSITION_VARIANTS = ("pq", "pq_split", "vq", "none")
 DISTILL_LOSSES = ("mse", "ce")
-SUBSETS = ("s4", "ms3", "avss", "avs")
+# The AVSBench subsets (avseg.data.layout) and "avs" (S4 + MS3 together, a binary task like S4).
+_SUBSET_LAYOUTS = {**LAYOUTS, "avs": LAYOUTS["s4"]}
+SUBSETS = tuple(_SUBSET_LAYOUTS)
 # frames per clip (T) and object classes of the class head (no background logit) per subset
-CLIP_LENGTH = {"s4": 5, "ms3": 5, "avs": 5, "avss": 10}
-OBJECT_CLASSES = {"s4": 1, "ms3": 1, "avs": 1, "avss": 70}
-METADATA_CSV = {"s4": "s4_meta_data.csv", "ms3": "ms3_meta_data.csv", "avss": "metadata.csv"}
-AUDIO_SOURCES = {"s4": ("wav", "pkl", "embeddings"), "ms3": ("wav", "pkl", "embeddings"),
-                 "avs": ("wav", "pkl", "embeddings"), "avss": ("wav", "embeddings")}
+CLIP_LENGTH = {name: layout.num_frames for name, layout in _SUBSET_LAYOUTS.items()}
+OBJECT_CLASSES = {name: layout.object_classes for name, layout in _SUBSET_LAYOUTS.items()}
+METADATA_CSV = {name: layout.metadata_csv for name, layout in LAYOUTS.items()}
+AUDIO_SOURCES = {
+    name: ("wav", "pkl", "embeddings") if layout.has_pkl else ("wav", "embeddings")
+    for name, layout in _SUBSET_LAYOUTS.items()
+}
 MASK_SOURCES = ("rgb", "semantic")
 MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
 FPN_TYPES = ("audio_dual", "audio", "none")

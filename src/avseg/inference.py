@@ -36,6 +36,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from avseg.data.layout import LAYOUTS
 from avseg.errors import ConfigError
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "evaluate_dataset",
 ]
 
-NUM_AVSS_CLASSES = 71
+NUM_AVSS_CLASSES = LAYOUTS["avss"].num_mask_classes  # 71, background included
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avseg.cli import run_main
 from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
+from avseg.data.layout import model_layout
 from avseg.errors import ConfigError, DataError
 from avseg.inference import load_model, model_audio_input, predict_scores, resolve_device, scores_to_labels, training_run_config
 from avseg.io import atomic_output, overlay_labels, write_json_atomic, write_label_png
@@ -359,7 +360,7 @@ def predict(
     from avseg.data.collate import collate_clips
 
     semantic = bool(module.semantic)
-    fit_mode = "zero_pad" if semantic else "repeat_last"
+    fit_mode = model_layout(semantic).fit_mode
     embeddings = model_audio_input(module) == "embeddings"
     if embeddings and vggish is None:
         raise ConfigError(
@@ -464,7 +465,7 @@ def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: an int >= 1")
     module = load_model(ckpt_path, device)
-    clip_length = int(cfg.clip_length) if cfg.get("clip_length") is not None else (10 if module.semantic else 5)
+    clip_length = int(cfg.clip_length) if cfg.get("clip_length") is not None else model_layout(module.semantic).num_frames
     if clip_length < 1:
         raise ConfigError(f"clip_length={clip_length}: an int >= 1 (null = 10 for AVSS models, 5 otherwise)")
     image_size = cfg.get("image_size")

@@ -15,12 +15,13 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from avseg.data.layout import FitMode  # the fit modes are a layout fact
 from avseg.errors import DataError
 
 VGGISH_SAMPLE_RATE = 16000
@@ -32,8 +33,6 @@ MEL_LOW_HZ = 125.0
 MEL_HIGH_HZ = 7500.0
 LOG_OFFSET = 0.01
 EXAMPLE_FRAMES = 96  # 0.96 s examples, non-overlapping
-
-FitMode = Literal["repeat_last", "zero_pad"]
 
 
 # ---------------------------------------------------------------------------------------------

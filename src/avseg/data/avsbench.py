@@ -16,14 +16,12 @@ Layouts are in docs/AVSBENCH.md; every missing or unreadable file raises `DataEr
 
 from __future__ import annotations
 
-import abc
 import contextlib
-import csv
-import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,14 +29,21 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 
 from avseg.data.audio import fit_examples, load_wav, log_mel_examples
-from avseg.data.palette import AVSS_CLASSES, decode_colour_mask
+from avseg.data.layout import (
+    AVSS_MASK_DIRS,
+    LAYOUTS,
+    SPLITS,
+    SubsetLayout,
+    parse_rows,
+    read_label2idx,
+)
+from avseg.data.palette import decode_colour_mask
 from avseg.data.safe_pickle import load_tensor_pickle
 from avseg.data.transforms import AugmentConfig, ClipTransform
 from avseg.errors import ConfigError, DataError
 
 AudioTransform = Callable[[np.ndarray, int, int], np.ndarray]
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 AUDIO_SOURCES: tuple[str, ...] = ("wav", "pkl", "embeddings")
 LOG_MEL_SHAPE: tuple[int, int, int] = (1, 96, 64)
 EMBEDDING_DIM = 128
@@ -187,59 +192,15 @@ def read_log_mel_pickle(path: Path, num_frames: int) -> torch.Tensor:
     return tensor.detach().to(torch.float32).contiguous()
 
 
-def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of a metadata CSV; blank lines are skipped."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(path, f"cannot read metadata CSV ({type(error).__name__}: {error})") from error
-    if not rows:
-        raise DataError(path, "metadata CSV is empty (no header row)")
-    return rows[0], rows[1:]
-
-
-def read_label2idx(path: Path) -> tuple[str, ...]:
-    """Class names in the KEY ORDER of `label2idx.json`; must be the 71 AVSS classes in order."""
-    _require_file(path, "label2idx.json")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        duplicated = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicated:
-            raise DataError(path, f"duplicate keys {duplicated}")
-        return dict(pairs)
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle, object_pairs_hook=no_duplicates)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        # RecursionError: absurdly nested JSON ("[[[[..."); still a bad file, not a crash
-        raise DataError(path, f"cannot read label2idx.json ({type(error).__name__}: {error})") from error
-    if not isinstance(content, dict):
-        raise DataError(path, "label2idx.json must be a JSON object of class name -> index")
-    classes = tuple(content.keys())
-    if classes != AVSS_CLASSES:
-        for position, (found, expected) in enumerate(zip(classes, AVSS_CLASSES)):
-            if found != expected:
-                raise DataError(
-                    path,
-                    f"key {position} is {found!r}, expected {expected!r} (class order is the key order; "
-                    f"the AVSS classes are listed in avseg.data.palette.AVSS_CLASSES)",
-                )
-        raise DataError(path, f"expected the {len(AVSS_CLASSES)} AVSS classes as keys, found {len(classes)}")
-    return classes
-
-
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
 
-class AVSBenchDataset(Dataset, abc.ABC):
+class AVSBenchDataset(Dataset):
     """Shared machinery of the three AVSBench loaders.
 
-    Subclasses set `subset`, `num_frames`, `semantic`, `metadata_name`, `log_mel_fit` and
-    implement `_read_records`.
+    Subclasses set `layout` (`avseg.data.layout.LAYOUTS[subset]`): file paths, CSV, clip length,
+    audio fit mode and which frames have masks all come from it.
 
     Args:
         root: the folder holding the metadata CSV (`s4_meta_data.csv`, `ms3_meta_data.csv` or
@@ -263,12 +224,22 @@ class AVSBenchDataset(Dataset, abc.ABC):
             afterwards; workers use 1 anyway); None leaves PyTorch's setting alone.
     """
 
+    layout: ClassVar[SubsetLayout]
+    supports_pkl: ClassVar[bool] = True
+    mask_source: str = "rgb"
+    # The layout's facts as class attributes (the data module reads them before any dataset exists).
     subset: ClassVar[str]
     num_frames: ClassVar[int]
     semantic: ClassVar[bool]
     metadata_name: ClassVar[str]
     log_mel_fit: ClassVar[str]
-    supports_pkl: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        layout = cls.layout
+        cls.subset, cls.num_frames, cls.semantic = layout.name, layout.num_frames, layout.semantic
+        cls.metadata_name, cls.log_mel_fit = layout.metadata_csv, layout.fit_mode
+        cls.supports_pkl = layout.has_pkl
 
     def __init__(
         self,
@@ -330,11 +301,30 @@ class AVSBenchDataset(Dataset, abc.ABC):
             )
         self.records: list[ClipRecord] = self._read_records(metadata)
 
-    # -- subclass hooks -------------------------------------------------------------------------
+    # -- records and masks ------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def _read_records(self, metadata: Path) -> list[ClipRecord]:
-        """The split's clips, in CSV row order."""
+        """The split's clips, in CSV row order. Any bad row (of any split) raises, as the checker
+        reports it (`avseg.data.layout.parse_rows`)."""
+        rows, problems = parse_rows(self.layout, metadata)
+        if problems:
+            raise DataError(metadata, problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        records = []
+        for row in rows:
+            if row["split"] != self.split:
+                continue
+            files = self.layout.clip_files(row, with_pkl=self.supports_pkl, mask_source=self.mask_source)
+            records.append(
+                ClipRecord(
+                    video_id=files.video_id,
+                    frame_paths=tuple(self.root / p for p in files.frames),
+                    mask_paths=tuple(self.root / p if p is not None else None for p in files.masks),
+                    wav_path=self.root / files.wav,
+                    wav_relpath=Path(files.wav),
+                    pkl_path=self.root / files.pkl if files.pkl is not None else None,
+                )
+            )
+        return records
 
     def _read_masks(self, record: ClipRecord, height: int, width: int) -> np.ndarray:
         """int64 [t, H, W] for the clip's real frames; zeros where there is no label file."""
@@ -481,86 +471,16 @@ class AVSBenchDataset(Dataset, abc.ABC):
         )
 
 
-def _column(header: list[str], name: str, default_position: int, metadata: Path) -> int:
-    """Position of a named column, else its official position (the official code reads by position)."""
-    lowered = [h.lower() for h in header]
-    if name in lowered:
-        return lowered.index(name)
-    if default_position >= len(header):
-        raise DataError(metadata, f"header {header} has no column {name!r} (or position {default_position})")
-    return default_position
-
-
 class S4Dataset(AVSBenchDataset):
     """AVSBench-object single source. Train clips have only frame 1's mask (label_valid [1,0,0,0,0])."""
 
-    subset = "s4"
-    num_frames = 5
-    semantic = False
-    metadata_name = "s4_meta_data.csv"
-    log_mel_fit = "repeat_last"
-
-    def _read_records(self, metadata: Path) -> list[ClipRecord]:
-        header, rows = read_csv_rows(metadata)
-        split_col = _column(header, "split", 3, metadata)
-        category_col = _column(header, "category", 2, metadata)
-        data = self.root / "s4_data"
-        records = []
-        for line, row in enumerate(rows, start=2):
-            if len(row) <= max(split_col, category_col):
-                raise DataError(metadata, f"line {line}: expected at least {max(split_col, category_col) + 1} columns, got {row}")
-            if row[split_col] != self.split:
-                continue
-            name, category = row[0], row[category_col]
-            frames_dir = data / "visual_frames" / self.split / category / name
-            masks_dir = data / "gt_masks" / self.split / category / name
-            labelled = (1,) if self.split == "train" else (1, 2, 3, 4, 5)
-            wav_relpath = Path("s4_data", "audio_wav", self.split, category, f"{name}.wav")
-            records.append(
-                ClipRecord(
-                    video_id=name,
-                    frame_paths=tuple(frames_dir / f"{name}_{k}.png" for k in range(1, 6)),
-                    mask_paths=tuple(masks_dir / f"{name}_{k}.png" if k in labelled else None for k in range(1, 6)),
-                    wav_path=self.root / wav_relpath,
-                    wav_relpath=wav_relpath,
-                    pkl_path=data / "audio_log_mel" / self.split / category / f"{name}.pkl",
-                )
-            )
-        return records
+    layout = LAYOUTS["s4"]
 
 
 class MS3Dataset(AVSBenchDataset):
     """AVSBench-object multi source. Frame files are `<name>.mp4_<k>.png`; all 5 frames labelled."""
 
-    subset = "ms3"
-    num_frames = 5
-    semantic = False
-    metadata_name = "ms3_meta_data.csv"
-    log_mel_fit = "repeat_last"
-
-    def _read_records(self, metadata: Path) -> list[ClipRecord]:
-        header, rows = read_csv_rows(metadata)
-        split_col = _column(header, "split", 1, metadata)
-        data = self.root / "ms3_data"
-        records = []
-        for line, row in enumerate(rows, start=2):
-            if len(row) <= split_col:
-                raise DataError(metadata, f"line {line}: expected at least {split_col + 1} columns, got {row}")
-            if row[split_col] != self.split:
-                continue
-            name = row[0]
-            wav_relpath = Path("ms3_data", "audio_wav", self.split, f"{name}.wav")
-            records.append(
-                ClipRecord(
-                    video_id=name,
-                    frame_paths=tuple(data / "visual_frames" / name / f"{name}.mp4_{k}.png" for k in range(1, 6)),
-                    mask_paths=tuple(data / "gt_masks" / self.split / name / f"{name}_{k}.png" for k in range(1, 6)),
-                    wav_path=self.root / wav_relpath,
-                    wav_relpath=wav_relpath,
-                    pkl_path=data / "audio_log_mel" / self.split / f"{name}.pkl",
-                )
-            )
-        return records
+    layout = LAYOUTS["ms3"]
 
 
 class AVSSDataset(AVSBenchDataset):
@@ -571,60 +491,22 @@ class AVSSDataset(AVSBenchDataset):
     index PNGs. Label files per clip: v1s train 1 (`0.png`), v1s val/test 5, v1m 5, v2 10.
     """
 
-    subset = "avss"
-    num_frames = 10
-    semantic = True
-    metadata_name = "metadata.csv"
-    log_mel_fit = "zero_pad"
-    supports_pkl = False
-    FRAMES_PER_LABEL: ClassVar[dict[str, int]] = {"v1s": 5, "v1m": 5, "v2": 10}
+    layout = LAYOUTS["avss"]
+    FRAMES_PER_LABEL: ClassVar[dict[str, int]] = LAYOUTS["avss"].clip_kinds
 
     def __init__(self, root: str | os.PathLike, split: str, *, mask_source: str = "rgb", **options: Any) -> None:
-        if mask_source not in ("rgb", "semantic"):
+        if mask_source not in AVSS_MASK_DIRS:
             raise ConfigError(f"mask_source must be 'rgb' or 'semantic', got {mask_source!r}")
         self.mask_source = mask_source
         super().__init__(root, split, **options)
-        self.classes = read_label2idx(self.root / "label2idx.json")
+        assert self.layout.label_file is not None
+        self.classes = read_label2idx(self.root / self.layout.label_file)
         self.num_mask_classes = len(self.classes)
 
     def _read_one_mask(self, path: Path) -> np.ndarray:
         if self.mask_source == "rgb":
             return read_colour_mask(path, self.num_mask_classes)
         return read_index_mask(path, self.num_mask_classes)
-
-    def _read_records(self, metadata: Path) -> list[ClipRecord]:
-        header, rows = read_csv_rows(metadata)
-        lowered = [h.lower() for h in header]
-        missing = [c for c in ("uid", "split", "label") if c not in lowered]
-        if missing:
-            raise DataError(metadata, f"header {header} lacks columns {missing}")
-        uid_col, split_col, label_col = (lowered.index(c) for c in ("uid", "split", "label"))
-        labels_dir = "labels_rgb" if self.mask_source == "rgb" else "labels_semantic"
-        records = []
-        for line, row in enumerate(rows, start=2):
-            if len(row) <= max(uid_col, split_col, label_col):
-                raise DataError(metadata, f"line {line}: expected {len(header)} columns, got {row}")
-            if row[split_col] != self.split:
-                continue
-            uid, label = row[uid_col], row[label_col]
-            if label not in self.FRAMES_PER_LABEL:
-                raise DataError(metadata, f"line {line}: label {label!r} is not one of {list(self.FRAMES_PER_LABEL)}")
-            count = self.FRAMES_PER_LABEL[label]
-            labelled = 1 if (label == "v1s" and self.split == "train") else count
-            clip_dir = self.root / label / uid
-            records.append(
-                ClipRecord(
-                    video_id=uid,
-                    frame_paths=tuple(clip_dir / "frames" / f"{i}.jpg" for i in range(count)),
-                    mask_paths=tuple(
-                        clip_dir / labels_dir / f"{i}.png" if i < labelled else None for i in range(count)
-                    ),
-                    wav_path=clip_dir / "audio.wav",
-                    wav_relpath=Path(label) / uid / "audio.wav",
-                    pkl_path=None,
-                )
-            )
-        return records
 
 
 DATASETS: dict[str, type[AVSBenchDataset]] = {"s4": S4Dataset, "ms3": MS3Dataset, "avss": AVSSDataset}

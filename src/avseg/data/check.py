@@ -2,24 +2,24 @@
 
     python -m avseg.data.check root=PATH subset=s4|ms3|avss [image_size=224] [workers=8]
 
-Checks, against the layouts in docs/AVSBENCH.md: the CSV (and AVSS `label2idx.json`) parse; every CSV
-row has exactly its expected frames, masks, WAV (and pickle, when the tree has `audio_log_mel/`),
-per clip kind and split; no extra files and no clip folders without a CSV row inside the subset's
-data folders; every image is structurally whole (PNG chunks with valid CRCs up to IEND, JPEG end
-marker: PIL decodes a PNG that lost its tail), decodes fully (PIL `load()`), has the expected size
-(`image_size`) and matches its clip's frame size; binary masks hold one foreground value at most; AVSS colour masks
-hold only class colours and agree with `labels_semantic/`; WAVs decode fully at 16 kHz and are long
-enough for one log-mel example; pickles are plain tensors [5, 1, 96, 64] loaded through the
-restricted unpickler. Each file is read once; clips are checked in parallel threads.
+Checks, against the layouts in docs/AVSBENCH.md (their code: `avseg.data.layout`, which the loader
+reads too, so a row or file the loader would reject is a problem here): the CSV (and AVSS
+`label2idx.json`) parse; every CSV row has exactly its expected frames, masks, WAV (and pickle, when
+the tree has `audio_log_mel/`), per clip kind and split; no extra files and no clip folders without
+a CSV row inside the subset's data folders; every image is structurally whole (PNG chunks with valid
+CRCs up to IEND, JPEG end marker: PIL decodes a PNG that lost its tail), decodes fully (PIL
+`load()`), has the expected size (`image_size`) and matches its clip's frame size; binary masks hold
+one foreground value at most; AVSS colour masks hold only class colours and agree with
+`labels_semantic/`; WAVs decode fully at 16 kHz and are long enough for one log-mel example; pickles
+are plain tensors [5, 1, 96, 64] loaded through the restricted unpickler. Each file is read once;
+clips are checked in parallel threads.
 Entries at the root beside the CSV (e.g. another subset's folder, the SynthAVS sidecar) are not
 inspected.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import os
 import sys
 import warnings
@@ -33,14 +33,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from avseg.data.palette import AVSS_CLASSES, NUM_AVSS_CLASSES, decode_colour_mask
+from avseg.data.layout import AVSS_MASK_DIRS, LAYOUTS, SUBSETS, parse_rows, read_label2idx
+from avseg.data.palette import NUM_AVSS_CLASSES, decode_colour_mask
 from avseg.errors import ConfigError, DataError
 
-SUBSETS = ("s4", "ms3", "avss")
-SPLITS = ("train", "val", "test")
 EXPECTED_SAMPLE_RATE = 16000
 MIN_AUDIO_SECONDS = 0.975  # one 0.96 s VGGish example needs 96 hops of 10 ms + a 25 ms window
-AVSS_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}
 
 
 @dataclass(frozen=True, order=True)
@@ -84,235 +82,70 @@ _KIND_WORDS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# CSV -> expected files
+# CSV -> expected files (paths and row rules from avseg.data.layout, as the loader reads them)
 
 
-def _read_csv(path: Path, problems: list[Problem]) -> tuple[list[str], list[list[str]]] | None:
-    if not path.is_file():
-        problems.append(Problem(str(path), "missing metadata CSV"))
-        return None
+def _layout(root: Path, subset: str) -> _Layout:
+    layout = LAYOUTS[subset]
+    problems: list[Problem] = []
+    num_classes = layout.num_mask_classes
+    if layout.label_file is not None:
+        try:
+            num_classes = len(read_label2idx(root / layout.label_file))
+        except DataError as err:
+            problems.append(Problem(err.path, err.problem))
+    csv_path = root / layout.metadata_csv
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            table = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        problems.append(Problem(str(path), f"unreadable CSV: {err}"))
-        return None
-    if not table:
-        problems.append(Problem(str(path), "empty CSV (no header)"))
-        return None
-    return [h.strip() for h in table[0]], table[1:]
-
-
-def _safe_name(value: str) -> bool:
-    """A CSV value used as a path component: non-empty, no separators, not '.' or '..'."""
-    return bool(value) and value not in (".", "..") and "/" not in value and "\\" not in value and "\0" not in value
-
-
-def _column(header: list[str], name: str, position: int) -> int:
-    """The column's index by name when the header has it, else the official position."""
-    return header.index(name) if name in header else position
-
-
-def _header_lacks_columns(csv_path: Path, header: list[str], columns: dict[str, int], problems: list[Problem]) -> bool:
-    """A header too short for a column the layout reads (by name, else by official position)."""
-    missing = [f"{name!r} (or position {index})" for name, index in columns.items() if index >= len(header)]
-    if missing:
-        problems.append(Problem(str(csv_path), f"header {header} has no column {', '.join(missing)}"))
-    return bool(missing)
-
-
-def _rows(
-    csv_path: Path,
-    header: list[str],
-    table: list[list[str]],
-    columns: dict[str, int],
-    problems: list[Problem],
-) -> list[dict[str, str]]:
-    """Rows as dicts of the named columns; malformed rows are reported and skipped."""
-    rows = []
-    width = max(columns.values()) + 1
-    for line_no, row in enumerate(table, start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < width:
-            problems.append(Problem(str(csv_path), f"line {line_no}: {len(row)} columns, expected at least {width}"))
-            continue
-        values = {key: row[index].strip() for key, index in columns.items()}
-        bad = [key for key in ("name", "category", "uid", "label") if key in values and not _safe_name(values[key])]
-        if bad:
-            problems.append(Problem(str(csv_path), f"line {line_no}: unusable {bad[0]} {values[bad[0]]!r}"))
-            continue
-        if values["split"] not in SPLITS:
-            problems.append(Problem(
-                str(csv_path), f"line {line_no}: split {values['split']!r} is not one of {list(SPLITS)}"
-            ))
-            continue
-        values["line"] = str(line_no)
-        rows.append(values)
-    return rows
-
-
-def _dedupe(csv_path: Path, rows: list[dict[str, str]], key: str, problems: list[Problem]) -> list[dict[str, str]]:
-    seen: dict[str, str] = {}
-    unique = []
-    for row in rows:
-        if row[key] in seen:
-            problems.append(Problem(
-                str(csv_path),
-                f"line {row['line']}: duplicate clip {row[key]!r} (first on line {seen[row[key]]})",
-            ))
-            continue
-        seen[row[key]] = row["line"]
-        unique.append(row)
-    return unique
-
-
-def _has_log_mel(root: Path, data_dir: str) -> bool:
-    return (root / data_dir / "audio_log_mel").is_dir()
-
-
-def _s4_layout(root: Path) -> _Layout:
-    problems: list[Problem] = []
-    csv_path = root / "s4_meta_data.csv"
-    parsed = _read_csv(csv_path, problems)
-    if parsed is None:
-        return _Layout([], [], problems)
-    header, table = parsed
-    columns = {
-        "name": 0,
-        "category": _column(header, "category", 2),
-        "split": _column(header, "split", 3),
-    }
-    if _header_lacks_columns(csv_path, header, columns, problems):
-        return _Layout([], ["s4_data"], problems)
-    rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
-    with_pkl = _has_log_mel(root, "s4_data")
+        rows, row_problems = parse_rows(layout, csv_path)
+    except DataError as err:  # missing or unreadable CSV, or a header without a needed column
+        problems.append(Problem(err.path, err.problem))
+        scan_roots = [] if (layout.semantic or not csv_path.is_file()) else list(layout.data_dirs)
+        return _Layout([], scan_roots, problems, num_classes)
+    problems.extend(Problem(str(csv_path), message) for message in row_problems)
+    with_pkl = layout.has_pkl and any((root / d / "audio_log_mel").is_dir() for d in layout.data_dirs)
     clips = []
     for row in rows:
-        name, category, split = row["name"], row["category"], row["split"]
-        frames = f"s4_data/visual_frames/{split}/{category}/{name}"
-        masks = f"s4_data/gt_masks/{split}/{category}/{name}"
-        clip = _Clip(name=name, folders=[frames, masks])
-        for k in range(1, 6):
-            clip.files[f"{frames}/{name}_{k}.png"] = "frame"
-        for k in ([1] if split == "train" else range(1, 6)):
-            clip.files[f"{masks}/{name}_{k}.png"] = "binary_mask"
-        clip.files[f"s4_data/audio_wav/{split}/{category}/{name}.wav"] = "wav"
-        if with_pkl:
-            clip.files[f"s4_data/audio_log_mel/{split}/{category}/{name}.pkl"] = "pkl"
+        files = layout.clip_files(row, with_pkl=with_pkl)
+        clip = _Clip(name=files.video_id, folders=list(files.folders))
+        for rel in files.frames:
+            clip.files[rel] = "frame"
+        for rel in files.masks:
+            if rel is not None:
+                clip.files[rel] = "rgb_mask" if layout.semantic else "binary_mask"
+        # optional: some AVSS trees also ship index masks, which must then be complete
+        if layout.semantic and (root / files.folders[0] / AVSS_MASK_DIRS["semantic"]).is_dir():
+            for rel in files.semantic_masks:
+                if rel is not None:
+                    clip.files[rel] = "index_mask"
+        clip.files[files.wav] = "wav"
+        if files.pkl is not None:
+            clip.files[files.pkl] = "pkl"
         clips.append(clip)
-    return _Layout(clips, ["s4_data"], problems)
-
-
-def _ms3_layout(root: Path) -> _Layout:
-    problems: list[Problem] = []
-    csv_path = root / "ms3_meta_data.csv"
-    parsed = _read_csv(csv_path, problems)
-    if parsed is None:
-        return _Layout([], [], problems)
-    header, table = parsed
-    columns = {"name": 0, "split": _column(header, "split", 1)}
-    if _header_lacks_columns(csv_path, header, columns, problems):
-        return _Layout([], ["ms3_data"], problems)
-    rows = _dedupe(csv_path, _rows(csv_path, header, table, columns, problems), "name", problems)
-    with_pkl = _has_log_mel(root, "ms3_data")
-    clips = []
-    for row in rows:
-        name, split = row["name"], row["split"]
-        frames = f"ms3_data/visual_frames/{name}"
-        masks = f"ms3_data/gt_masks/{split}/{name}"
-        clip = _Clip(name=name, folders=[frames, masks])
-        for k in range(1, 6):
-            clip.files[f"{frames}/{name}.mp4_{k}.png"] = "frame"
-            clip.files[f"{masks}/{name}_{k}.png"] = "binary_mask"
-        clip.files[f"ms3_data/audio_wav/{split}/{name}.wav"] = "wav"
-        if with_pkl:
-            clip.files[f"ms3_data/audio_log_mel/{split}/{name}.pkl"] = "pkl"
-        clips.append(clip)
-    return _Layout(clips, ["ms3_data"], problems)
-
-
-def _read_label2idx(root: Path, problems: list[Problem]) -> int:
-    """Number of classes in `label2idx.json` (71 when it cannot be used; the problem is listed)."""
-    path = root / "label2idx.json"
-    if not path.is_file():
-        problems.append(Problem(str(path), "missing label2idx.json"))
-        return NUM_AVSS_CLASSES
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        problems.append(Problem(str(path), f"unreadable JSON: {err}"))
-        return NUM_AVSS_CLASSES
-    if not isinstance(mapping, dict):
-        problems.append(Problem(str(path), "expected a JSON object mapping class names to indices"))
-        return NUM_AVSS_CLASSES
-    if len(mapping) != NUM_AVSS_CLASSES:
-        problems.append(Problem(str(path), f"{len(mapping)} classes, expected {NUM_AVSS_CLASSES}"))
-    elif tuple(mapping) != AVSS_CLASSES:
-        first = next(i for i, (a, b) in enumerate(zip(mapping, AVSS_CLASSES)) if a != b)
-        problems.append(Problem(
-            str(path),
-            f"class order differs from the official one at position {first}: {list(mapping)[first]!r}",
-        ))
-    return max(len(mapping), 1)
-
-
-def _avss_layout(root: Path) -> _Layout:
-    problems: list[Problem] = []
-    num_classes = _read_label2idx(root, problems)
-    csv_path = root / "metadata.csv"
-    parsed = _read_csv(csv_path, problems)
-    if parsed is None:
-        return _Layout([], [], problems, num_classes)
-    header, table = parsed
-    missing = [c for c in ("uid", "split", "label") if c not in header]
-    if missing:
-        problems.append(Problem(str(csv_path), f"missing column(s) {missing}; header is {header}"))
-        return _Layout([], [], problems, num_classes)
-    columns = {c: header.index(c) for c in ("uid", "split", "label")}
-    rows = _rows(csv_path, header, table, columns, problems)
-    valid_rows = []
-    for row in rows:
-        if row["label"] not in AVSS_FRAMES:
-            problems.append(Problem(
-                str(csv_path), f"line {row['line']}: label {row['label']!r} is not one of {list(AVSS_FRAMES)}"
-            ))
-        else:
-            valid_rows.append(row)
-    rows = _dedupe(csv_path, valid_rows, "uid", problems)
-    clips = []
-    for row in rows:
-        uid, split, label = row["uid"], row["split"], row["label"]
-        folder = f"{label}/{uid}"
-        num_frames = AVSS_FRAMES[label]
-        labelled = [0] if (label == "v1s" and split == "train") else range(num_frames)
-        clip = _Clip(name=uid, folders=[folder])
-        for i in range(num_frames):
-            clip.files[f"{folder}/frames/{i}.jpg"] = "frame"
-        for i in labelled:
-            clip.files[f"{folder}/labels_rgb/{i}.png"] = "rgb_mask"
-        if (root / folder / "labels_semantic").is_dir():  # optional: some trees ship index masks
-            for i in labelled:
-                clip.files[f"{folder}/labels_semantic/{i}.png"] = "index_mask"
-        clip.files[f"{folder}/audio.wav"] = "wav"
-        clips.append(clip)
-    return _Layout(clips, [k for k in AVSS_FRAMES if (root / k).is_dir()], problems, num_classes)
+    scan_roots = [d for d in layout.data_dirs if (root / d).is_dir()] if layout.semantic else list(layout.data_dirs)
+    return _Layout(clips, scan_roots, problems, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Walking for extras
 
 
-# Per subset: the deepest folder level (in path parts) at which a folder still stands for clips
-# (split, category, clip folder) under each data folder, and where clip-level files (WAV, pickle) sit.
-_ROW_DIR_DEPTH = {
-    "s4": {"visual_frames": 5, "gt_masks": 5, "audio_wav": 4, "audio_log_mel": 4},
-    "ms3": {"visual_frames": 3, "gt_masks": 4, "audio_wav": 3, "audio_log_mel": 3},
-}
-_ROW_FILE_DEPTH = {
-    "s4": {"audio_wav": 5, "audio_log_mel": 5},
-    "ms3": {"audio_wav": 4, "audio_log_mel": 4},
-}
+def _row_depths(subset: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per data folder (`visual_frames`, `gt_masks`, `audio_wav`, `audio_log_mel`): the deepest
+    folder level (in path parts) at which a folder still stands for clips (split, category, clip
+    folder), and the level at which clip-level files (WAV, pickle) sit; from a sample clip of the
+    subset's layout (S4: 5 and 4/5, MS3: 3, 4 and 3/4)."""
+    layout = LAYOUTS[subset]
+    sample = layout.clip_files({"name": "n", "category": "c", "split": "train"}, with_pkl=True)
+    dirs = {PurePosixPath(folder).parts[1]: len(PurePosixPath(folder).parts) for folder in sample.folders}
+    files: dict[str, int] = {}
+    for rel in (sample.wav, sample.pkl):
+        parts = PurePosixPath(rel).parts if rel is not None else ()
+        if parts:
+            dirs[parts[1]], files[parts[1]] = len(parts) - 1, len(parts)
+    return dirs, files
+
+
+_ROW_DEPTHS = {subset: _row_depths(subset) for subset in ("s4", "ms3")}  # AVSS: <label>/<uid>
 
 
 def _row_level(subset: str, parts: tuple[str, ...], is_dir: bool) -> bool:
@@ -323,9 +156,9 @@ def _row_level(subset: str, parts: tuple[str, ...], is_dir: bool) -> bool:
     if len(parts) < 2:
         return False
     if is_dir:
-        depth = _ROW_DIR_DEPTH[subset].get(parts[1])
+        depth = _ROW_DEPTHS[subset][0].get(parts[1])
         return depth is not None and len(parts) <= depth
-    return _ROW_FILE_DEPTH[subset].get(parts[1]) == len(parts)
+    return _ROW_DEPTHS[subset][1].get(parts[1]) == len(parts)
 
 
 def _find_extras(root: Path, subset: str, layout: _Layout) -> tuple[set[str], list[Problem]]:
@@ -559,7 +392,7 @@ def check_tree(
     root = Path(root)
     if not root.is_dir():
         return [Problem(str(root), "not a folder")]
-    layout = {"s4": _s4_layout, "ms3": _ms3_layout, "avss": _avss_layout}[subset](root)
+    layout = _layout(root, subset)
     problems = list(layout.problems)
     present, extras = _find_extras(root, subset, layout)
     problems.extend(extras)

@@ -25,19 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
 from avseg.cli import console_log
+from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
+from avseg.data.layout import LAYOUTS
 from avseg.errors import ConfigError, DataError
 from avseg.io import write_npy_atomic
 from avseg.models.audio import VGGish
 
 log = logging.getLogger("avseg.data.embeddings")  # also when run as __main__ (console_log)
 
-SUBSET_LAYOUT: dict[str, tuple[int, FitMode]] = {
-    "s4": (5, "repeat_last"),
-    "ms3": (5, "repeat_last"),
-    "avss": (10, "zero_pad"),
-}
+# (T, fit mode) per subset, from avseg.data.layout
+SUBSET_LAYOUT: dict[str, tuple[int, FitMode]] = {name: (lay.num_frames, lay.fit_mode) for name, lay in LAYOUTS.items()}
 
 
 def wav_files(root: str | os.PathLike, subset: str) -> list[Path]:
@@ -45,14 +43,14 @@ def wav_files(root: str | os.PathLike, subset: str) -> list[Path]:
     `<label>/<uid>/audio.wav`. Raises DataError when the audio folder is missing or empty."""
     root = Path(root)
     if subset in ("s4", "ms3"):
-        audio_dir = root / f"{subset}_data" / "audio_wav"
+        audio_dir = root / LAYOUTS[subset].data_dirs[0] / "audio_wav"
         if not audio_dir.is_dir():
             raise DataError(audio_dir, "audio folder not found")
         files = sorted(audio_dir.rglob("*.wav"))
     elif subset == "avss":
         if not root.is_dir():
             raise DataError(root, "AVSS root folder not found")
-        files = sorted(root.glob("*/*/audio.wav"))
+        files = sorted(root.glob("*/*/audio.wav"))  # <kind>/<uid>/audio.wav (SubsetLayout.clip_files)
     else:
         raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {subset!r}")
     if not files:

@@ -155,7 +155,7 @@ class AVSDataModule(LightningDataModule):
         first = DATASETS[self.members[0]]
         self.num_frames: int = first.num_frames
         self.semantic: bool = first.semantic
-        self.num_mask_classes: int = 71 if self.semantic else 2
+        self.num_mask_classes: int = first.layout.num_mask_classes  # 2, or 71 for AVSS
         self.num_classes: int = self.num_mask_classes - 1  # no background logit in the class head
 
         self.image_size = int(image_size)

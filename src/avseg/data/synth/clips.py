@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from avseg.data.layout import LAYOUTS
 from avseg.data.synth.options import AVSS_KINDS, GENERATOR_VERSION, KIND_FRAMES, SAMPLE_RATE, SPLITS, SUBSETS
 from avseg.data.synth.pictures import _background, _render, _sample_layout
 from avseg.data.synth.real import RealClassSpec, paint_sprite, real_signal, realistic_layout
@@ -92,10 +93,8 @@ def plan_clip(
     rng = np.random.default_rng([options["seed"], subset_code, split_code, index, GENERATOR_VERSION])
     num_classes = len(catalogue)
     max_objects = options["max_objects"]
-    if subset == "s4":
-        kind, num_frames = "s4", 5
-    elif subset == "ms3":
-        kind, num_frames = "ms3", 5
+    if subset in ("s4", "ms3"):
+        kind, num_frames = subset, LAYOUTS[subset].num_frames
     else:
         kind = AVSS_KINDS[index % len(AVSS_KINDS)]
         num_frames = KIND_FRAMES[kind]

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from avseg.data.palette import NUM_AVSS_CLASSES, label2idx_json, voc_colormap
+from avseg.data.layout import LAYOUTS, SubsetLayout
+from avseg.data.palette import label2idx_json, voc_colormap
 from avseg.data.synth.classes import class_catalogue
 from avseg.data.synth.clips import ClipPlan, plan_clip
 from avseg.data.synth.options import GENERATOR_VERSION, SAMPLE_RATE, SIDECAR_NAME, SPLITS, SUBSETS
@@ -42,7 +43,7 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _pickle_log_mel(samples: np.ndarray, num_frames: int) -> bytes:
+def _pickle_log_mel(samples: np.ndarray, layout: SubsetLayout) -> bytes:
     """The official `.pkl`: a pickled float tensor [T, 1, 96, 64] saved with requires_grad, as
     the official preprocessing left it (docs/DATA.md), from the quantised WAV samples."""
     import torch  # only when pickles are wanted
@@ -55,7 +56,7 @@ def _pickle_log_mel(samples: np.ndarray, num_frames: int) -> bytes:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        examples = fit_examples(log_mel_examples(waveform, SAMPLE_RATE), num_frames, "repeat_last")
+        examples = fit_examples(log_mel_examples(waveform, SAMPLE_RATE), layout.num_frames, layout.fit_mode)
     finally:
         torch.set_num_threads(threads)
     return pickle.dumps(examples.clone().requires_grad_(True), protocol=pickle.DEFAULT_PROTOCOL)
@@ -65,52 +66,45 @@ def _binary_mask(plan: ClipPlan, t: int) -> bytes:
     return _png_bytes(np.where(plan.sounding_mask(t), 255, 0).astype(np.uint8), "L")
 
 
-def _write_clip(root: Path, subset: str, plan: ClipPlan, options: Mapping[str, Any]) -> None:
-    """Write one clip's frames, masks, audio (and pickle) in the subset's official layout."""
-    wav = _wav_bytes(plan.audio)
+def _s4_category(plan: ClipPlan) -> str:
+    """An S4 clip's category: the class of its (single) source sounding in the first second."""
+    return plan.classes[int(np.flatnonzero(plan.sounding[:, 0])[0])].name
+
+
+def _layout_row(subset: str, plan: ClipPlan) -> dict[str, str]:
+    """The CSV columns `SubsetLayout.clip_files` reads, for one planned clip."""
     if subset == "s4":
-        category = plan.classes[int(np.flatnonzero(plan.sounding[:, 0])[0])].name
-        name = plan.clip_id
-        base = root / "s4_data"
-        frame_dir = base / "visual_frames" / plan.split / category / name
-        mask_dir = base / "gt_masks" / plan.split / category / name
-        mask_frames = [0] if plan.split == "train" else list(range(plan.num_frames))
-        for t in range(plan.num_frames):
-            _write(frame_dir / f"{name}_{t + 1}.png", _png_bytes(plan.frames[t], "RGB"))
-        for t in mask_frames:
-            _write(mask_dir / f"{name}_{t + 1}.png", _binary_mask(plan, t))
-        _write(base / "audio_wav" / plan.split / category / f"{name}.wav", wav)
-        if options["write_pkl"]:
-            _write(
-                base / "audio_log_mel" / plan.split / category / f"{name}.pkl",
-                _pickle_log_mel(plan.audio, plan.num_frames),
-            )
-    elif subset == "ms3":
-        name = plan.clip_id
-        base = root / "ms3_data"
-        for t in range(plan.num_frames):
-            _write(
-                base / "visual_frames" / name / f"{name}.mp4_{t + 1}.png",
-                _png_bytes(plan.frames[t], "RGB"),
-            )
-            _write(base / "gt_masks" / plan.split / name / f"{name}_{t + 1}.png", _binary_mask(plan, t))
-        _write(base / "audio_wav" / plan.split / f"{name}.wav", wav)
-        if options["write_pkl"]:
-            _write(
-                base / "audio_log_mel" / plan.split / f"{name}.pkl",
-                _pickle_log_mel(plan.audio, plan.num_frames),
-            )
-    else:
-        clip_dir = root / plan.kind / avss_uid(plan.clip_id)
-        colours = voc_colormap(NUM_AVSS_CLASSES)
-        labelled = [0] if (plan.kind == "v1s" and plan.split == "train") else range(plan.num_frames)
-        for t in range(plan.num_frames):
-            _write(clip_dir / "frames" / f"{t}.jpg", _jpeg_bytes(plan.frames[t], options["jpeg_quality"]))
-        for t in labelled:
+        return {"name": plan.clip_id, "category": _s4_category(plan), "split": plan.split}
+    if subset == "ms3":
+        return {"name": plan.clip_id, "split": plan.split}
+    return {"uid": avss_uid(plan.clip_id), "label": plan.kind, "split": plan.split}
+
+
+def _write_clip(root: Path, subset: str, plan: ClipPlan, options: Mapping[str, Any]) -> None:
+    """Write one clip's frames, masks, audio (and pickle) in the subset's official layout
+    (`avseg.data.layout`)."""
+    layout = LAYOUTS[subset]
+    files = layout.clip_files(_layout_row(subset, plan), with_pkl=bool(options["write_pkl"]))
+    assert len(files.frames) == plan.num_frames, (subset, plan.kind, plan.num_frames)
+    if layout.semantic:
+        colours = voc_colormap(layout.num_mask_classes)
+        for t, rel in enumerate(files.frames):
+            _write(root / rel, _jpeg_bytes(plan.frames[t], options["jpeg_quality"]))
+        for t, (rgb_rel, index_rel) in enumerate(zip(files.masks, files.semantic_masks)):
+            if rgb_rel is None or index_rel is None:
+                continue
             semantic = plan.semantic_mask(t)
-            _write(clip_dir / "labels_rgb" / f"{t}.png", _png_bytes(colours[semantic], "RGB"))
-            _write(clip_dir / "labels_semantic" / f"{t}.png", _png_bytes(semantic, "L"))
-        _write(clip_dir / "audio.wav", wav)
+            _write(root / rgb_rel, _png_bytes(colours[semantic], "RGB"))
+            _write(root / index_rel, _png_bytes(semantic, "L"))
+    else:
+        for t, rel in enumerate(files.frames):
+            _write(root / rel, _png_bytes(plan.frames[t], "RGB"))
+        for t, mask_rel in enumerate(files.masks):
+            if mask_rel is not None:
+                _write(root / mask_rel, _binary_mask(plan, t))
+    _write(root / files.wav, _wav_bytes(plan.audio))
+    if files.pkl is not None:
+        _write(root / files.pkl, _pickle_log_mel(plan.audio, layout))
 
 
 def avss_uid(clip_id: str) -> str:
@@ -173,8 +167,7 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
             # Metadata draws from its own stream so it never shifts the clip's content.
             meta_rng = np.random.default_rng([options["seed"], SUBSETS.index(subset), SPLITS.index(split), index, 7919])
             if subset == "s4":
-                category = plan.classes[int(np.flatnonzero(plan.sounding[:, 0])[0])].name
-                rows.append([plan.clip_id, int(meta_rng.integers(0, 300)), category, split])
+                rows.append([plan.clip_id, int(meta_rng.integers(0, 300)), _s4_category(plan), split])
                 clips[plan.clip_id] = _sidecar_entry(plan)
             elif subset == "ms3":
                 rows.append([plan.clip_id, split])
@@ -187,16 +180,10 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
                     "_".join(heard), split, plan.kind,
                 ])
                 clips[uid] = _sidecar_entry(plan)
-    if subset == "s4":
-        _write(root / "s4_meta_data.csv", _csv_bytes(("name", "start", "category", "split"), rows))
-    elif subset == "ms3":
-        _write(root / "ms3_meta_data.csv", _csv_bytes(("video_id", "split"), rows))
-    else:
-        _write(
-            root / "metadata.csv",
-            _csv_bytes(("vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"), rows),
-        )
-        _write(root / "label2idx.json", _json_bytes(label2idx_json()))
+    layout = LAYOUTS[subset]
+    _write(root / layout.metadata_csv, _csv_bytes(layout.csv_header, rows))
+    if layout.label_file is not None:
+        _write(root / layout.label_file, _json_bytes(label2idx_json()))
     sidecar = {
         "generator": "avseg.data.synth",
         "generator_version": GENERATOR_VERSION,

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from avseg.data.layout import LAYOUTS
+from avseg.data.layout import SPLITS as LAYOUT_SPLITS
+from avseg.data.layout import SUBSETS as LAYOUT_SUBSETS
 from avseg.data.palette import NUM_AVSS_CLASSES
 from avseg.errors import ConfigError
 
@@ -20,10 +23,11 @@ from avseg.errors import ConfigError
 GENERATOR_VERSION = 1
 
 SAMPLE_RATE = 16000
-SUBSETS: tuple[str, ...] = ("s4", "ms3", "avss")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-AVSS_KINDS: tuple[str, ...] = ("v1s", "v1m", "v2")
-KIND_FRAMES: dict[str, int] = {"v1s": 5, "v1m": 5, "v2": 10}
+# The subsets, splits and AVSS clip kinds are those of avseg.data.layout (their order seeds the clips).
+SUBSETS: tuple[str, ...] = LAYOUT_SUBSETS
+SPLITS: tuple[str, ...] = LAYOUT_SPLITS
+AVSS_KINDS: tuple[str, ...] = tuple(LAYOUTS["avss"].clip_kinds)
+KIND_FRAMES: dict[str, int] = dict(LAYOUTS["avss"].clip_kinds)
 SIDECAR_NAME = "synth_sources.json"
 COMPLETE_MARKER = ".synth_complete"
 
