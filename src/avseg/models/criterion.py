@@ -44,6 +44,7 @@ graph, so ``backward()`` works and every rank of a DDP job runs the same collect
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from avseg.models.matcher import (
     MASK_RESOLUTIONS,
     HungarianMatcher,
     align_masks,
+    build_matcher,
     predicted_boxes,
     sigmoid_focal_terms,
 )
@@ -125,7 +127,7 @@ class SetCriterion(nn.Module):
         *,
         num_classes: int,
         semantic: bool,
-        matcher: HungarianMatcher | None = None,
+        matcher: HungarianMatcher | Mapping[str, Any] | None = None,
         weight_class: float = 2.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
@@ -145,7 +147,8 @@ class SetCriterion(nn.Module):
                 (71 classes minus background).
             semantic: AVSS mode (mask values are class indices 0..num_classes) or binary mode
                 (mask values 0 / 1; ``num_classes`` must be 1).
-            matcher: the Hungarian matcher; ``None`` builds one whose costs equal the loss weights.
+            matcher: the Hungarian matcher, or its ``model.matcher`` config (a mapping of costs), or
+                ``None`` (costs equal to the loss weights): `build_matcher` builds it.
             weight_*: loss weights of the total; the returned terms are unweighted.
             focal_alpha, focal_gamma: the sigmoid focal loss parameters (class and mask terms).
             mask_resolution: ``"pred"`` or ``"target"`` (see `avseg.models.matcher`); must equal
@@ -179,18 +182,19 @@ class SetCriterion(nn.Module):
         for name, value in weights.items():
             if value < 0:
                 raise ConfigError(f"criterion.weight_{name.removeprefix('loss_')}={value}: must be >= 0")
-        if matcher is None:
-            matcher = HungarianMatcher(
-                cost_class=weight_class,
-                cost_bbox=weight_bbox,
-                cost_giou=weight_giou,
-                cost_mask=weight_mask,
-                cost_dice=weight_dice,
+        if matcher is None or isinstance(matcher, Mapping):
+            matcher = build_matcher(
+                matcher,
+                weight_class=weight_class,
+                weight_bbox=weight_bbox,
+                weight_giou=weight_giou,
+                weight_mask=weight_mask,
+                weight_dice=weight_dice,
                 focal_alpha=focal_alpha,
                 focal_gamma=focal_gamma,
                 mask_resolution=mask_resolution,
             )
-        elif matcher.mask_resolution != mask_resolution:
+        if matcher.mask_resolution != mask_resolution:
             raise ConfigError(
                 f"criterion.mask_resolution={mask_resolution!r} but the matcher uses {matcher.mask_resolution!r}: "
                 "set both to the same value"
