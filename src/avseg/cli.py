@@ -113,15 +113,21 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextlib.contextmanager
-def console_log(name: str = "avseg") -> Iterator[None]:
+def console_log(name: str = "avseg", *, status: str | None = None) -> Iterator[None]:
     """For the commands that are not Hydra apps (Hydra sets up the run log itself): while inside,
     the INFO records of logger ``name`` are printed on stdout as plain lines (a command's report is
-    what the user asked for), warnings and errors on stderr."""
+    what the user asked for), warnings and errors on stderr. Records of the logger ``status`` (a
+    child of ``name``: the command's progress and summary lines, not its report) go to stderr at
+    every level."""
+
+    def on_stderr(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (status is not None and record.name == status)
+
     logger = logging.getLogger(name)
     out = logging.StreamHandler(sys.stdout)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    out.addFilter(lambda record: not on_stderr(record))
     err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
+    err.addFilter(on_stderr)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

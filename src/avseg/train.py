@@ -178,8 +178,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             chosen += f": {test_ckpt}, step {final['test/ckpt_step']}"
         title = f"Test results ({subset}{', synthetic' if _select(cfg, 'data.synth') else ''}; {chosen})"
         if cfg.get("test", True):
-            print("\n" + format_result_table(final, title=title))
-        print("\n".join(where), flush=True)
+            log.info("%s", "\n" + format_result_table(final, title=title))
+        log.info("%s", "\n".join(where))
     return final
 
 
