@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avseg.errors import ConfigError
-from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, post_norm_ffn
+from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.mlp import MLP
 
 
@@ -253,17 +253,16 @@ class SemanticGuidedDecoder(nn.Module):
         self.max_queries = max_queries
         self.box_refine = box_refine
         self.box_head = box_head
-        self.layers = nn.ModuleList(
-            DeformableDecoderLayer(
-                dim=dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_levels=num_levels,
-                num_heads=num_heads,
-                num_points=num_points,
-                backend=ms_deform_backend,
-            )
-            for _ in range(num_layers)
+        self.layers = layer_stack(
+            DeformableDecoderLayer,
+            num_layers,
+            dim=dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+            backend=ms_deform_backend,
         )
         self.query_pos = nn.Embedding(max_queries, dim)
         self.extra_content = nn.Embedding(extra_queries, dim) if extra_queries > 0 else None

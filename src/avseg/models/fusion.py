@@ -30,7 +30,7 @@ from torch import nn
 
 from avseg.errors import ConfigError
 from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
-from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, post_norm_ffn
+from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
@@ -123,17 +123,16 @@ class DeformableEncoder(nn.Module):
         self.dim = dim
         self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
         nn.init.normal_(self.level_embed)
-        self.layers = nn.ModuleList(
-            DeformableEncoderLayer(
-                dim=dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_levels=num_levels,
-                num_heads=num_heads,
-                num_points=num_points,
-                backend=backend,
-            )
-            for _ in range(num_layers)
+        self.layers = layer_stack(
+            DeformableEncoderLayer,
+            num_layers,
+            dim=dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+            backend=backend,
         )
 
     def positions(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -48,15 +48,9 @@ class _AttendAndCombine(nn.Module):
     def combine(self, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define combine()")
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        memory: torch.Tensor,
-        *,
-        query_pos: torch.Tensor | None = None,
-        memory_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.combine(query, self.cross(query, memory, query_pos=query_pos, memory_pos=memory_pos))
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, **positions: torch.Tensor | None) -> torch.Tensor:
+        """``positions``: `CrossAttention`'s keywords ``query_pos`` and ``memory_pos``."""
+        return self.combine(query, self.cross(query, memory, **positions))
 
 
 GATE_FORMS = ("product", "residual_product", "sum")

@@ -12,7 +12,7 @@ from torch import nn
 
 from avseg.ops import MSDeformAttn
 
-__all__ = ["deformable_attention_parts", "ffn_parts", "post_norm_ffn"]
+__all__ = ["deformable_attention_parts", "ffn_parts", "layer_stack", "post_norm_ffn"]
 
 
 def deformable_attention_parts(
@@ -47,3 +47,8 @@ def post_norm_ffn(
     """
     ffn = linear2(dropout_hidden(F.relu(linear1(x), inplace=True)))
     return norm(x + dropout_out(ffn))
+
+
+def layer_stack(layer: type[nn.Module], num_layers: int, **layer_args: object) -> nn.ModuleList:
+    """``num_layers`` layers ``layer(**layer_args)``, built one after the other."""
+    return nn.ModuleList(layer(**layer_args) for _ in range(num_layers))
