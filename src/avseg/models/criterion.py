@@ -113,6 +113,16 @@ def _zero_connected(*tensors: Tensor | None) -> Tensor:
     return total
 
 
+def _box_losses(src_boxes: Tensor, tgt_boxes: Tensor, num_objects: Tensor | float) -> dict[str, Tensor]:
+    """``loss_bbox`` (L1) and ``loss_giou`` of matched box pairs ``[M, 4]`` cxcywh, summed over the
+    pairs and divided by ``num_objects``."""
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+    return {
+        "loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects,
+        "loss_giou": (1 - giou).sum() / num_objects,
+    }
+
+
 class SetCriterion(nn.Module):
     """Hungarian-matched segmentation losses for binary (AVS) and semantic (AVSS) training.
 
@@ -351,9 +361,7 @@ class SetCriterion(nn.Module):
         prob = src_flat.sigmoid()
         dice = 1 - (2 * (prob * tgt_flat).sum(1) + 1) / (prob.sum(1) + tgt_flat.sum(1) + 1)
         losses["loss_dice"] = dice.sum() / num_objects
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
-        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        losses.update(_box_losses(src_boxes, tgt_boxes, num_objects))
         return losses
 
     @staticmethod
@@ -473,9 +481,7 @@ class SetCriterion(nn.Module):
             return losses
         src_boxes = frames["pred_boxes"][frame_index[present], query_index[present]].float()
         tgt_boxes = targets.boxes[object_index[present]]
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
-        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        losses.update(_box_losses(src_boxes, tgt_boxes, num_objects))
         return losses
 
     @staticmethod
