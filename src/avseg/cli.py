@@ -28,9 +28,19 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
-from avseg.errors import AvsegError
+from avseg.errors import AvsegError, ConfigError
 
-__all__ = ["EXIT_ERROR", "avseg_cause", "console_log", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
+__all__ = [
+    "EXIT_ERROR",
+    "avseg_cause",
+    "console_log",
+    "error_lines",
+    "guarded",
+    "in_hydra_multirun",
+    "key_value",
+    "report_error",
+    "run_main",
+]
 
 EXIT_ERROR = 1
 
@@ -110,6 +120,15 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
         return run_main(fn, *args, **kwargs)
 
     return wrapper
+
+
+def key_value(arg: str, *, usage: str = "") -> tuple[str, str]:
+    """A ``key=value`` command-line argument -> ``(key, value)``; anything else is a `ConfigError`
+    naming the argument (and ``usage``, when given)."""
+    if "=" not in arg:
+        raise ConfigError(f"argument {arg!r}: expected key=value" + (f" ({usage})" if usage else ""))
+    key, value = arg.split("=", 1)
+    return key, value
 
 
 @contextlib.contextmanager

@@ -575,11 +575,11 @@ def check_tree(
 
 
 def _parse_args(argv: Sequence[str]) -> dict[str, str]:
+    from avseg.cli import key_value
+
     args: dict[str, str] = {}
     for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected key=value (root=PATH subset=s4|ms3|avss [image_size=N])")
-        key, value = arg.split("=", 1)
+        key, value = key_value(arg, usage="root=PATH subset=s4|ms3|avss [image_size=N]")
         if key not in ("root", "subset", "image_size", "workers"):
             raise ConfigError(f"{key}: unknown key; allowed: root, subset, image_size, workers")
         args[key] = value
