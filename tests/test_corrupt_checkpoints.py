@@ -367,3 +367,28 @@ def test_train_cli_backbone_weights_missing_keys(tmp_path):
     args = [*_TINY_TRAIN, f"model.backbone.weights={path}", "model.backbone.random_init=false"]
     code, lines = _cli("avseg.train", args, tmp_path, timeout=600)
     _assert_last_line_names(code, lines, path, "missing keys")
+
+
+def test_checkpoint_with_the_untyped_hparams_layout_loads(tmp_path: Path) -> None:
+    """Checkpoints written before AVSLitModule took typed arguments stored only the keys the model
+    config set (no defaults for the training sections): they load into the same weights."""
+    module = _module(["+model.matcher={cost_class: 1.0}"])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        model_cfg = compose(config_name="train", overrides=[*TINY_MODEL, "+model.matcher={cost_class: 1.0}"]).model
+    given = {key for key in model_cfg if not str(key).startswith("_")}
+    checkpoint = _lightning_checkpoint(module)
+    checkpoint["hyper_parameters"] = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in given}
+    assert set(checkpoint["hyper_parameters"]) < set(module.hparams) and "matcher" in checkpoint["hyper_parameters"]
+    path = tmp_path / "untyped_layout.ckpt"
+    torch.save(checkpoint, path)
+    loaded = AVSLitModule.load_trained(path)
+    assert loaded.criterion.matcher.cost_class == 1.0 and loaded.criterion.matcher.cost_dice == 5.0
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in module.state_dict().items())
+
+
+def test_module_rejects_unknown_arguments_but_not_hydra_keys() -> None:
+    module = _module()
+    hparams = dict(module.hparams)
+    AVSLitModule(**hparams, _target_="avseg.lit.module.AVSLitModule", _recursive_=False)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['dimm'\\]"):
+        AVSLitModule(**hparams, dimm=32)

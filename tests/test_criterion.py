@@ -387,3 +387,19 @@ def test_clip_mask_and_dice_are_per_instance_over_its_labelled_frames() -> None:
 def test_match_level_is_checked() -> None:
     with pytest.raises(ConfigError, match="match_level"):
         SetCriterion(num_classes=1, semantic=False, match_level="video")
+
+
+def test_matcher_is_built_from_config_in_one_place() -> None:
+    """``matcher=None``: costs equal the loss weights and share the focal / resolution settings;
+    a ``model.matcher`` mapping: its costs, the rest HungarianMatcher's defaults, the loss's
+    mask resolution; both through `build_matcher`."""
+    weighted = SetCriterion(num_classes=1, semantic=False, weight_dice=3.0, focal_gamma=1.5, mask_resolution="target")
+    matcher = weighted.matcher
+    settings = (matcher.cost_dice, matcher.cost_class, matcher.focal_gamma, matcher.mask_resolution)
+    assert settings == (3.0, 2.0, 1.5, "target")
+    configured = SetCriterion(num_classes=1, semantic=False, matcher={"cost_class": 1.0}, mask_resolution="target")
+    matcher = configured.matcher
+    settings = (matcher.cost_class, matcher.cost_dice, matcher.focal_gamma, matcher.mask_resolution)
+    assert settings == (1.0, 5.0, 2.0, "target")
+    with pytest.raises(ConfigError, match="mask_resolution"):
+        SetCriterion(num_classes=1, semantic=False, matcher={"mask_resolution": "pred"}, mask_resolution="target")

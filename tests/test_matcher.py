@@ -180,3 +180,17 @@ def test_box_conversions_and_giou_hand_values() -> None:
     with pytest.raises(ValueError, match="x1 < x0"):
         generalized_box_iou(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), xyxy)
     assert torch.isnan(generalized_box_iou(torch.full((1, 4), float("nan")), xyxy)).all()
+
+
+def test_box_ops_agree_with_torchvision_where_torchvision_is_defined() -> None:
+    import torchvision.ops as tvo
+
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(7, 2, generator=generator)
+    xyxy = torch.cat([corner, corner + torch.rand(7, 2, generator=generator) + 0.01], dim=-1)
+    assert torch.equal(generalized_box_iou(xyxy, xyxy.flip(0)), tvo.generalized_box_iou(xyxy, xyxy.flip(0)))
+    assert torch.equal(box_iou(xyxy, xyxy.flip(0))[0], tvo.box_iou(xyxy, xyxy.flip(0)))
+    # pixel-cover boxes: torchvision's inclusive maximum index + 1, normalised by the size
+    masks = torch.rand(5, 9, 11, generator=generator) > 0.7
+    expected = (tvo.masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])) / torch.tensor([11.0, 9.0, 11.0, 9.0])
+    torch.testing.assert_close(box_cxcywh_to_xyxy(masks_to_boxes(masks)), expected)

@@ -186,3 +186,14 @@ def test_path_errors_survive_pickling():
         err = pickle.loads(pickle.dumps(cls("/data/x.pkl", "truncated")))
         assert type(err) is cls
         assert (err.path, err.problem, str(err)) == ("/data/x.pkl", "truncated", "/data/x.pkl: truncated")
+
+
+def test_path_errors_pickle_with_path_and_problem() -> None:
+    import pickle
+
+    from avseg.errors import CheckpointError, PathError
+
+    for cls in (DataError, UnsafePickleError, CheckpointError):
+        error = pickle.loads(pickle.dumps(cls("/x/y.pt", "truncated")))
+        assert type(error) is cls and isinstance(error, PathError) and isinstance(error, ValueError)
+        assert (error.path, error.problem, str(error)) == ("/x/y.pt", "truncated", "/x/y.pt: truncated")

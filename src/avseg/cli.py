@@ -28,9 +28,19 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
-from avseg.errors import AvsegError
+from avseg.errors import AvsegError, ConfigError
 
-__all__ = ["EXIT_ERROR", "avseg_cause", "console_log", "error_lines", "guarded", "in_hydra_multirun", "report_error", "run_main"]
+__all__ = [
+    "EXIT_ERROR",
+    "avseg_cause",
+    "console_log",
+    "error_lines",
+    "guarded",
+    "in_hydra_multirun",
+    "key_value",
+    "report_error",
+    "run_main",
+]
 
 EXIT_ERROR = 1
 
@@ -112,16 +122,31 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def key_value(arg: str, *, usage: str = "") -> tuple[str, str]:
+    """A ``key=value`` command-line argument -> ``(key, value)``; anything else is a `ConfigError`
+    naming the argument (and ``usage``, when given)."""
+    if "=" not in arg:
+        raise ConfigError(f"argument {arg!r}: expected key=value" + (f" ({usage})" if usage else ""))
+    key, value = arg.split("=", 1)
+    return key, value
+
+
 @contextlib.contextmanager
-def console_log(name: str = "avseg") -> Iterator[None]:
+def console_log(name: str = "avseg", *, status: str | None = None) -> Iterator[None]:
     """For the commands that are not Hydra apps (Hydra sets up the run log itself): while inside,
     the INFO records of logger ``name`` are printed on stdout as plain lines (a command's report is
-    what the user asked for), warnings and errors on stderr."""
+    what the user asked for), warnings and errors on stderr. Records of the logger ``status`` (a
+    child of ``name``: the command's progress and summary lines, not its report) go to stderr at
+    every level."""
+
+    def on_stderr(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (status is not None and record.name == status)
+
     logger = logging.getLogger(name)
     out = logging.StreamHandler(sys.stdout)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    out.addFilter(lambda record: not on_stderr(record))
     err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
+    err.addFilter(on_stderr)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

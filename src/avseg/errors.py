@@ -9,8 +9,8 @@ class AvsegError(Exception):
     """Base class of avseg's own errors."""
 
 
-class DataError(AvsegError, ValueError):
-    """A data file is missing, unreadable or malformed. The message starts with the file's path."""
+class PathError(AvsegError, ValueError):
+    """Base of the errors about one file: ``path`` and ``problem``, the message ``"<path>: <problem>"``."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = os.fspath(path)
@@ -21,24 +21,18 @@ class DataError(AvsegError, ValueError):
         # Rebuild from (path, problem), not from the formatted message: submitit and DDP send
         # exceptions between processes by pickling them.
         return (type(self), (self.path, self.problem))
+
+
+class DataError(PathError):
+    """A data file is missing, unreadable or malformed. The message starts with the file's path."""
 
 
 class UnsafePickleError(DataError):
     """A pickle asks for something other than a plain tensor (it may try to run code)."""
 
 
-class CheckpointError(AvsegError, ValueError):
+class CheckpointError(PathError):
     """A checkpoint or weights file cannot be used: truncated, wrong format, or keys that do not fit."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        # Rebuild from (path, problem), not from the formatted message: submitit and DDP send
-        # exceptions between processes by pickling them.
-        return (type(self), (self.path, self.problem))
 
 
 class ConfigError(AvsegError, ValueError):

@@ -180,8 +180,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         kind = "" if not synth else (", SynthAVS real assets" if _select(cfg, "data.synth.assets") == "real" else ", synthetic")
         title = f"Test results ({subset}{kind}; {chosen})"
         if cfg.get("test", True):
-            print("\n" + format_result_table(final, title=title))
-        print("\n".join(where), flush=True)
+            log.info("%s", "\n" + format_result_table(final, title=title))
+        log.info("%s", "\n".join(where))
     return final
 
 

@@ -20,6 +20,7 @@ inspected.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import warnings
@@ -407,11 +408,11 @@ def check_tree(
 
 
 def _parse_args(argv: Sequence[str]) -> dict[str, str]:
+    from avseg.cli import key_value
+
     args: dict[str, str] = {}
     for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected key=value (root=PATH subset=s4|ms3|avss [image_size=N])")
-        key, value = arg.split("=", 1)
+        key, value = key_value(arg, usage="root=PATH subset=s4|ms3|avss [image_size=N]")
         if key not in ("root", "subset", "image_size", "workers"):
             raise ConfigError(f"{key}: unknown key; allowed: root, subset, image_size, workers")
         args[key] = value
@@ -432,22 +433,28 @@ def _positive_int(key: str, text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print one line per problem (`<path>: <message>`); exit 1 if there is any, 2 on bad usage."""
-    try:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
-        image_size = _positive_int("image_size", args["image_size"]) if "image_size" in args else None
-        workers = _positive_int("workers", args["workers"]) if "workers" in args else None
-        problems = check_tree(args["root"], args["subset"], image_size=image_size, workers=workers)
-    except ConfigError as err:
-        print(f"avseg.data.check: {err}", file=sys.stderr)
-        return 2
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"avseg.data.check: {len(problems)} problem(s) in {args['root']}", file=sys.stderr)
-        return 1
-    print(f"avseg.data.check: {args['subset']} tree at {args['root']} is clean", file=sys.stderr)
-    return 0
+    """Log one line per problem (`<path>: <message>`, on stdout); exit 1 if there is any, 2 on bad
+    usage. The summary goes to stderr (logger ``avseg.data.check.status``)."""
+    from avseg.cli import console_log
+
+    report = logging.getLogger("avseg.data.check")
+    status = logging.getLogger("avseg.data.check.status")
+    with console_log("avseg.data.check", status=status.name):
+        try:
+            args = _parse_args(sys.argv[1:] if argv is None else argv)
+            image_size = _positive_int("image_size", args["image_size"]) if "image_size" in args else None
+            workers = _positive_int("workers", args["workers"]) if "workers" in args else None
+            problems = check_tree(args["root"], args["subset"], image_size=image_size, workers=workers)
+        except ConfigError as err:
+            status.error("avseg.data.check: %s", err)
+            return 2
+        for problem in problems:
+            report.info("%s", problem)
+        if problems:
+            status.error("avseg.data.check: %d problem(s) in %s", len(problems), args["root"])
+            return 1
+        status.info("avseg.data.check: %s tree at %s is clean", args["subset"], args["root"])
+        return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -345,14 +346,15 @@ class ResumeState(Callback):
         return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loop = trainer.fit_loop
-        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
-        for loader in loaders:
-            if isinstance(loader, ResumableDataLoader):
-                loader.progress_fn = lambda: (trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed)
+        # trainer.train_dataloader: the loader(s) fit iterates (after Lightning's sampler set-up),
+        # a single loader or a collection of them
+        apply_to_collection(trainer.train_dataloader, ResumableDataLoader, self._attach)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             restore_rng_state(self._rank_state(pending, trainer))
+
+    def _attach(self, loader: ResumableDataLoader) -> None:
+        loader.progress_fn = self._position
 
     def _rank_state(self, pending: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
         ranks = pending.get("ranks")

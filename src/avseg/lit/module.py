@@ -1,16 +1,17 @@
 """``AVSLitModule``: QDFormer training, validation, test and prediction in Lightning.
 
 Hydra instantiates it from the ``model`` config with ``_recursive_: false``; every key arrives as
-a keyword argument. The network keys (``dim``, ``num_classes``, ``backbone``, ``audio_encoder``,
-``decomposition``, ``fusion``, ``decoder``, ...) go to `avseg.models.build.build_qdformer`; the keys
-below belong to training and are read here (all optional; defaults are the ReferFormer-family
-recipe of docs/METHOD.md section 1.9):
+a typed keyword-only argument. The network keys (``dim``, ``num_classes``, ``backbone``,
+``audio_encoder``, ``decomposition``, ``fusion``, ``decoder``, ``init_from``, ``ms_deform_backend``,
+``aux_loss``) go to `avseg.models.build.build_qdformer`; the keys below belong to training and are
+read here (all optional; defaults are the ReferFormer-family recipe of docs/METHOD.md section 1.9):
 
 - ``semantic``: AVSS (71-class semantic masks) or binary AVS; default ``num_classes > 1``.
 - ``loss``: `SetCriterion` weights (``weight_class`` 2, ``weight_bbox`` 5, ``weight_giou`` 2,
   ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, ``weight_similarity`` 0, focal and
   ``mask_resolution`` options).
-- ``matcher``: `HungarianMatcher` costs; ``null`` -> costs equal to the loss weights.
+- ``matcher``: `HungarianMatcher` costs; ``null`` -> costs equal to the loss weights (built once,
+  by `avseg.models.matcher.build_matcher` inside the criterion).
 - ``optim``: AdamW ``lr`` 1e-4, ``backbone_lr`` 5e-5, ``weight_decay`` 5e-4, ``betas``.
 - ``scheduler``: ``type: step`` (MultiStepLR: ``milestones``, ``gamma``, ``interval`` epoch|step)
   or ``type: none``.
@@ -21,7 +22,8 @@ recipe of docs/METHOD.md section 1.9):
 - ``skip_nonfinite``: a batch with a NaN/Inf loss term is skipped and counted
   (``train/nonfinite_skipped``) instead of stopping the run (the top-level config switch).
 
-Everything is stored with ``save_hyperparameters`` as plain values, so
+Every argument is stored with ``save_hyperparameters`` as plain values (the same flat layout as
+the ``model`` config, so checkpoints written before the arguments were typed load unchanged), and
 ``AVSLitModule.load_from_checkpoint(path)`` rebuilds the module without Hydra.
 """
 
@@ -42,11 +44,9 @@ from avseg.lit.compilation import compile_network, compile_options
 from avseg.metrics import BinaryAVSMetric, SemanticAVSMetric
 from avseg.models.build import build_qdformer
 from avseg.models.criterion import SetCriterion
-from avseg.models.matcher import HungarianMatcher
 
-__all__ = ["AVSLitModule", "NonFiniteLossError", "TRAINING_KEYS"]
+__all__ = ["AVSLitModule", "NonFiniteLossError"]
 
-TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite", "compile")
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
 
 _DEFAULT_OPTIM = {"lr": 1e-4, "backbone_lr": 5e-5, "weight_decay": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8}
@@ -82,20 +82,76 @@ def _merged(defaults: dict[str, Any], given: Any, key: str) -> dict[str, Any]:
 class AVSLitModule(LightningModule):
     """QDFormer + set criterion + official AVSBench metrics. See the module docstring for the keys."""
 
-    def __init__(self, **model_cfg: Any) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        backbone: Mapping[str, Any],
+        audio_encoder: Mapping[str, Any],
+        decomposition: Mapping[str, Any],
+        fusion: Mapping[str, Any],
+        decoder: Mapping[str, Any],
+        num_classes: int,
+        init_from: str | None = None,
+        ms_deform_backend: str = "auto",
+        aux_loss: bool = True,
+        semantic: bool | None = None,
+        loss: Mapping[str, Any] | None = None,
+        matcher: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        metric: Mapping[str, Any] | None = None,
+        skip_nonfinite: bool = False,
+        compile: bool | Mapping[str, Any] | None = False,
+        **hydra_keys: Any,
+    ) -> None:
+        """
+        Args:
+            dim, backbone, audio_encoder, decomposition, fusion, decoder, num_classes, init_from,
+                ms_deform_backend, aux_loss: the network config, built by
+                `avseg.models.build.build_qdformer` (which checks it).
+            semantic, loss, matcher, optim, scheduler, metric, skip_nonfinite, compile: training
+                (see the module docstring).
+            hydra_keys: only Hydra's own keys (``_target_``, ``_recursive_``, ...), ignored, so a
+                composed ``model`` config can be passed as ``AVSLitModule(**cfg)``.
+        """
         super().__init__()
-        cfg = {k: _plain(v) for k, v in model_cfg.items() if k not in _HYDRA_KEYS}
-        self.save_hyperparameters(cfg)
-        num_classes = int(cfg.get("num_classes", 1))
-        semantic = cfg.get("semantic")
+        unknown = sorted(set(hydra_keys) - set(_HYDRA_KEYS))
+        if unknown:
+            raise TypeError(f"AVSLitModule got unexpected keyword arguments {unknown}")
+        net_cfg = {
+            "dim": dim,
+            "num_classes": num_classes,
+            "init_from": init_from,
+            "ms_deform_backend": ms_deform_backend,
+            "aux_loss": aux_loss,
+            "backbone": backbone,
+            "audio_encoder": audio_encoder,
+            "decomposition": decomposition,
+            "fusion": fusion,
+            "decoder": decoder,
+        }
+        training = {
+            "semantic": semantic,
+            "loss": loss,
+            "matcher": matcher,
+            "optim": optim,
+            "scheduler": scheduler,
+            "metric": metric,
+            "skip_nonfinite": skip_nonfinite,
+            "compile": compile,
+        }
+        # plain values only, so that load_from_checkpoint / load_trained rebuild without Hydra
+        self.save_hyperparameters({key: _plain(value) for key, value in {**net_cfg, **training}.items()})
+        num_classes = int(num_classes)
         self.semantic = bool(num_classes > 1 if semantic is None else semantic)
         if self.semantic and num_classes + 1 != NUM_AVSS_CLASSES:
             raise ConfigError(
                 f"model.num_classes={num_classes}: semantic (AVSS) training scores "
                 f"{NUM_AVSS_CLASSES} classes, so num_classes must be {NUM_AVSS_CLASSES - 1}"
             )
-        self.optim_cfg = _merged(_DEFAULT_OPTIM, cfg.get("optim"), "optim")
-        self.scheduler_cfg = _merged(_DEFAULT_SCHEDULER, cfg.get("scheduler"), "scheduler")
+        self.optim_cfg = _merged(_DEFAULT_OPTIM, _plain(optim), "optim")
+        self.scheduler_cfg = _merged(_DEFAULT_SCHEDULER, _plain(scheduler), "scheduler")
         if self.scheduler_cfg["type"] not in ("step", "none"):
             raise ConfigError(f"model.scheduler.type={self.scheduler_cfg['type']!r}: allowed values are step | none")
         if self.scheduler_cfg["interval"] not in ("epoch", "step"):
@@ -103,22 +159,17 @@ class AVSLitModule(LightningModule):
         for key in ("lr", "backbone_lr"):
             if not float(self.optim_cfg[key]) >= 0:
                 raise ConfigError(f"model.optim.{key}={self.optim_cfg[key]}: must be >= 0")
-        self.metric_cfg = _merged(_DEFAULT_METRIC, cfg.get("metric"), "metric")
-        self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
+        self.metric_cfg = _merged(_DEFAULT_METRIC, _plain(metric), "metric")
+        self.skip_nonfinite = bool(skip_nonfinite)
 
-        self.net = build_qdformer({k: v for k, v in cfg.items() if k not in TRAINING_KEYS})
-        compile_kwargs = compile_options(cfg.get("compile", False))
+        self.net = build_qdformer(net_cfg)
+        compile_kwargs = compile_options(_plain(compile))
         if compile_kwargs is not None:
             compile_network(self.net, compile_kwargs)
-        matcher_cfg = cfg.get("matcher")
-        loss_cfg = dict(cfg.get("loss") or {})
-        matcher = None
-        if matcher_cfg:
-            matcher_args = dict(matcher_cfg)
-            if "mask_resolution" in loss_cfg:
-                matcher_args.setdefault("mask_resolution", loss_cfg["mask_resolution"])
-            matcher = HungarianMatcher(**matcher_args)
-        self.criterion = SetCriterion(num_classes=num_classes, semantic=self.semantic, matcher=matcher, **loss_cfg)
+        # the matcher is built from model.matcher by the criterion (`avseg.models.matcher.build_matcher`)
+        self.criterion = SetCriterion(
+            num_classes=num_classes, semantic=self.semantic, matcher=_plain(matcher) or None, **(_plain(loss) or {})
+        )
 
         fpb = self.metric_cfg["frames_per_batch"]
         if fpb is not None and (isinstance(fpb, bool) or not isinstance(fpb, int) or fpb < 1):

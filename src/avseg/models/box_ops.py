@@ -6,12 +6,21 @@ square [c, c+1) x [r, r+1), so the box of a mask spans from the smallest occupie
 largest occupied column + 1: a full mask has the box (0, 0, 1, 1) at every resolution, which keeps
 boxes from a stride-4 predicted mask comparable with boxes from the full-resolution ground truth.
 An empty mask has the all-zero box.
+
+Format conversions and areas are torchvision's (`torchvision.ops.box_convert`, ``box_area``). Two
+functions stay here because torchvision's differ on purpose: `masks_to_boxes` (torchvision's
+``masks_to_boxes`` gives inclusive pixel indices, [N, H, W] only, not the pixel-cover boxes
+above) and `box_iou` / `generalized_box_iou` (torchvision divides by the union and the enclosing
+area unguarded, so two degenerate boxes - the zero box of an empty predicted mask - give NaN; here
+the divisions are guarded by a small epsilon). tests/test_matcher.py checks both against
+torchvision where they agree.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_area, box_convert
 
 __all__ = [
     "masks_to_boxes",
@@ -60,20 +69,13 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1) (`torchvision.ops.box_convert`)."""
+    return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def box_area(boxes: Tensor) -> Tensor:
-    """[..., 4] xyxy -> [...] area (negative extents count as zero)."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h) (`torchvision.ops.box_convert`)."""
+    return box_convert(boxes, in_fmt="xyxy", out_fmt="cxcywh")
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:

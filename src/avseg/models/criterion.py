@@ -44,6 +44,7 @@ graph, so ``backward()`` works and every rank of a DDP job runs the same collect
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from avseg.models.matcher import (
     MASK_RESOLUTIONS,
     HungarianMatcher,
     align_masks,
+    build_matcher,
     predicted_boxes,
     sigmoid_focal_terms,
 )
@@ -111,6 +113,16 @@ def _zero_connected(*tensors: Tensor | None) -> Tensor:
     return total
 
 
+def _box_losses(src_boxes: Tensor, tgt_boxes: Tensor, num_objects: Tensor | float) -> dict[str, Tensor]:
+    """``loss_bbox`` (L1) and ``loss_giou`` of matched box pairs ``[M, 4]`` cxcywh, summed over the
+    pairs and divided by ``num_objects``."""
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+    return {
+        "loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects,
+        "loss_giou": (1 - giou).sum() / num_objects,
+    }
+
+
 class SetCriterion(nn.Module):
     """Hungarian-matched segmentation losses for binary (AVS) and semantic (AVSS) training.
 
@@ -125,7 +137,7 @@ class SetCriterion(nn.Module):
         *,
         num_classes: int,
         semantic: bool,
-        matcher: HungarianMatcher | None = None,
+        matcher: HungarianMatcher | Mapping[str, Any] | None = None,
         weight_class: float = 2.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
@@ -145,7 +157,8 @@ class SetCriterion(nn.Module):
                 (71 classes minus background).
             semantic: AVSS mode (mask values are class indices 0..num_classes) or binary mode
                 (mask values 0 / 1; ``num_classes`` must be 1).
-            matcher: the Hungarian matcher; ``None`` builds one whose costs equal the loss weights.
+            matcher: the Hungarian matcher, or its ``model.matcher`` config (a mapping of costs), or
+                ``None`` (costs equal to the loss weights): `build_matcher` builds it.
             weight_*: loss weights of the total; the returned terms are unweighted.
             focal_alpha, focal_gamma: the sigmoid focal loss parameters (class and mask terms).
             mask_resolution: ``"pred"`` or ``"target"`` (see `avseg.models.matcher`); must equal
@@ -179,18 +192,19 @@ class SetCriterion(nn.Module):
         for name, value in weights.items():
             if value < 0:
                 raise ConfigError(f"criterion.weight_{name.removeprefix('loss_')}={value}: must be >= 0")
-        if matcher is None:
-            matcher = HungarianMatcher(
-                cost_class=weight_class,
-                cost_bbox=weight_bbox,
-                cost_giou=weight_giou,
-                cost_mask=weight_mask,
-                cost_dice=weight_dice,
+        if matcher is None or isinstance(matcher, Mapping):
+            matcher = build_matcher(
+                matcher,
+                weight_class=weight_class,
+                weight_bbox=weight_bbox,
+                weight_giou=weight_giou,
+                weight_mask=weight_mask,
+                weight_dice=weight_dice,
                 focal_alpha=focal_alpha,
                 focal_gamma=focal_gamma,
                 mask_resolution=mask_resolution,
             )
-        elif matcher.mask_resolution != mask_resolution:
+        if matcher.mask_resolution != mask_resolution:
             raise ConfigError(
                 f"criterion.mask_resolution={mask_resolution!r} but the matcher uses {matcher.mask_resolution!r}: "
                 "set both to the same value"
@@ -347,9 +361,7 @@ class SetCriterion(nn.Module):
         prob = src_flat.sigmoid()
         dice = 1 - (2 * (prob * tgt_flat).sum(1) + 1) / (prob.sum(1) + tgt_flat.sum(1) + 1)
         losses["loss_dice"] = dice.sum() / num_objects
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
-        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        losses.update(_box_losses(src_boxes, tgt_boxes, num_objects))
         return losses
 
     @staticmethod
@@ -469,9 +481,7 @@ class SetCriterion(nn.Module):
             return losses
         src_boxes = frames["pred_boxes"][frame_index[present], query_index[present]].float()
         tgt_boxes = targets.boxes[object_index[present]]
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_objects
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
-        losses["loss_giou"] = (1 - giou).sum() / num_objects
+        losses.update(_box_losses(src_boxes, tgt_boxes, num_objects))
         return losses
 
     @staticmethod

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avseg.errors import ConfigError
+from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.mlp import MLP
-from avseg.ops import MSDeformAttn
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -42,19 +42,15 @@ class DeformableDecoderLayer(nn.Module):
         self, *, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int, backend: str
     ) -> None:
         super().__init__()
-        self.cross_attn = MSDeformAttn(
-            dim=dim, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
+        self.cross_attn, self.dropout1, self.norm1 = deformable_attention_parts(
+            dim=dim, dropout=dropout, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
         )
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.dropout3 = nn.Dropout(dropout)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(dim)
+        self.linear1, self.linear2, self.dropout3, self.dropout4, self.norm3 = ffn_parts(
+            dim=dim, ffn_dim=ffn_dim, dropout=dropout
+        )
 
     def forward(
         self,
@@ -71,8 +67,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(attn))
         cross = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index)
         tgt = self.norm1(tgt + self.dropout1(cross))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
-        return self.norm3(tgt + self.dropout4(ffn))
+        return post_norm_ffn(tgt, self.linear1, self.linear2, self.dropout3, self.dropout4, self.norm3)
 
 
 CONTROLLER_LAYOUTS = ("referformer", "interleaved")
@@ -258,17 +253,16 @@ class SemanticGuidedDecoder(nn.Module):
         self.max_queries = max_queries
         self.box_refine = box_refine
         self.box_head = box_head
-        self.layers = nn.ModuleList(
-            DeformableDecoderLayer(
-                dim=dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_levels=num_levels,
-                num_heads=num_heads,
-                num_points=num_points,
-                backend=ms_deform_backend,
-            )
-            for _ in range(num_layers)
+        self.layers = layer_stack(
+            DeformableDecoderLayer,
+            num_layers,
+            dim=dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+            backend=ms_deform_backend,
         )
         self.query_pos = nn.Embedding(max_queries, dim)
         self.extra_content = nn.Embedding(extra_queries, dim) if extra_queries > 0 else None

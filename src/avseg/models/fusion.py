@@ -30,10 +30,10 @@ from torch import nn
 
 from avseg.errors import ConfigError
 from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
+from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
-from avseg.ops import MSDeformAttn
 
 FPN_TYPES = ("audio_dual", "audio", "none")
 DUAL_FORMS = ("r2vos", "gate")
@@ -83,16 +83,12 @@ class DeformableEncoderLayer(nn.Module):
         self, *, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int, backend: str
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(
-            dim=dim, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
+        self.self_attn, self.dropout1, self.norm1 = deformable_attention_parts(
+            dim=dim, dropout=dropout, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
         )
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.linear1, self.linear2, self.dropout2, self.dropout3, self.norm2 = ffn_parts(
+            dim=dim, ffn_dim=ffn_dim, dropout=dropout
+        )
 
     def forward(
         self,
@@ -105,10 +101,7 @@ class DeformableEncoderLayer(nn.Module):
         """``src [N, S, C]``, ``pos [N or 1, S, C]``, ``reference_points [N, S, L, 2]`` -> ``[N, S, C]``."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attn))
-        # relu in place: linear1's output is not kept for its backward, and a second [N, S, ffn_dim]
-        # buffer cost more than the relu itself on CPU (fresh pages)
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
-        return self.norm2(src + self.dropout3(ffn))
+        return post_norm_ffn(src, self.linear1, self.linear2, self.dropout2, self.dropout3, self.norm2)
 
 
 class DeformableEncoder(nn.Module):
@@ -130,17 +123,16 @@ class DeformableEncoder(nn.Module):
         self.dim = dim
         self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
         nn.init.normal_(self.level_embed)
-        self.layers = nn.ModuleList(
-            DeformableEncoderLayer(
-                dim=dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_levels=num_levels,
-                num_heads=num_heads,
-                num_points=num_points,
-                backend=backend,
-            )
-            for _ in range(num_layers)
+        self.layers = layer_stack(
+            DeformableEncoderLayer,
+            num_layers,
+            dim=dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
+            backend=backend,
         )
 
     def positions(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -345,7 +337,7 @@ class AudioVisualFusion(nn.Module):
         src, spatial_shapes, level_start_index = flatten_levels(levels)
         pos = self.encoder.positions(levels)
         if self.early_fusion is not None:
-            src = self.early_fusion(src, audio, visual_pos=pos)
+            src = self.early_fusion(src, audio, query_pos=pos)
         memory = self.encoder(src, pos, levels, spatial_shapes, level_start_index)
 
         # back to maps (stride 8, 16, 32; the stride-64 level serves the decoder only)

@@ -30,6 +30,7 @@ that key, else the tight box of the predicted mask thresholded at ``sigmoid > 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "MASK_RESOLUTIONS",
     "HungarianMatcher",
     "align_masks",
+    "build_matcher",
     "predicted_boxes",
     "sigmoid_focal_terms",
 ]
@@ -175,6 +177,21 @@ class HungarianMatcher(nn.Module):
             f"cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, mask_resolution={self.mask_resolution!r}"
         )
 
+    def class_box_cost(self, pred_logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
+        """Class (focal) + box (L1, GIoU) cost of one frame.
+
+        Args:
+            pred_logits: [Nq, K]. pred_boxes: [Nq, 4] cxcywh. labels: [n] long. boxes: [n, 4] cxcywh.
+
+        Returns:
+            [Nq, n] float32.
+        """
+        pos, neg = sigmoid_focal_terms(pred_logits.float(), alpha=self.focal_alpha, gamma=self.focal_gamma)
+        cost = self.cost_class * (pos[:, labels] - neg[:, labels])
+        boxes_pred, boxes_target = pred_boxes.float(), boxes.float()
+        cost = cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
+        return cost - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target))
+
     @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
     def frame_cost(
         self,
@@ -192,17 +209,7 @@ class HungarianMatcher(nn.Module):
         Returns:
             [Nq, n] float32 (lower is better).
         """
-        labels = target["labels"]
-        logits = pred_logits.float()
-        pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
-        cost = self.cost_class * (pos[:, labels] - neg[:, labels])
-
-        boxes_pred = pred_boxes.float()
-        boxes_target = target["boxes"].float()
-        cost = cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
-        cost = cost - self.cost_giou * generalized_box_iou(
-            box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
-        )
+        cost = self.class_box_cost(pred_logits, pred_boxes, target["labels"], target["boxes"])
 
         masks_pred, masks_target = align_masks(pred_masks.float(), target["masks"].float(), self.mask_resolution)
         masks_pred = masks_pred.flatten(1)  # [Nq, P]
@@ -245,14 +252,7 @@ class HungarianMatcher(nn.Module):
         num_pixels = 0
         for f in range(num_frames):
             weight = present[:, f] / frames_present  # [n]
-            pos, neg = sigmoid_focal_terms(pred_logits[f].float(), alpha=self.focal_alpha, gamma=self.focal_gamma)
-            frame_cost = self.cost_class * (pos[:, labels] - neg[:, labels])
-            boxes_pred = pred_boxes[f].float()
-            boxes_target = target["boxes"][:, f].float()
-            frame_cost = frame_cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
-            frame_cost = frame_cost - self.cost_giou * generalized_box_iou(
-                box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
-            )
+            frame_cost = self.class_box_cost(pred_logits[f], pred_boxes[f], labels, target["boxes"][:, f])
             cost = cost + frame_cost * weight[None, :]
             masks_pred, masks_target = align_masks(pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution)
             masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
@@ -324,3 +324,35 @@ class HungarianMatcher(nn.Module):
             self.frame_cost(pred_logits[i], pred_masks[i], pred_boxes[i], targets[i]) for i in range(num_frames)
         ]
         return self._assign(costs)
+
+
+def build_matcher(
+    costs: Mapping[str, Any] | None,
+    *,
+    weight_class: float,
+    weight_bbox: float,
+    weight_giou: float,
+    weight_mask: float,
+    weight_dice: float,
+    focal_alpha: float,
+    focal_gamma: float,
+    mask_resolution: str,
+) -> HungarianMatcher:
+    """The matcher of a criterion, from the ``model.matcher`` config: the one place it is built.
+
+    ``costs`` null or empty: the costs equal the loss weights and the matcher shares the loss's
+    focal parameters and mask resolution. Otherwise ``costs`` holds `HungarianMatcher` keywords
+    (unset ones take its defaults) and ``mask_resolution`` defaults to the loss's.
+    """
+    if not costs:
+        return HungarianMatcher(
+            cost_class=weight_class,
+            cost_bbox=weight_bbox,
+            cost_giou=weight_giou,
+            cost_mask=weight_mask,
+            cost_dice=weight_dice,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+            mask_resolution=mask_resolution,
+        )
+    return HungarianMatcher(**{"mask_resolution": mask_resolution, **dict(costs)})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from avseg.cli import key_value
 from avseg.data.synth.options import DEFAULT_CLIPS, SUBSETS, default_cache_dir
 from avseg.data.synth.tree import ensure_synth_tree, generate
 from avseg.errors import ConfigError, DataError
@@ -26,9 +27,7 @@ def _parse_value(key: str, text: str) -> Any:
 def _parse_args(argv: Sequence[str]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected key=value")
-        key, text = arg.split("=", 1)
+        key, text = key_value(arg)
         value = text if key in ("out", "cache", "subset") else _parse_value(key, text)
         if key.startswith("clips_per_split."):
             split = key.split(".", 1)[1]

@@ -34,59 +34,60 @@ class CrossAttention(nn.Module):
         return out
 
 
+class _AttendAndCombine(nn.Module):
+    """`CrossAttention` of ``query`` over ``memory``, then ``combine(query, attended)``.
+
+    ``forward(query [N, Lq, C], memory [N, Lk, C], *, query_pos [N, Lq, C] | None, memory_pos
+    [N, Lk, C] | None) -> [N, Lq, C]``.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+
+    def combine(self, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define combine()")
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, **positions: torch.Tensor | None) -> torch.Tensor:
+        """``positions``: `CrossAttention`'s keywords ``query_pos`` and ``memory_pos``."""
+        return self.combine(query, self.cross(query, memory, **positions))
+
+
 GATE_FORMS = ("product", "residual_product", "sum")
 
 
-class GatedCrossAttention(nn.Module):
+class GatedCrossAttention(_AttendAndCombine):
     """Visual tokens attend to audio tokens; the result gates the visual tokens.
 
     ``form="product"``: ``x' = x * a`` with ``a = attn(x + pos, audio)``, ReferFormer's
     vision-language fusion, which the paper's ``audio_dual`` fusion builds on;
     ``"residual_product"``: ``x * (1 + a)`` (the identity at initialisation, when ``a`` is near 0,
     instead of nearly zeroing the visual tokens); ``"sum"``: ``x + a``.
-    ``forward(visual [N, S, C], audio [N, K, C], visual_pos [N, S, C] | None, audio_pos [N, K, C] |
-    None) -> [N, S, C]``.
+    ``forward(visual [N, S, C], audio [N, K, C], *, query_pos (visual) [N, S, C] | None,
+    memory_pos (audio) [N, K, C] | None) -> [N, S, C]``.
     """
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0, form: str = "product") -> None:
-        super().__init__()
         if form not in GATE_FORMS:
             raise ValueError(f"GatedCrossAttention: form must be one of {GATE_FORMS}, got {form!r}")
+        super().__init__(dim=dim, num_heads=num_heads, dropout=dropout)
         self.form = form
-        self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
 
-    def forward(
-        self,
-        visual: torch.Tensor,
-        audio: torch.Tensor,
-        *,
-        visual_pos: torch.Tensor | None = None,
-        audio_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        gate = self.cross(visual, audio, query_pos=visual_pos, memory_pos=audio_pos)
+    def combine(self, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         if self.form == "product":
-            return visual * gate
+            return query * attended
         if self.form == "residual_product":
-            return visual * (1.0 + gate)
-        return visual + gate
+            return query * (1.0 + attended)
+        return query + attended
 
 
-class ResidualCrossAttention(nn.Module):
+class ResidualCrossAttention(_AttendAndCombine):
     """Cross-attention with residual, dropout and post-LayerNorm: ``norm(x + drop(attn(x, m)))``."""
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.cross = CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        super().__init__(dim=dim, num_heads=num_heads, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        memory: torch.Tensor,
-        *,
-        query_pos: torch.Tensor | None = None,
-        memory_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        out = self.cross(query, memory, query_pos=query_pos, memory_pos=memory_pos)
-        return self.norm(query + self.dropout(out))
+    def combine(self, query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.norm(query + self.dropout(attended))
