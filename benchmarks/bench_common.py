@@ -201,7 +201,9 @@ def train_step(
     ``autocast_dtype`` is given: ``precision=bf16-mixed`` is ``torch.bfloat16``), backward, gradient
     clipping (L2 norm, the configs' 0.1), AdamW step. Returns the loss terms (detached)."""
     device_type = batch["frames"].device.type
-    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        device_type=device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
         outputs = module.net(batch["frames"], batch["audio"], batch["frame_valid"])
         terms = module.criterion(outputs, batch["masks"], batch["label_valid"])
     optimizer.zero_grad(set_to_none=True)

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, terms
+
     load_start = os.getloadavg()
     cfg = compose_experiment(SETUPS[args.setup])
     torch.manual_seed(0)

@@ -60,8 +60,12 @@ def time_interleaved(
     """
     loaders = {
         name: DataLoader(
-            make_dataset(threads), batch_size=batch_size, shuffle=True, num_workers=workers,
-            collate_fn=collate_clips, persistent_workers=workers > 0,
+            make_dataset(threads),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=collate_clips,
+            persistent_workers=workers > 0,
         )
         for name, workers, threads in variants
     }
@@ -94,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         for subset in args.subsets:
             start = time.perf_counter()
             root = ensure_synth_tree(
-                cache, subset, image_size=args.image_size, seed=0, write_pkl=subset != "avss",
+                cache,
+                subset,
+                image_size=args.image_size,
+                seed=0,
+                write_pkl=subset != "avss",
                 clips_per_split={"train": args.clips, "val": 0, "test": 0},
             )
             print(f"{subset}: tree at {root} ({time.perf_counter() - start:.1f} s incl. generation)", flush=True)
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                     write_fake_embeddings(make_dataset(1), Path(emb_dir) / subset)
                 variants = [(f"{w} workers", w, 1) for w in args.workers]
                 variants.append(("0 workers, all threads", 0, None))
-                rates = time_interleaved(make_dataset, variants=variants, passes=args.passes, batch_size=args.batch_size)
+                rates = time_interleaved(
+                    make_dataset, variants=variants, passes=args.passes, batch_size=args.batch_size
+                )
                 for name, values in rates.items():
                     print(f"  {source:<10} {name}: {[round(r, 1) for r in values]} clips/s", flush=True)
                 rows.append((subset, DATASETS[subset].num_frames, source, rates))

@@ -168,7 +168,12 @@ def kernel_rows(
                     continue
                 errors[impl] = relative_errors(reference, (output, *grads))
                 dtypes_ok = output.dtype == dtype and all(g.dtype == dtype for g in grads)
-                times[impl] = {"forward": [], "backward": [], "first": time.perf_counter() - start, "dtypes_ok": dtypes_ok}
+                times[impl] = {
+                    "forward": [],
+                    "backward": [],
+                    "first": time.perf_counter() - start,
+                    "dtypes_ok": dtypes_ok,
+                }
             for _ in range(repeats):
                 for impl in times:
                     forward, backward, _, _ = run_once(IMPLS[impl], inputs, device)
@@ -181,10 +186,16 @@ def kernel_rows(
                 forward = statistics.median(times[impl]["forward"])
                 backward = statistics.median(times[impl]["backward"])
                 row = dict(
-                    size=size_name, dtype=dtype_name, impl=impl, forward_ms=forward * 1e3, backward_ms=backward * 1e3,
-                    first_s=times[impl]["first"], dtypes_ok=times[impl]["dtypes_ok"],
+                    size=size_name,
+                    dtype=dtype_name,
+                    impl=impl,
+                    forward_ms=forward * 1e3,
+                    backward_ms=backward * 1e3,
+                    first_s=times[impl]["first"],
+                    dtypes_ok=times[impl]["dtypes_ok"],
                     errors=dict(zip(OUTPUT_NAMES, errors[impl])),
-                    forward_gbps=forward_floor / forward / 1e9, backward_gbps=backward_floor / backward / 1e9,
+                    forward_gbps=forward_floor / forward / 1e9,
+                    backward_gbps=backward_floor / backward / 1e9,
                 )
                 row["forward_floor"] = row["forward_gbps"] / peak_gbps if peak_gbps else None
                 row["backward_floor"] = row["backward_gbps"] / peak_gbps if peak_gbps else None
@@ -261,7 +272,9 @@ def backend_lines(device: torch.device, training_calls: dict[tuple[str, str], in
 # (b) training
 
 
-def synth_batches(cfg, *, cache: Path, clips: int, workers: int, passes: int, keep: int) -> tuple[list[dict], dict[str, Any]]:
+def synth_batches(
+    cfg, *, cache: Path, clips: int, workers: int, passes: int, keep: int
+) -> tuple[list[dict], dict[str, Any]]:
     """The experiment's training loader on a SynthAVS S4 tree at its image size: ``keep`` batches
     for the training steps, and the loader's clips/s (median of ``passes`` passes after a warm-up
     pass that starts the workers)."""
@@ -284,12 +297,19 @@ def synth_batches(cfg, *, cache: Path, clips: int, workers: int, passes: int, ke
         if workers == 0:
             raise
         log.exception("loader with %d workers failed", workers)
-        loader_error = f"{workers} workers failed ({type(error).__name__}: {' '.join(str(error).split())[:200]}); measured with 0"
+        loader_error = (
+            f"{workers} workers failed ({type(error).__name__}: {' '.join(str(error).split())[:200]}); measured with 0"
+        )
         workers = 0
         batches, rates = _time_loader(dataset, batch_size=batch_size, workers=0, passes=passes, keep=keep)
     return batches, {
-        "loader_clips_per_s": statistics.median(rates), "loader_passes": rates, "workers": workers,
-        "clips": len(dataset), "generation_s": generation_s, "batch_size": batch_size, "image_size": size,
+        "loader_clips_per_s": statistics.median(rates),
+        "loader_passes": rates,
+        "workers": workers,
+        "clips": len(dataset),
+        "generation_s": generation_s,
+        "batch_size": batch_size,
+        "image_size": size,
         "error": loader_error,
     }
 
@@ -300,8 +320,13 @@ def _time_loader(dataset, *, batch_size: int, workers: int, passes: int, keep: i
     from avseg.data.collate import collate_clips
 
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_clips,
-        persistent_workers=workers > 0, drop_last=True,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_clips,
+        persistent_workers=workers > 0,
+        drop_last=True,
     )
     batches, rates = [], []
     for index in range(passes + 1):  # the first pass starts the workers and is not timed
@@ -320,8 +345,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def train_steps(module, batches: Sequence[dict[str, Any]], *, steps: int, device: torch.device,
-                autocast_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+def train_steps(
+    module,
+    batches: Sequence[dict[str, Any]],
+    *,
+    steps: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+) -> dict[str, Any]:
     """``steps`` optimiser steps cycling through ``batches`` (already on ``device``): step times,
     losses, peak memory. The first 5 steps (or a fifth of them) are warm-up: cuDNN and Triton pick
     and compile kernels there; the median is over the rest."""
@@ -346,8 +377,14 @@ def train_steps(module, batches: Sequence[dict[str, Any]], *, steps: int, device
     clips = int(batches[0]["frames"].shape[0])
     finite_params = all(bool(torch.isfinite(p).all()) for p in module.parameters())
     return {
-        "steps": steps, "warmup_steps": warmup, "step_s_median": median, "first_step_s": times[0],
-        "clips_per_s": clips / median, "clips_per_batch": clips, "losses": losses, "nonfinite_losses": nonfinite,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_s_median": median,
+        "first_step_s": times[0],
+        "clips_per_s": clips / median,
+        "clips_per_batch": clips,
+        "losses": losses,
+        "nonfinite_losses": nonfinite,
         "finite_params": finite_params,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -365,7 +402,8 @@ def training_lines(result: dict[str, Any], loader: dict[str, Any], frames_per_cl
         f"| training clips/s | {result['clips_per_s']:.2f} |",
         f"| data loader clips/s ({loader['workers']} workers, {loader['clips']} clips, median of "
         f"{len(loader['loader_passes'])} passes) | {loader['loader_clips_per_s']:.2f}"
-        + (f" ({loader['error']})" if loader.get("error") else "") + " |",
+        + (f" ({loader['error']})" if loader.get("error") else "")
+        + " |",
         f"| peak GPU memory (allocated) | {peak} |",
         f"| loss first / last / min / max | {losses[0]:.3f} / {losses[-1]:.3f} / {min(losses):.3f} / {max(losses):.3f} |",
         f"| non-finite losses / all parameters finite | {result['nonfinite_losses']} / {'yes' if result['finite_params'] else 'NO'} |",
@@ -376,8 +414,14 @@ def training_lines(result: dict[str, Any], loader: dict[str, Any], frames_per_cl
 # the report
 
 
-def build_report(*, header: Sequence[str], kernels: list[str] | None, training: list[str] | None,
-                 backends: list[str], verdict: Sequence[str]) -> str:
+def build_report(
+    *,
+    header: Sequence[str],
+    kernels: list[str] | None,
+    training: list[str] | None,
+    backends: list[str],
+    verdict: Sequence[str],
+) -> str:
     lines = ["# avseg GPU check (benchmarks/gpu_check.py)", "", *header, ""]
     lines += ["## (a) Multi-scale deformable attention", ""]
     lines += kernels if kernels is not None else ["skipped (--skip kernels)"]
@@ -402,11 +446,15 @@ def verdict_lines(kernel: list[dict[str, Any]] | None, training: dict[str, Any] 
             continue
         worst = max(r["errors"][name] for name in ("out", "grad_value", "grad_attn"))
         if worst > tolerance[r["dtype"]] or not r["dtypes_ok"]:
-            lines.append(f"- FAIL: {r['impl']} {r['size']} {r['dtype']}: error {worst:.1e} (tolerance {tolerance[r['dtype']]:.0e}), dtypes kept: {r['dtypes_ok']}")
+            lines.append(
+                f"- FAIL: {r['impl']} {r['size']} {r['dtype']}: error {worst:.1e} (tolerance {tolerance[r['dtype']]:.0e}), dtypes kept: {r['dtypes_ok']}"
+            )
     if isinstance(training, str):
         lines.append(f"- FAIL: training: {training}")
     elif training is not None and (training["nonfinite_losses"] or not training["finite_params"]):
-        lines.append(f"- FAIL: training: {training['nonfinite_losses']} non-finite losses, parameters finite: {training['finite_params']}")
+        lines.append(
+            f"- FAIL: training: {training['nonfinite_losses']} non-finite losses, parameters finite: {training['finite_params']}"
+        )
     if not lines:
         lines.append(
             "- PASS: every output / grad_value / grad_attn of the torch path and Triton within tolerance (fp32 1e-4, "
@@ -428,7 +476,9 @@ def run_training(args: argparse.Namespace, device: torch.device):
     _, frames_per_clip, _ = clip_shape(cfg)
     with contextlib.ExitStack() as stack:
         cache = args.cache or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="avseg-gpu-check-")))
-        batches, loader = synth_batches(cfg, cache=cache, clips=args.clips, workers=args.workers, passes=args.loader_passes, keep=4)
+        batches, loader = synth_batches(
+            cfg, cache=cache, clips=args.clips, workers=args.workers, passes=args.loader_passes, keep=4
+        )
     log.info("loader: %.1f clips/s; training %d steps", loader["loader_clips_per_s"], args.steps)
     torch.manual_seed(0)
     module = build_module(cfg)
@@ -455,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     kernels = None
     if "kernels" not in args.skip:
-        kernels = kernel_rows(device, sizes=args.sizes, dtypes=args.dtypes, impls=args.impls, repeats=args.repeats, peak_gbps=peak)
+        kernels = kernel_rows(
+            device, sizes=args.sizes, dtypes=args.dtypes, impls=args.impls, repeats=args.repeats, peak_gbps=peak
+        )
 
     training = training_table = None
     calls = None
@@ -469,8 +521,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     backends = backend_lines(device, calls)
     header.append(f"Whole check: {time.perf_counter() - started:.0f} s.")
-    report = build_report(header=header, kernels=kernel_table(kernels) if kernels is not None else None,
-                          training=training_table, backends=backends, verdict=verdict_lines(kernels, training))
+    report = build_report(
+        header=header,
+        kernels=kernel_table(kernels) if kernels is not None else None,
+        training=training_table,
+        backends=backends,
+        verdict=verdict_lines(kernels, training),
+    )
     print(report, flush=True)
     if args.out is not None:
         write_atomically(args.out, report)

@@ -89,7 +89,9 @@ def part_times(net, run, repeats: int) -> dict[str, float]:
     modules = dict(PARTS, **{"fusion (all)": "fusion"})
     for name, path in modules.items():
         module = net.get_submodule(path)
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: starts.__setitem__(name, time.perf_counter())))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, name=name: starts.__setitem__(name, time.perf_counter()))
+        )
         handles.append(
             module.register_forward_hook(
                 lambda m, a, o, name=name: samples[name].append(time.perf_counter() - starts[name])
@@ -178,12 +180,16 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     total_parts = sum(parts.values())
-    fusion_known = sum(flops_of(PARTS[p]) for p in ("early fusion (gated cross-attn)", "deformable encoder", "dual block"))
+    fusion_known = sum(
+        flops_of(PARTS[p]) for p in ("early fusion (gated cross-attn)", "deformable encoder", "dual block")
+    )
     for name, seconds in parts.items():
         if name.startswith("top-down FPN"):
             flops = flops_of("fusion") - fusion_known
             params = sum(
-                p.numel() for n, p in net.fusion.named_parameters() if not n.startswith(("early_fusion", "encoder", "dual"))
+                p.numel()
+                for n, p in net.fusion.named_parameters()
+                if not n.startswith(("early_fusion", "encoder", "dual"))
             )
         else:
             flops = flops_of(PARTS[name])

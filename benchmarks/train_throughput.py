@@ -69,7 +69,9 @@ def main() -> None:
             raise SystemExit(f"unknown setup {name!r}; known: {list(SETUPS)}")
         proc = subprocess.run(
             [sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
-            cwd=REPO, capture_output=True, text=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")

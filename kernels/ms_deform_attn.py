@@ -116,9 +116,9 @@ def _ms_deform_attn_fwd_kernel(
                 wy = dy * frac_y + (1 - dy) * (1.0 - frac_y)
                 pixel = (start + cy * width + cx).to(tl.int64)
                 pointers = value_ptr + value_base + pixel[:, None] * value_row_stride + channels[None, :]
-                corner_value = tl.load(
-                    pointers, mask=inside[:, None] & channel_mask[None, :], other=0.0
-                ).to(COMPUTE_DTYPE)
+                corner_value = tl.load(pointers, mask=inside[:, None] & channel_mask[None, :], other=0.0).to(
+                    COMPUTE_DTYPE
+                )
                 acc += (weight * wx * wy)[:, None] * corner_value
 
     out_pointers = out_ptr + row[:, None] * head_dim + channels[None, :]
@@ -165,9 +165,9 @@ def _ms_deform_attn_bwd_kernel(
     value_base = batch.to(tl.int64) * num_values * num_heads * head_dim + head * head_dim
     value_row_stride = num_heads * head_dim
 
-    grad_out = tl.load(
-        grad_out_ptr + row[:, None] * head_dim + channels[None, :], mask=tile_mask, other=0.0
-    ).to(COMPUTE_DTYPE)
+    grad_out = tl.load(grad_out_ptr + row[:, None] * head_dim + channels[None, :], mask=tile_mask, other=0.0).to(
+        COMPUTE_DTYPE
+    )
 
     for level in tl.static_range(NUM_LEVELS):
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
@@ -198,9 +198,7 @@ def _ms_deform_attn_bwd_kernel(
                 dwy = 2.0 * dy - 1.0
                 pixel = (start + cy * width + cx).to(tl.int64)
                 offsets = value_base + pixel[:, None] * value_row_stride + channels[None, :]
-                corner_value = tl.load(value_ptr + offsets, mask=corner_mask, other=0.0).to(
-                    COMPUTE_DTYPE
-                )
+                corner_value = tl.load(value_ptr + offsets, mask=corner_mask, other=0.0).to(COMPUTE_DTYPE)
                 # Zero outside the level (masked load), so outside corners add nothing below.
                 dot = tl.sum(grad_out * corner_value, axis=1)  # [BLOCK_Q]
                 grad_weight += wx * wy * dot
@@ -243,9 +241,7 @@ def _check_inputs(
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"ms_deform_attn (triton): {name} has unsupported dtype {tensor.dtype}")
     if INTERPRET and torch.bfloat16 in (value.dtype, sampling_locations.dtype, attention_weights.dtype):
-        raise TypeError(
-            "ms_deform_attn (triton): bf16 gives NaN under TRITON_INTERPRET=1; test bf16 on a GPU"
-        )
+        raise TypeError("ms_deform_attn (triton): bf16 gives NaN under TRITON_INTERPRET=1; test bf16 on a GPU")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:

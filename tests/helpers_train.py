@@ -43,7 +43,9 @@ def train_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, cache_dir: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], *, cache_dir: Path, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m avseg.train ARGS`` from the repository root; output captured as text."""
     proc = subprocess.run(
         [sys.executable, "-m", "avseg.train", *args],

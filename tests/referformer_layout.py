@@ -84,11 +84,7 @@ def _roberta_base(prefix: str = "text_encoder") -> dict[str, tuple[int, ...]]:
 def referformer_backbone(name: str = "resnet50") -> dict[str, torch.Tensor]:
     """``backbone.0.body.*``: torchvision ResNet with FrozenBatchNorm2d, up to layer4."""
     net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
-    return {
-        f"backbone.0.body.{k}": v
-        for k, v in net.state_dict().items()
-        if not k.startswith(("fc.", "avgpool."))
-    }
+    return {f"backbone.0.body.{k}": v for k, v in net.state_dict().items() if not k.startswith(("fc.", "avgpool."))}
 
 
 def referformer_shapes(
@@ -169,7 +165,9 @@ def referformer_shapes(
         shapes.update(_linear(f"{block}.linear2", c, dim_feedforward))
         for n in (1, 2, 3):
             shapes.update(_norm(f"{block}.norm{n}", c))
-    shapes.update({"pixel_decoder.mask_features.weight": (mask_dim, c, 3, 3), "pixel_decoder.mask_features.bias": (mask_dim,)})
+    shapes.update(
+        {"pixel_decoder.mask_features.weight": (mask_dim, c, 3, 3), "pixel_decoder.mask_features.bias": (mask_dim,)}
+    )
     # dynamic mask head controller: MLP(c, c, sum(weight_nums) + sum(bias_nums), 3)
     in_ch = mask_dim + (2 if rel_coord else 0)
     weight_nums, bias_nums = [], []
@@ -190,7 +188,10 @@ def referformer_shapes(
 def referformer_state(*, backbone: str = "resnet50", seed: int = 0, **options) -> dict[str, torch.Tensor]:
     """A full ReferFormer state dict with random values (text encoder as stride-0 views)."""
     generator = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in referformer_backbone(backbone).items()}
+    state = {
+        k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in referformer_backbone(backbone).items()
+    }
     if backbone in ("resnet18", "resnet34"):
         options.setdefault("backbone_channels", (64, 128, 256, 512))
     for key, shape in referformer_shapes(**options).items():
@@ -212,11 +213,25 @@ def write_referformer_checkpoint(path: Path, state: dict[str, torch.Tensor], **a
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [8, 10])
     namespace = argparse.Namespace(
-        lr=1e-4, backbone="resnet50", with_box_refine=True, enc_layers=4, dec_layers=4, dim_feedforward=2048,
-        mask_dim=256, lr_drop=[8, 10], binary=True, **args,
+        lr=1e-4,
+        backbone="resnet50",
+        with_box_refine=True,
+        enc_layers=4,
+        dec_layers=4,
+        dim_feedforward=2048,
+        mask_dim=256,
+        lr_drop=[8, 10],
+        binary=True,
+        **args,
     )
     torch.save(
-        {"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": 11, "args": namespace},
+        {
+            "model": state,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 11,
+            "args": namespace,
+        },
         path,
     )
     return path

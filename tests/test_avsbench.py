@@ -88,7 +88,9 @@ def build_s4_tree(root: Path, counts: dict[str, int], *, mask_mode: str = "L", s
                         data / "gt_masks" / split / category / name / f"{name}_{k}.png", k - 1, mask_mode, size
                     )
             write_wav(data / "audio_wav" / split / category / f"{name}.wav", 5.0, seed=clip)
-            write_pkl(data / "audio_log_mel" / split / category / f"{name}.pkl", torch.full((5, 1, 96, 64), float(clip)))
+            write_pkl(
+                data / "audio_log_mel" / split / category / f"{name}.pkl", torch.full((5, 1, 96, 64), float(clip))
+            )
             clip += 1
     with open(root / "s4_meta_data.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -419,7 +421,9 @@ def test_semantic_index_out_of_range_raises(tmp_path):
 def test_label2idx_with_wrong_keys_raises(tmp_path):
     root = build_avss_tree(tmp_path, [("v1m", "val")])
     mapping = label2idx_json()
-    swapped = {("airplane" if k == "accordion" else "accordion" if k == "airplane" else k): v for k, v in mapping.items()}
+    swapped = {
+        ("airplane" if k == "accordion" else "accordion" if k == "airplane" else k): v for k, v in mapping.items()
+    }
     (root / "label2idx.json").write_text(json.dumps(swapped))
     with pytest.raises(DataError) as info:
         AVSSDataset(root, "val", image_size=SIZE)

@@ -29,7 +29,9 @@ def pristine(tmp_path_factory) -> dict[str, Path]:
         "s4": synth.generate(base / "s4", "s4", image_size=SIZE, clips_per_split=clips, write_pkl=True),
         "ms3": synth.generate(base / "ms3", "ms3", image_size=SIZE, clips_per_split=clips, write_pkl=True),
         # Train clips cycle v1s, v1m, v2; the val clip is a v1s clip with 5 labels.
-        "avss": synth.generate(base / "avss", "avss", image_size=SIZE, clips_per_split={"train": 3, "val": 1, "test": 0}),
+        "avss": synth.generate(
+            base / "avss", "avss", image_size=SIZE, clips_per_split={"train": 3, "val": 1, "test": 0}
+        ),
     }
 
 
@@ -423,8 +425,7 @@ def test_each_file_is_read_once(pristine, subset, monkeypatch):
     monkeypatch.setattr(safe_pickle, "load_tensor_pickle", counting_pkl)
     assert check_tree(pristine[subset], subset) == []
     data_files = [
-        str(p) for p in pristine[subset].rglob("*")
-        if p.is_file() and p.suffix in (".png", ".jpg", ".wav", ".pkl")
+        str(p) for p in pristine[subset].rglob("*") if p.is_file() and p.suffix in (".png", ".jpg", ".wav", ".pkl")
     ]
     assert sorted(opened) == sorted(data_files)  # every data file once, none twice
 

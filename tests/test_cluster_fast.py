@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers_train import REPO, compose_train
 
 
 @pytest.mark.parametrize("preset", ["submitit_slurm_cpu", "submitit_slurm_gpu"])
 def test_launcher_presets_compose_without_the_schema_warning(preset: str) -> None:
-    trainer = ["trainer=ddp_cpu"] if preset.endswith("cpu") else ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    trainer = (
+        ["trainer=ddp_cpu"] if preset.endswith("cpu") else ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = compose_train([f"hydra/launcher={preset}", *trainer])
@@ -75,7 +76,10 @@ def test_resume_state_gives_every_rank_its_own_rng_state(caplog: pytest.LogCaptu
     assert torch.equal(chosen["torch"], ranks[0]["rng"]["torch"]) and "2 ranks, this run has 4" in caplog.text
     # ranks saved at different data positions cannot be resumed
     with pytest.raises(CheckpointError, match="different data positions"):
-        callback._rank_state({"rng": ranks[0]["rng"], "ranks": [ranks[0], _rank_entry(1, 2, (0, 4))]}, SimpleNamespace(global_rank=0, world_size=2))
+        callback._rank_state(
+            {"rng": ranks[0]["rng"], "ranks": [ranks[0], _rank_entry(1, 2, (0, 4))]},
+            SimpleNamespace(global_rank=0, world_size=2),
+        )
     # single-process state_dict: one rank, loadable with weights_only=True
     state = callback.state_dict()
     assert [r["rank"] for r in state["ranks"]] == [0]

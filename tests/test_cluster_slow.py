@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_train import QUIET, REPO, TINY_MODEL, train_env
 
 pytestmark = pytest.mark.slow
@@ -65,7 +64,9 @@ def _train(args: list[str], env: dict[str, str], timeout: float = 600) -> subpro
     proc = subprocess.run(
         [sys.executable, "-m", "avseg.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"avseg.train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"avseg.train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -162,9 +163,17 @@ def test_torchrun_two_nodes_match_the_single_node_run(reference: Path, tmp_path:
     agents = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=avseg-two-nodes",
-                "-m", "avseg.train", *args,
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=avseg-two-nodes",
+                "-m",
+                "avseg.train",
+                *args,
             ],
             cwd=REPO,
             env=_env(cache_dir),
@@ -194,7 +203,9 @@ def _have(tool: str) -> bool:
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A one-node SLURM cluster started with tools/slurm-local; yields the client environment."""
     missing = [tool for tool in SLURM_TOOLS if not _have(tool)]
-    problem = f"SLURM is not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)" if missing else None
+    problem = (
+        f"SLURM is not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)" if missing else None
+    )
     if problem is None and os.geteuid() != 0:
         problem = "tools/slurm-local needs root (slurmd runs the jobs as their user)"
     if problem is not None:
@@ -221,15 +232,30 @@ def _squeue(env: dict[str, str]) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def test_slurm_sweep_runs_two_task_ddp_jobs_equal_to_local(reference: Path, slurm: dict[str, str], tmp_path: Path, cache_dir: Path) -> None:
+def test_slurm_sweep_runs_two_task_ddp_jobs_equal_to_local(
+    reference: Path, slurm: dict[str, str], tmp_path: Path, cache_dir: Path
+) -> None:
     sweep = tmp_path / "sweep"
     base = [o for o in CLUSTER if not o.startswith("model.decomposition.codebook_size")]
     _train(
-        ["-m", "hydra/launcher=submitit_slurm_cpu", *base, "model.decomposition.codebook_size=16,8", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "hydra/launcher=submitit_slurm_cpu",
+            *base,
+            "model.decomposition.codebook_size=16,8",
+            f"hydra.sweep.dir={sweep}",
+        ],
         _env(cache_dir, **slurm),
     )
     # one run directory per job, nothing else (no directories from rank 1)
-    assert sorted(p.name for p in sweep.iterdir()) == [".submitit", "0", "1", "multirun.yaml", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        ".submitit",
+        "0",
+        "1",
+        "multirun.yaml",
+        "summary.csv",
+        "summary.md",
+    ]
     with open(sweep / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
@@ -257,7 +283,15 @@ def test_slurm_preempted_job_is_requeued_and_ends_with_the_same_weights(
     sweep = tmp_path / "preempt"
     env = _env(cache_dir, **slurm)
     submitter = subprocess.Popen(
-        [sys.executable, "-m", "avseg.train", "-m", "hydra/launcher=submitit_slurm_cpu", *CLUSTER, f"hydra.sweep.dir={sweep}"],
+        [
+            sys.executable,
+            "-m",
+            "avseg.train",
+            "-m",
+            "hydra/launcher=submitit_slurm_cpu",
+            *CLUSTER,
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train
 
 from avseg.errors import ConfigError
 from avseg.lit.compilation import COMPILED_PARTS, compile_options
-from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train
 
 
 def test_compile_option_values() -> None:
@@ -28,8 +28,9 @@ def test_compile_option_values() -> None:
 
 
 def test_compiled_module_keeps_parameter_names_and_leaves_the_quantiser_eager() -> None:
-    from avseg.lit.module import AVSLitModule
     from test_model_build import model_config
+
+    from avseg.lit.module import AVSLitModule
 
     cfg = model_config("qdformer_tiny", ["audio_encoder=embeddings"])
     eager = AVSLitModule(**cfg)
@@ -51,8 +52,15 @@ def _train(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, com
     torch._dynamo.reset()
     run_dir = tmp_path / "run"
     overrides = [
-        "experiment=synth_s4", *TINY_SYNTH, *TINY_MODEL, *QUIET, f"model.compile={compile_value}",
-        "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "test=false",
+        "experiment=synth_s4",
+        *TINY_SYNTH,
+        *TINY_MODEL,
+        *QUIET,
+        f"model.compile={compile_value}",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=0",
+        "test=false",
     ]
     run(compose_train(overrides, run_dir=run_dir))  # training only: evaluation would trace eval-mode graphs too
     with open(run_dir / "csv" / "metrics.csv", newline="") as handle:

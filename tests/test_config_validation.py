@@ -32,8 +32,11 @@ def real_data(tmp_path_factory):
     """A data folder and a weights folder shaped like the real ones (empty files; never read)."""
     base = tmp_path_factory.mktemp("realdata")
     data, weights = base / "data", base / "weights"
-    for folder, csv in (("Single-source", "s4_meta_data.csv"), ("Multi-sources", "ms3_meta_data.csv"),
-                        ("AVSBench-semantic", "metadata.csv")):
+    for folder, csv in (
+        ("Single-source", "s4_meta_data.csv"),
+        ("Multi-sources", "ms3_meta_data.csv"),
+        ("AVSBench-semantic", "metadata.csv"),
+    ):
         (data / folder).mkdir(parents=True)
         (data / folder / csv).write_text("not read by the validator\n")
     weights.mkdir()
@@ -79,7 +82,9 @@ def _only_problem(cfg, key: str) -> str:
 # the shipped configs are valid
 
 
-@pytest.mark.parametrize("name", ["train", "synth_s4", "synth_avss", "s4_r50", "avss_r50", "avs_r50", "ddp_cpu", "eval"])
+@pytest.mark.parametrize(
+    "name", ["train", "synth_s4", "synth_avss", "s4_r50", "avss_r50", "avs_r50", "ddp_cpu", "eval"]
+)
 def test_shipped_configs_are_valid(configs, name):
     assert config_problems(configs[name]) == []
     assert validate_config(configs[name]) is None
@@ -220,8 +225,10 @@ def test_missing_weights_file_is_named(configs, tmp_path):
     assert "r50.pth" in line and "no such file" in line
 
 
-@pytest.mark.parametrize(("name", "subset"), [("synth_s4", "s4"), ("synth_avss", "avss"), ("s4_r50", "s4"),
-                                            ("avss_r50", "avss"), ("avs_r50", "avs")])
+@pytest.mark.parametrize(
+    ("name", "subset"),
+    [("synth_s4", "s4"), ("synth_avss", "avss"), ("s4_r50", "s4"), ("avss_r50", "avss"), ("avs_r50", "avs")],
+)
 def test_experiments_declare_their_subset(configs, name, subset):
     # the experiment's own keys must survive composition (train.yaml's defaults must not override
     # them), or the subset check below has nothing to compare with
@@ -384,10 +391,16 @@ def test_all_violations_collected_in_one_error(configs, tmp_path):
     lines = str(raised.value).splitlines()
     assert lines[0] == "invalid configuration (6 problems):"
     keys = [line.strip().split("=")[0].split(":")[0] for line in lines[1:]]
-    assert sorted(keys) == sorted([
-        "model.decomposition.num_subspaces", "model.decomposition.distill_loss", "data.root",
-        "model.metric.frames_per_batch", "trainer.precision", "trainer.accelerator",
-    ])
+    assert sorted(keys) == sorted(
+        [
+            "model.decomposition.num_subspaces",
+            "model.decomposition.distill_loss",
+            "data.root",
+            "model.metric.frames_per_batch",
+            "trainer.precision",
+            "trainer.accelerator",
+        ]
+    )
     assert all("allowed" in line for line in lines[1:])
 
 
@@ -407,7 +420,13 @@ def test_validation_opens_no_file(configs, monkeypatch):
 
 
 def test_plain_mapping_accepted():
-    cfg = {"model": {"dim": 64, "num_classes": 1, "decomposition": {"variant": "pq", "num_subspaces": 4, "codebook_size": 2}}}
+    cfg = {
+        "model": {
+            "dim": 64,
+            "num_classes": 1,
+            "decomposition": {"variant": "pq", "num_subspaces": 4, "codebook_size": 2},
+        }
+    }
     assert config_problems(cfg) == [
         "model.decomposition.codebook_size=2: must be >= num_subspaces (4); allowed: an integer >= K = 4, or a lower num_subspaces"
     ]
@@ -420,7 +439,11 @@ def test_train_cli_stops_before_any_data_is_read(tmp_path):
     env = {**os.environ, "AVSEG_CACHE": str(cache), "AVSEG_OUTPUTS": str(tmp_path / "out"), "WANDB_MODE": "disabled"}
     result = subprocess.run(
         [sys.executable, "-m", "avseg.train", "model.decomposition.num_subspaces=0", "logger=none"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "model.decomposition.num_subspaces" in result.stderr

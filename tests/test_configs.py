@@ -6,19 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers_train import CONF, compose_train
 from omegaconf import OmegaConf
 
 from avseg.errors import ConfigError
-from helpers_train import CONF, compose_train
 
 # groups whose options are selected from train.yaml (nested groups by their path)
-GROUPS = sorted(
-    {
-        str(path.parent.relative_to(CONF))
-        for path in CONF.rglob("*.yaml")
-        if path.parent != CONF
-    }
-)
+GROUPS = sorted({str(path.parent.relative_to(CONF)) for path in CONF.rglob("*.yaml") if path.parent != CONF})
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -31,12 +25,25 @@ def group_options() -> list[tuple[str, str]]:
 
 def test_groups_found() -> None:
     # the config layout this project documents (docs/TRAINING.md)
-    for group in ("data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hydra/launcher"):
+    for group in (
+        "data",
+        "model",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "hydra",
+        "experiment",
+        "debug",
+        "hydra/launcher",
+    ):
         assert group in GROUPS, f"conf/{group} missing"
     assert {"s4_r50", "ms3_r50", "avs_r50", "avss_r50", "synth_s4", "synth_ms3", "synth_avss"} <= {
         name for group, name in group_options() if group == "experiment"
     }
-    assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= {name for group, name in group_options() if group == "trainer"}
+    assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= {
+        name for group, name in group_options() if group == "trainer"
+    }
 
 
 @pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
@@ -69,7 +76,9 @@ def test_run_dir_has_subsecond_timestamp() -> None:
 
 
 def test_slurm_launcher_config_composes() -> None:
-    cfg = compose_train(["hydra/launcher=submitit_slurm_gpu", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    cfg = compose_train(
+        ["hydra/launcher=submitit_slurm_gpu", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.nodes == 2 and launcher.gpus_per_node == 4

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from avseg.cli import error_lines, guarded, run_main
 from avseg.errors import CheckpointError, ConfigError, DataError
 from avseg.lit.module import AVSLitModule
-from avseg.models.audio import VGGish, AudioEncoder
+from avseg.models.audio import AudioEncoder, VGGish
 from avseg.models.backbone import ResNetBackbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,9 @@ def test_truncated_checkpoint(checkpoints, tmp_path, keep):
     with pytest.raises(CheckpointError) as raised:
         AVSLitModule.load_trained(path)
     assert raised.value.path == str(path)
-    assert any(word in raised.value.problem for word in ("empty", "truncated", "corrupt", "not a readable")), raised.value.problem
+    assert any(word in raised.value.problem for word in ("empty", "truncated", "corrupt", "not a readable")), (
+        raised.value.problem
+    )
     _single_line_naming(raised.value, path)
 
 
@@ -273,7 +275,11 @@ def test_multi_line_message_keeps_the_headline_last(capsys):
     with pytest.raises(SystemExit):
         fails()
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["  a.b=1: allowed: 2", "  c=3: allowed: 4", "error: invalid configuration (2 problems): (listed above)"]
+    assert lines == [
+        "  a.b=1: allowed: 2",
+        "  c=3: allowed: 4",
+        "error: invalid configuration (2 problems): (listed above)",
+    ]
 
 
 def test_run_main_passes_results_and_other_exceptions_through(tmp_path):
@@ -303,8 +309,13 @@ def _cli(module: str, args: list[str], tmp_path: Path, timeout: float = 300) -> 
     env.pop("PYTHONUNBUFFERED", None)
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
     )
     return proc.returncode, [line for line in proc.stdout.splitlines() if line.strip()]
 
@@ -334,10 +345,16 @@ def test_eval_cli_garbage_checkpoint(tmp_path):
 
 
 _TINY_TRAIN = [
-    "logger=none", "callbacks.mask_overlays=null",
-    "data.synth.image_size=32", "data.synth.clips_per_split={train:2,val:1,test:1}",
-    "data.batch_size=2", "data.eval_batch_size=1", "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *TINY_MODEL,
+    "logger=none",
+    "callbacks.mask_overlays=null",
+    "data.synth.image_size=32",
+    "data.synth.clips_per_split={train:2,val:1,test:1}",
+    "data.batch_size=2",
+    "data.eval_batch_size=1",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    *TINY_MODEL,
 ]
 
 

@@ -22,7 +22,9 @@ def _random_outputs(
     def layer() -> dict:
         return {
             "pred_logits": torch.randn(batch, frames, queries, classes, generator=generator).requires_grad_(),
-            "pred_masks": torch.randn(batch, frames, queries, SIZE // 4, SIZE // 4, generator=generator).requires_grad_(),
+            "pred_masks": torch.randn(
+                batch, frames, queries, SIZE // 4, SIZE // 4, generator=generator
+            ).requires_grad_(),
         }
 
     outputs = layer()
@@ -127,7 +129,15 @@ def test_terms_aux_and_weighted_total() -> None:
     base = ["loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou"]
     expected_names = set(base) | {f"{n}_aux{i}" for n in base for i in range(2)} | {"loss_vq", "loss_distill", "loss"}
     assert set(terms) == expected_names
-    weights = {"loss_class": 2, "loss_mask": 2, "loss_dice": 5, "loss_bbox": 5, "loss_giou": 2, "loss_vq": 0.25, "loss_distill": 3}
+    weights = {
+        "loss_class": 2,
+        "loss_mask": 2,
+        "loss_dice": 5,
+        "loss_bbox": 5,
+        "loss_giou": 2,
+        "loss_vq": 0.25,
+        "loss_distill": 3,
+    }
     total = sum(weights[name.split("_aux")[0]] * value for name, value in terms.items() if name != "loss")
     torch.testing.assert_close(terms["loss"], total)
     for name, value in terms.items():
@@ -294,12 +304,16 @@ def test_similarity_weight_needs_the_similarity_map() -> None:
     outputs = _random_outputs(generator, 2, 2, 3, 1)
     masks = _block_masks(2, 2, semantic=False)
     with pytest.raises(KeyError, match="audio_similarity_dim"):
-        SetCriterion(num_classes=1, semantic=False, weight_similarity=1.0)(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
+        SetCriterion(num_classes=1, semantic=False, weight_similarity=1.0)(
+            outputs, masks, torch.ones(2, 2, dtype=torch.bool)
+        )
     with pytest.raises(ConfigError, match="weight_similarity"):
         SetCriterion(num_classes=1, semantic=False, weight_similarity=-1.0)
     # weight 0 (the default): the term is reported when the map is there, and adds nothing
     similarity = torch.zeros(2, 2, 1, SIZE // 4, SIZE // 4)
-    terms = SetCriterion(num_classes=1, semantic=False)({**outputs, "pred_similarity": similarity}, masks, torch.ones(2, 2, dtype=torch.bool))
+    terms = SetCriterion(num_classes=1, semantic=False)(
+        {**outputs, "pred_similarity": similarity}, masks, torch.ones(2, 2, dtype=torch.bool)
+    )
     plain = SetCriterion(num_classes=1, semantic=False)(outputs, masks, torch.ones(2, 2, dtype=torch.bool))
     assert "loss_similarity" in terms
     torch.testing.assert_close(terms["loss"], plain["loss"])
@@ -342,10 +356,12 @@ def test_clip_matching_picks_the_query_that_follows_the_object() -> None:
     frames = {k: v.flatten(0, 1) for k, v in outputs.items()}
     frames["pred_boxes"] = torch.full((3, 2, 4), 0.5)
     clip_target = {
-        "labels": torch.tensor([0]), "masks": targets.masks[None], "boxes": targets.boxes[None],
+        "labels": torch.tensor([0]),
+        "masks": targets.masks[None],
+        "boxes": targets.boxes[None],
         "present": torch.ones(1, 3, dtype=torch.bool),
     }
-    (query, _), = clip.matcher.match_clips([frames], [clip_target])
+    ((query, _),) = clip.matcher.match_clips([frames], [clip_target])
     assert query.tolist() == [1]
     per_frame = clip.matcher(frames, targets.per_frame)
     assert per_frame[0][0].tolist() == [0] and per_frame[1][0].tolist() == [1]
@@ -379,7 +395,9 @@ def test_clip_mask_and_dice_are_per_instance_over_its_labelled_frames() -> None:
     ce = torch.nn.functional.binary_cross_entropy_with_logits(class_logits, class_target, reduction="none")
     p_t = p * class_target + (1 - p) * (1 - class_target)
     alpha_t = 0.25 * class_target + 0.75 * (1 - class_target)
-    torch.testing.assert_close(terms["loss_class"].detach(), (alpha_t * ce * (1 - p_t) ** 2).sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        terms["loss_class"].detach(), (alpha_t * ce * (1 - p_t) ** 2).sum(), rtol=1e-5, atol=1e-6
+    )
     box = torch.tensor([0.25, 0.25, 0.5, 0.5])  # frame 0's object only
     torch.testing.assert_close(terms["loss_bbox"].detach(), (torch.full((4,), 0.4) - box).abs().sum())
 

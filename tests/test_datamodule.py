@@ -9,12 +9,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from test_avsbench import build_ms3_tree, build_s4_tree
 from torch.utils.data import DataLoader
 
 from avseg.data.collate import collate_clips
 from avseg.errors import ConfigError, DataError
 from avseg.lit.datamodule import AVSDataModule
-from test_avsbench import build_ms3_tree, build_s4_tree
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA_CONFIGS = ["s4", "ms3", "avs", "avss", "synth_s4", "synth_ms3", "synth_avss"]
@@ -83,8 +83,13 @@ def test_avs_concatenates_with_repeats_and_tests_each_set(tmp_path):
     s4 = build_s4_tree(tmp_path / "s4", {"train": 2, "val": 1, "test": 2})
     ms3 = build_ms3_tree(tmp_path / "ms3", {"train": 1, "val": 1, "test": 1})
     module = AVSDataModule(
-        subset="avs", roots={"s4": str(s4), "ms3": str(ms3)}, repeats={"s4": 1, "ms3": 3},
-        image_size=32, batch_size=2, augment=True, val_sets=["ms3"],
+        subset="avs",
+        roots={"s4": str(s4), "ms3": str(ms3)},
+        repeats={"s4": 1, "ms3": 3},
+        image_size=32,
+        batch_size=2,
+        augment=True,
+        val_sets=["ms3"],
     )
     module.setup("fit")
     module.setup("test")
@@ -106,8 +111,14 @@ def test_workers_give_the_same_batches(tmp_path):
     batches = {}
     for workers in (0, 2):
         module = AVSDataModule(
-            subset="s4", root=str(root), image_size=32, batch_size=2, num_workers=workers,
-            persistent_workers=True, prefetch_factor=2, pin_memory=False,
+            subset="s4",
+            root=str(root),
+            image_size=32,
+            batch_size=2,
+            num_workers=workers,
+            persistent_workers=True,
+            prefetch_factor=2,
+            pin_memory=False,
         )
         module.setup("validate")
         batches[workers] = list(module.val_dataloader())
@@ -121,8 +132,13 @@ def test_workers_give_the_same_batches(tmp_path):
 def test_training_augmentation_is_seeded_per_item_and_epoch(tmp_path):
     root = build_s4_tree(tmp_path, {"train": 2})
     module = AVSDataModule(
-        subset="s4", root=str(root), image_size=24, batch_size=2, seed=5,
-        augment={"scale_min": 0.4, "hflip_prob": 0.5}, eval_audio_transform=None,
+        subset="s4",
+        root=str(root),
+        image_size=24,
+        batch_size=2,
+        seed=5,
+        augment={"scale_min": 0.4, "hflip_prob": 0.5},
+        eval_audio_transform=None,
     )
     module.setup("fit")
     dataset = module.train_dataset
@@ -140,8 +156,14 @@ def test_training_augmentation_is_seeded_per_item_and_epoch(tmp_path):
 def test_persistent_workers_see_the_epoch(tmp_path):
     root = build_s4_tree(tmp_path, {"train": 2})
     module = AVSDataModule(
-        subset="s4", root=str(root), image_size=24, batch_size=2, seed=5, num_workers=1,
-        persistent_workers=True, augment={"scale_min": 0.4, "brightness": 0.3},
+        subset="s4",
+        root=str(root),
+        image_size=24,
+        batch_size=2,
+        seed=5,
+        num_workers=1,
+        persistent_workers=True,
+        augment={"scale_min": 0.4, "brightness": 0.3},
     )
     module.setup("fit")
     loader = module.train_dataloader()

@@ -15,8 +15,15 @@ from avseg.models.decomposition import VARIANTS, AudioDecomposition, frame_windo
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model" / "decomposition"
 DIM, K, N = 32, 4, 16
 OUTPUT_KEYS = {
-    "global_codes", "local_codes", "vq_loss", "distill_loss", "perplexity", "usage", "dead_codes",
-    "global_indices", "local_indices",
+    "global_codes",
+    "local_codes",
+    "vq_loss",
+    "distill_loss",
+    "perplexity",
+    "usage",
+    "dead_codes",
+    "global_indices",
+    "local_indices",
 }
 
 
@@ -107,7 +114,9 @@ def test_changing_valid_audio_changes_global_features():
     tokens, frame_valid = _inputs()
     changed = tokens.clone()
     changed[0, 1] += 3.0
-    assert not torch.allclose(module(tokens, frame_valid)["global_codes"][0], module(changed, frame_valid)["global_codes"][0])
+    assert not torch.allclose(
+        module(tokens, frame_valid)["global_codes"][0], module(changed, frame_valid)["global_codes"][0]
+    )
 
 
 @pytest.mark.parametrize("variant", ["pq", "pq_split", "none"])
@@ -133,7 +142,10 @@ def test_frame_windows_masks_outside_and_padded_frames():
     assert windows.shape == (1, 4, 3, 1)
     assert windows[0, :, :, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 0]]
     assert window_valid[0].tolist() == [
-        [False, True, True], [True, True, True], [True, True, False], [True, False, False]
+        [False, True, True],
+        [True, True, True],
+        [True, True, False],
+        [True, False, False],
     ]
 
 
@@ -332,8 +344,14 @@ def test_data_initialised_codebook_does_not_collapse_on_offset_audio_tokens():
 
     codes_in_use = {}
     for init in ("normal", "data"):
-        module = _module("pq", codebook_size=32, codebook_init=init, reseed_dead_codes=init == "data",
-                         usage_ema_decay=0.9, dead_code_threshold=0.1)
+        module = _module(
+            "pq",
+            codebook_size=32,
+            codebook_init=init,
+            reseed_dead_codes=init == "data",
+            usage_ema_decay=0.9,
+            dead_code_threshold=0.1,
+        )
         module.train()
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
         for _ in range(6):
@@ -350,7 +368,10 @@ def test_data_initialised_codebook_does_not_collapse_on_offset_audio_tokens():
     assert codes_in_use["data"] > codes_in_use["normal"]
 
 
-@pytest.mark.parametrize(("overrides", "key"), [({"codebook_init": "uniform"}, "codebook_init"), ({"usage_ema_decay": 1.0}, "usage_ema_decay")])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"codebook_init": "uniform"}, "codebook_init"), ({"usage_ema_decay": 1.0}, "usage_ema_decay")],
+)
 def test_anti_collapse_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=rf"model\.decomposition\.{key}: got .*; allowed: "):
         _module("pq", **overrides)

@@ -44,7 +44,9 @@ def _tone(seconds: float, sample_rate: int = 16000, frequency: float = 440.0) ->
     return (0.5 * torch.sin(2 * math.pi * frequency * t)).float()
 
 
-def encode_video(path: Path, *, seconds: float, with_audio: bool = True, fps: int = FPS, height: int = 24, width: int = 32) -> Path:
+def encode_video(
+    path: Path, *, seconds: float, with_audio: bool = True, fps: int = FPS, height: int = 24, width: int = 32
+) -> Path:
     """An H.264 mp4 (plus an AAC track) written with torchcodec's multi-stream Encoder."""
     from torchcodec.encoders import Encoder
 
@@ -242,7 +244,12 @@ TRAIN_OVERRIDES = [
 
 
 def _env(root: Path) -> dict[str, str]:
-    return {**os.environ, "AVSEG_CACHE": str(root / "cache"), "AVSEG_OUTPUTS": str(root / "outputs"), "WANDB_MODE": "disabled"}
+    return {
+        **os.environ,
+        "AVSEG_CACHE": str(root / "cache"),
+        "AVSEG_OUTPUTS": str(root / "outputs"),
+        "WANDB_MODE": "disabled",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +258,11 @@ def trained(tmp_path_factory):
     run_dir = root / "run"
     result = subprocess.run(
         [sys.executable, "-m", "avseg.train", *TRAIN_OVERRIDES, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "best.ckpt"
@@ -347,7 +358,9 @@ def test_eval_noise_with_embeddings_audio_is_a_config_error(avseg_env, tmp_path)
     from avseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs data.audio_source=wav"):
-        _evaluate(avseg_env, tmp_path, "perturb=noise", "data.audio_source=embeddings", f"data.embeddings_dir={tmp_path}")
+        _evaluate(
+            avseg_env, tmp_path, "perturb=noise", "data.audio_source=embeddings", f"data.embeddings_dir={tmp_path}"
+        )
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -356,7 +369,11 @@ def test_eval_command_line(avseg_env, tmp_path):
     out = tmp_path / "evalrun"
     result = subprocess.run(
         [sys.executable, "-m", "avseg.eval", f"ckpt_path={avseg_env['ckpt']}", "perturb=swap", f"hydra.run.dir={out}"],
-        cwd=REPO, env=_env(avseg_env["root"]), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=_env(avseg_env["root"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "M_J (mIoU)" in result.stdout and "perturb=swap" in result.stdout
@@ -415,8 +432,19 @@ def test_predict_errors(avseg_env, tmp_path):
         _predict(avseg_env, tmp_path / "o2", f"input={short}")
     silent = encode_video(tmp_path / "silent.mp4", seconds=2.0, with_audio=False)
     result = subprocess.run(
-        [sys.executable, "-m", "avseg.predict", f"ckpt_path={avseg_env['ckpt']}", f"input={silent}", f"hydra.run.dir={tmp_path / 'o3'}"],
-        cwd=REPO, env=_env(avseg_env["root"]), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "avseg.predict",
+            f"ckpt_path={avseg_env['ckpt']}",
+            f"input={silent}",
+            f"hydra.run.dir={tmp_path / 'o3'}",
+        ],
+        cwd=REPO,
+        env=_env(avseg_env["root"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 1
     assert f"error: {silent}: the video has no audio track" in result.stderr
@@ -430,7 +458,6 @@ def test_predict_errors(avseg_env, tmp_path):
 @pytest.fixture(scope="module")
 def semantic_module():
     import hydra
-
     from helpers_train import TINY_MODEL, compose_train
 
     cfg = compose_train(["experiment=synth_avss", *TINY_MODEL])
@@ -445,10 +472,17 @@ def test_evaluate_dataset_semantic_writes_voc_masks(semantic_module, tmp_path):
     from avseg.data.synth import ensure_synth_tree
     from avseg.inference import evaluate_dataset
 
-    root = ensure_synth_tree(tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 2})
+    root = ensure_synth_tree(
+        tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 2}
+    )
     dataset = AVSSDataset(root, "test", image_size=32)
     metrics = evaluate_dataset(
-        semantic_module, dataset, batch_size=2, frames_per_batch=20, device=torch.device("cpu"), masks_dir=tmp_path / "pred_masks"
+        semantic_module,
+        dataset,
+        batch_size=2,
+        frames_per_batch=20,
+        device=torch.device("cpu"),
+        masks_dir=tmp_path / "pred_masks",
     )
     assert set(metrics) == {"miou", "fscore"} and all(0.0 <= v <= 1.0 for v in metrics.values())
     for index, record in enumerate(dataset.records):
@@ -468,7 +502,9 @@ def test_predict_semantic_video_pads_last_clip(semantic_module, tmp_path):
     from avseg.predict import predict
 
     video = encode_video(tmp_path / "clip.mp4", seconds=12.0, height=20, width=26)
-    summary = predict(semantic_module, open_video(video), tmp_path / "out", clip_length=10, image_size=32, device=torch.device("cpu"))
+    summary = predict(
+        semantic_module, open_video(video), tmp_path / "out", clip_length=10, image_size=32, device=torch.device("cpu")
+    )
     assert summary["num_clips"] == 2 and summary["semantic"] and len(summary["frames"]) == 12
     assert all(abs(sum(f["classes"].values()) - 1.0) < 1e-3 for f in summary["frames"])
     with Image.open(tmp_path / "out" / "masks" / "frame_00011.png") as image:
@@ -488,7 +524,9 @@ def test_padded_avss_frames_hear_nothing_and_are_background(semantic_module, tmp
     from avseg.data.synth import ensure_synth_tree
     from avseg.predict import predict
 
-    root = ensure_synth_tree(tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 4})
+    root = ensure_synth_tree(
+        tmp_path / "cache", "avss", image_size=32, clips_per_split={"train": 1, "val": 1, "test": 4}
+    )
     dataset = AVSSDataset(root, "test", image_size=32)
     lengths = [int(dataset[i]["frame_valid"].sum()) for i in range(len(dataset))]
     short, full = lengths.index(min(lengths)), lengths.index(10)
@@ -505,7 +543,9 @@ def test_padded_avss_frames_hear_nothing_and_are_background(semantic_module, tmp
         second = semantic_module.net(batch["frames"], other, batch["frame_valid"])
     for key in ("pred_masks", "pred_logits"):
         assert torch.equal(first[key][padded], second[key][padded]), key
-    assert not torch.allclose(first["pred_masks"][0][batch["frame_valid"][0]], second["pred_masks"][0][batch["frame_valid"][0]])
+    assert not torch.allclose(
+        first["pred_masks"][0][batch["frame_valid"][0]], second["pred_masks"][0][batch["frame_valid"][0]]
+    )
 
     seen = []
     original = inference.padded_as_background
@@ -532,7 +572,15 @@ def test_padded_avss_frames_hear_nothing_and_are_background(semantic_module, tmp
     inference.evaluate_dataset(semantic_module, dataset, batch_size=2, frames_per_batch=20, device=torch.device("cpu"))
     check_padded_background("evaluate_dataset (avseg.eval, avseg.analysis)")
     video = encode_video(tmp_path / "clip.mp4", seconds=12.0, height=20, width=26)
-    predict(semantic_module, open_video(video), tmp_path / "out", clip_length=10, image_size=32, device=torch.device("cpu"), overlay=False)
+    predict(
+        semantic_module,
+        open_video(video),
+        tmp_path / "out",
+        clip_length=10,
+        image_size=32,
+        device=torch.device("cpu"),
+        overlay=False,
+    )
     check_padded_background("avseg.predict (the last clip: 2 real seconds, 8 padded)")
 
 

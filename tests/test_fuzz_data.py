@@ -114,8 +114,13 @@ def trees(tmp_path_factory) -> Trees:
     files: dict[tuple[str, str], list[str]] = {}
     for subset in SUBSETS:
         root = generate(
-            base / subset, subset, seed=3, image_size=IMAGE_SIZE, num_classes=4,
-            clips_per_split={"train": 2, "val": 2, "test": 2}, write_pkl=subset != "avss",
+            base / subset,
+            subset,
+            seed=3,
+            image_size=IMAGE_SIZE,
+            num_classes=4,
+            clips_per_split={"train": 2, "val": 2, "test": 2},
+            write_pkl=subset != "avss",
         )
         roots[subset] = Path(root)
         for kind, paths in _catalogue(subset, Path(root)).items():
@@ -349,9 +354,15 @@ def image_corruptions(draw, path: Path, kind: str, subset: str) -> Corruption:
 
 # WAV header fields of the plain 44-byte header: (offset, struct format, name)
 _WAV_FIELDS = [
-    (4, "<I", "RIFF size"), (16, "<I", "fmt size"), (20, "<H", "audio format"), (22, "<H", "channels"),
-    (24, "<I", "sample rate"), (28, "<I", "byte rate"), (32, "<H", "block align"),
-    (34, "<H", "bits per sample"), (40, "<I", "data size"),
+    (4, "<I", "RIFF size"),
+    (16, "<I", "fmt size"),
+    (20, "<H", "audio format"),
+    (22, "<H", "channels"),
+    (24, "<I", "sample rate"),
+    (28, "<I", "byte rate"),
+    (32, "<H", "block align"),
+    (34, "<H", "bits per sample"),
+    (40, "<I", "data size"),
 ]
 
 
@@ -422,13 +433,17 @@ def pickle_corruptions(draw, path: Path, sentinel: Path) -> Corruption:
     if how == "shape":
         shape = draw(st.sampled_from([(4, 1, 96, 64), (5, 96, 64), (5, 1, 96, 63), (0,), (10, 1, 96, 64), ()]))
         return Corruption(pickle.dumps(torch.zeros(shape), protocol=protocol), f"tensor of shape {list(shape)}", True)
-    return Corruption(pickle.dumps(torch.zeros(LOG_MEL_SHAPE, dtype=torch.int64), protocol=protocol), "int64 tensor", True)
+    return Corruption(
+        pickle.dumps(torch.zeros(LOG_MEL_SHAPE, dtype=torch.int64), protocol=protocol), "int64 tensor", True
+    )
 
 
 def _rows(text: str) -> list[list[str]] | str:
     """The table a CSV text holds (blank rows skipped), or the csv module's error text."""
     try:
-        return [[c.strip() for c in row] for row in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in row)]
+        return [
+            [c.strip() for c in row] for row in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in row)
+        ]
     except csv.Error as error:
         return f"unparseable: {error}"
 
@@ -479,7 +494,11 @@ def csv_corruptions(draw, path: Path) -> Corruption:
     else:
         cells = body[row].split(",")
         split_col = lines[0].split(",").index("split")
-        value = draw(st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=',"'), min_size=1, max_size=8))
+        value = draw(
+            st.text(
+                st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=',"'), min_size=1, max_size=8
+            )
+        )
         assume(value not in SPLITS)
         cells[split_col] = value
         body = body[:row] + [",".join(cells)] + body[row + 1 :]
@@ -648,7 +667,9 @@ def test_deeply_nested_label2idx_is_a_data_error(trees, opener):
     _run_case(trees, "avss", "label2idx", "label2idx.json", Corruption(opener.encode() * 100_000, "deep JSON", True))
 
 
-@pytest.mark.parametrize("content", [b"a\n", b"\n", b"x,y\n", b"\x00"], ids=["one_column", "blank", "two_columns", "nul"])
+@pytest.mark.parametrize(
+    "content", [b"a\n", b"\n", b"x,y\n", b"\x00"], ids=["one_column", "blank", "two_columns", "nul"]
+)
 @pytest.mark.parametrize("subset", ["s4", "ms3", "avss"])
 def test_csv_without_a_usable_header_is_reported(trees, subset, content):
     """The loader refuses such a CSV naming it; the checker must name the CSV too (not only list

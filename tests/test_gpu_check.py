@@ -39,10 +39,18 @@ def test_main_without_gpu_stops_with_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 def test_kernel_rows_and_table_on_cpu() -> None:
     rows = gpu_check.kernel_rows(
-        torch.device("cpu"), sizes=[TINY_SIZE], dtypes=["fp32", "bf16"], impls=["grid_sample", "torch"], repeats=2, peak_gbps=100.0
+        torch.device("cpu"),
+        sizes=[TINY_SIZE],
+        dtypes=["fp32", "bf16"],
+        impls=["grid_sample", "torch"],
+        repeats=2,
+        peak_gbps=100.0,
     )
     assert [(r["dtype"], r["impl"]) for r in rows] == [
-        ("fp32", "grid_sample"), ("fp32", "torch"), ("bf16", "grid_sample"), ("bf16", "torch")
+        ("fp32", "grid_sample"),
+        ("fp32", "torch"),
+        ("bf16", "grid_sample"),
+        ("bf16", "torch"),
     ]
     for row in rows:
         assert row["dtypes_ok"], row
@@ -61,7 +69,9 @@ def test_kernel_rows_and_table_on_cpu() -> None:
 
 
 def test_a_failing_implementation_is_a_fail_row_not_a_crash() -> None:
-    rows = gpu_check.kernel_rows(torch.device("cpu"), sizes=[TINY_SIZE], dtypes=["fp32"], impls=["torch", "triton"], repeats=1, peak_gbps=None)
+    rows = gpu_check.kernel_rows(
+        torch.device("cpu"), sizes=[TINY_SIZE], dtypes=["fp32"], impls=["torch", "triton"], repeats=1, peak_gbps=None
+    )
     failed = [r for r in rows if "error" in r]
     assert [r["impl"] for r in failed] == ["triton"] and "BackendUnavailableError" in failed[0]["error"]
     assert any(line.startswith("- FAIL: triton tiny fp32") for line in gpu_check.verdict_lines(rows, None))
@@ -76,7 +86,9 @@ def test_loader_and_training_steps_on_cpu(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = build_module(cfg)
     with gpu_check.recording_backends() as calls:
-        result = gpu_check.train_steps(module, batches, steps=3, device=torch.device("cpu"), autocast_dtype=torch.bfloat16)
+        result = gpu_check.train_steps(
+            module, batches, steps=3, device=torch.device("cpu"), autocast_dtype=torch.bfloat16
+        )
     assert result["nonfinite_losses"] == 0 and result["finite_params"] and len(result["losses"]) == 3
     assert all(math.isfinite(loss) for loss in result["losses"]) and result["clips_per_s"] > 0
     assert result["warmup_steps"] == 1 and result["peak_memory_gib"] is None
@@ -88,7 +100,11 @@ def test_loader_and_training_steps_on_cpu(tmp_path: Path) -> None:
     assert backends[0] == "- `auto` for cpu tensors: **torch**" and "auto -> torch" in backends[2]
     assert not torch.are_deterministic_algorithms_enabled()  # restored
     report = gpu_check.build_report(
-        header=["header"], kernels=None, training=lines, backends=backends, verdict=gpu_check.verdict_lines(None, result)
+        header=["header"],
+        kernels=None,
+        training=lines,
+        backends=backends,
+        verdict=gpu_check.verdict_lines(None, result),
     )
     assert report.startswith("# avseg GPU check") and "skipped (--skip kernels)" in report
     assert report.index("## (a)") < report.index("## (b)") < report.index("## (c)") < report.index("## Verdict")
@@ -108,12 +124,20 @@ def test_script_without_gpu_exits_with_the_reason() -> None:
 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run(
-        [sys.executable, str(Path(gpu_check.__file__)), "--steps", "1"], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(Path(gpu_check.__file__)), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
-    assert proc.returncode == 1 and "gpu_check: benchmarks/gpu_check.py needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and "gpu_check: benchmarks/gpu_check.py needs a CUDA GPU" in proc.stderr, proc.stderr[
+        -2000:
+    ]
 
 
-def test_loader_worker_failure_is_reported_and_measured_without_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loader_worker_failure_is_reported_and_measured_without_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     original = gpu_check._time_loader
 
     def failing_with_workers(dataset, *, workers, **kwargs):

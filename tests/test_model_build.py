@@ -9,11 +9,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from referformer_layout import referformer_state, write_referformer_checkpoint
 
 from avseg.errors import CheckpointError, ConfigError
 from avseg.models.build import build_qdformer, load_init_from
 from avseg.models.qdformer import QDFormer
-from referformer_layout import referformer_state, write_referformer_checkpoint
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -72,7 +72,11 @@ def test_paper_config_builds_with_resnet50_and_runs():
     assert cfg["loss"]["match_level"] == "clip"
     demo = model_config("qdformer_tiny")  # the demo keeps avseg's earlier choices
     assert demo["loss"]["match_level"] == "frame" and demo["decomposition"]["vq_loss_form"] == "vqvae"
-    assert (demo["decoder"]["box_head"], demo["decoder"]["controller_layout"], demo["fusion"]["mask_dim"]) == ("shared", "interleaved", 8)
+    assert (demo["decoder"]["box_head"], demo["decoder"]["controller_layout"], demo["fusion"]["mask_dim"]) == (
+        "shared",
+        "interleaved",
+        8,
+    )
     with torch.no_grad():
         out = net(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 128))
     assert out["pred_masks"].shape == (1, 2, 4, 16, 16)
@@ -170,12 +174,21 @@ def test_padded_frames_take_no_part_in_the_clip_decomposition():
 # The checkpoints are written from ReferFormer's own parameter list (tests/referformer_layout.py),
 # never from avseg's model.
 TINY_REFERFORMER = dict(
-    backbone="resnet18", hidden_dim=64, dim_feedforward=128, enc_layers=2, dec_layers=3, nheads=4,
-    enc_n_points=2, dec_n_points=2, mask_dim=8,
+    backbone="resnet18",
+    hidden_dim=64,
+    dim_feedforward=128,
+    enc_layers=2,
+    dec_layers=3,
+    nheads=4,
+    enc_n_points=2,
+    dec_n_points=2,
+    mask_dim=8,
 )
 
 
-def _dynamic_mask_reference(params: torch.Tensor, feats: torch.Tensor, centre: torch.Tensor, mask_dim: int) -> torch.Tensor:
+def _dynamic_mask_reference(
+    params: torch.Tensor, feats: torch.Tensor, centre: torch.Tensor, mask_dim: int
+) -> torch.Tensor:
     """ReferFormer's dynamic mask head for one query: params split [w0 w1 w2 b0 b1 b2], relative
     coordinates in input-image pixels (stride 4, cell centres 4k + 2)."""
     channels = 8
@@ -208,7 +221,9 @@ def test_init_from_tiny_demo_head_reorders_the_controller(tmp_path, caplog):
         state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"],
     )
     torch.testing.assert_close(net.neck.proj[3][1].weight, state["input_proj.3.1.weight"])
-    torch.testing.assert_close(net.decoder.layers[1].self_attn.in_proj_weight, state["transformer.decoder.layers.1.self_attn.in_proj_weight"])
+    torch.testing.assert_close(
+        net.decoder.layers[1].self_attn.in_proj_weight, state["transformer.decoder.layers.1.self_attn.in_proj_weight"]
+    )
     torch.testing.assert_close(net.decoder.reference_points.weight, state["transformer.reference_points.weight"])
     torch.testing.assert_close(net.fusion.encoder.level_embed, state["transformer.level_embed"])
     # same masks as ReferFormer's head with the checkpoint's controller, avseg reading interleaved
@@ -221,15 +236,23 @@ def test_init_from_tiny_demo_head_reorders_the_controller(tmp_path, caplog):
         ours = head(query, centre, feats)[0, 0]
         x = query[0, 0]
         for i in range(3):
-            x = torch.nn.functional.linear(x, state[f"controller.layers.{i}.weight"], state[f"controller.layers.{i}.bias"])
+            x = torch.nn.functional.linear(
+                x, state[f"controller.layers.{i}.weight"], state[f"controller.layers.{i}.bias"]
+            )
             x = x.relu() if i < 2 else x
         expected = _dynamic_mask_reference(x, feats[0], centre[0, 0], 8)
     torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-3)
     assert report.reordered and "decoder.mask_head.controller.layers.2.weight" in report.loaded
     skipped = report.skipped_keys
-    for key in ("text_encoder.embeddings.word_embeddings.weight", "class_embed.0.weight", "bbox_embed.0.layers.0.weight",
-                "pixel_decoder.mask_features.weight", "query_embed.weight", "transformer.decoder.bbox_embed.1.layers.2.bias",
-                "transformer.decoder.layers.2.linear1.weight"):
+    for key in (
+        "text_encoder.embeddings.word_embeddings.weight",
+        "class_embed.0.weight",
+        "bbox_embed.0.layers.0.weight",
+        "pixel_decoder.mask_features.weight",
+        "query_embed.weight",
+        "transformer.decoder.bbox_embed.1.layers.2.bias",
+        "transformer.decoder.layers.2.linear1.weight",
+    ):
         assert key in skipped, key
     assert any(k.startswith("decoder.bbox_embed.") for k in report.left_at_init)
     assert "reordered: controller output rows" in caplog.text and "skipped" in caplog.text
@@ -239,13 +262,22 @@ def test_init_from_tiny_demo_head_reorders_the_controller(tmp_path, caplog):
 def test_init_from_paper_head_copies_per_layer_box_heads_and_controller(tmp_path):
     """Per-layer box heads and ReferFormer's controller layout (the paper setup's head) at tiny
     widths: every box head copied to its layer, the controller copied unchanged."""
-    net = tiny(decoder={**model_config("qdformer_tiny")["decoder"], "box_head": "per_layer", "controller_layout": "referformer", "num_layers": 3})
+    net = tiny(
+        decoder={
+            **model_config("qdformer_tiny")["decoder"],
+            "box_head": "per_layer",
+            "controller_layout": "referformer",
+            "num_layers": 3,
+        }
+    )
     state = referformer_state(**TINY_REFERFORMER)
     path = write_referformer_checkpoint(tmp_path / "ckpt.pth", state)
     report = load_init_from(net, path)
     for layer in range(3):
         for j in range(3):
-            torch.testing.assert_close(net.decoder.bbox_embed[layer].layers[j].weight, state[f"bbox_embed.{layer}.layers.{j}.weight"])
+            torch.testing.assert_close(
+                net.decoder.bbox_embed[layer].layers[j].weight, state[f"bbox_embed.{layer}.layers.{j}.weight"]
+            )
     torch.testing.assert_close(net.decoder.mask_head.controller.layers[2].weight, state["controller.layers.2.weight"])
     assert not report.reordered
     assert report.copied["box heads"] and report.copied["controller"]
@@ -266,16 +298,28 @@ def test_init_from_loads_a_referformer_r50_checkpoint_into_the_paper_setup(tmp_p
         if key.startswith("backbone.0.body.") and not key.endswith("num_batches_tracked"):
             torch.testing.assert_close(net.state_dict()["backbone.body." + key.removeprefix("backbone.0.body.")], value)
     torch.testing.assert_close(net.decoder.bbox_embed[3].layers[2].bias, state["bbox_embed.3.layers.2.bias"])
-    torch.testing.assert_close(net.decoder.layers[3].linear1.weight, state["transformer.decoder.layers.3.linear1.weight"])
-    torch.testing.assert_close(net.fusion.encoder.layers[3].linear2.weight, state["transformer.encoder.layers.3.linear2.weight"])
+    torch.testing.assert_close(
+        net.decoder.layers[3].linear1.weight, state["transformer.decoder.layers.3.linear1.weight"]
+    )
+    torch.testing.assert_close(
+        net.fusion.encoder.layers[3].linear2.weight, state["transformer.encoder.layers.3.linear2.weight"]
+    )
     torch.testing.assert_close(net.decoder.mask_head.controller.layers[2].weight, state["controller.layers.2.weight"])
     report = load_init_from(net, path)
     assert not any("beyond" in reason for reason in report.skipped)  # 4 + 4 layers: nothing left over
     assert "backbone.0.body.bn1.num_batches_tracked" in report.skipped_keys
     left = {".".join(k.split(".")[:2]) for k in report.left_at_init}
-    assert left <= {"audio_encoder.embed", "audio_encoder.proj", "audio_encoder.norm", "decoder.query_pos",
-                    "decoder.class_embed"} | {k for k in left if k.startswith(("decomposition.", "fusion.", "audio_encoder."))}
-    assert not any(k.startswith(("backbone.", "neck.", "fusion.encoder.", "decoder.layers.", "decoder.bbox_embed")) for k in report.left_at_init)
+    assert left <= {
+        "audio_encoder.embed",
+        "audio_encoder.proj",
+        "audio_encoder.norm",
+        "decoder.query_pos",
+        "decoder.class_embed",
+    } | {k for k in left if k.startswith(("decomposition.", "fusion.", "audio_encoder."))}
+    assert not any(
+        k.startswith(("backbone.", "neck.", "fusion.encoder.", "decoder.layers.", "decoder.bbox_embed"))
+        for k in report.left_at_init
+    )
 
 
 def test_init_from_via_build_config(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_build import tiny
 
 from avseg.models.criterion import SetCriterion
 from avseg.models.postprocess import binary_logits, semantic_scores
-from test_model_build import tiny
 
 STEPS = 80
 

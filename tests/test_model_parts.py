@@ -36,8 +36,17 @@ def test_flatten_levels_offsets():
 @pytest.mark.parametrize("fpn_type", ["audio_dual", "audio", "none"])
 def test_fusion_shapes(fpn_type):
     fusion = AudioVisualFusion(
-        dim=DIM, res2_channels=12, fpn_type=fpn_type, num_heads=4, num_points=2, num_encoder_layers=1,
-        ffn_dim=64, dropout=0.0, mask_dim=8, stride4_dim=32, ms_deform_backend="torch",
+        dim=DIM,
+        res2_channels=12,
+        fpn_type=fpn_type,
+        num_heads=4,
+        num_points=2,
+        num_encoder_layers=1,
+        ffn_dim=64,
+        dropout=0.0,
+        mask_dim=8,
+        stride4_dim=32,
+        ms_deform_backend="torch",
     )
     audio = torch.randn(3, 4, DIM)
     out = fusion(_levels(), torch.randn(3, 12, 16, 16), audio)
@@ -54,8 +63,15 @@ def test_fusion_uses_audio_only_when_configured():
     levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
     for fpn_type, should_change in (("audio_dual", True), ("none", False)):
         fusion = AudioVisualFusion(
-            dim=DIM, res2_channels=12, fpn_type=fpn_type, num_heads=4, num_points=2, num_encoder_layers=1,
-            ffn_dim=64, dropout=0.0, ms_deform_backend="torch",
+            dim=DIM,
+            res2_channels=12,
+            fpn_type=fpn_type,
+            num_heads=4,
+            num_points=2,
+            num_encoder_layers=1,
+            ffn_dim=64,
+            dropout=0.0,
+            ms_deform_backend="torch",
         ).eval()
         a = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
         b = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
@@ -90,8 +106,17 @@ def test_fusion_audio_similarity_adds_one_audio_dependent_mask_channel():
     torch.manual_seed(0)
     levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
     fusion = AudioVisualFusion(
-        dim=DIM, res2_channels=12, num_heads=4, num_points=2, num_encoder_layers=1, ffn_dim=64,
-        dropout=0.0, mask_dim=8, stride4_dim=16, ms_deform_backend="torch", audio_similarity_dim=8,
+        dim=DIM,
+        res2_channels=12,
+        num_heads=4,
+        num_points=2,
+        num_encoder_layers=1,
+        ffn_dim=64,
+        dropout=0.0,
+        mask_dim=8,
+        stride4_dim=16,
+        ms_deform_backend="torch",
+        audio_similarity_dim=8,
     ).eval()
     assert fusion.mask_dim == 9  # what the builder hands the dynamic mask head
     a = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
@@ -133,8 +158,17 @@ def test_dual_block_gates_the_chosen_encoder_level(dual_stride, dual_form):
     level's size) and its output reaches the mask features (a gradient arrives at its filters)."""
     torch.manual_seed(0)
     fusion = AudioVisualFusion(
-        dim=DIM, res2_channels=12, fpn_type="audio_dual", num_heads=4, num_points=2, num_encoder_layers=1,
-        ffn_dim=64, dropout=0.0, ms_deform_backend="torch", dual_stride=dual_stride, dual_form=dual_form,
+        dim=DIM,
+        res2_channels=12,
+        fpn_type="audio_dual",
+        num_heads=4,
+        num_points=2,
+        num_encoder_layers=1,
+        ffn_dim=64,
+        dropout=0.0,
+        ms_deform_backend="torch",
+        dual_stride=dual_stride,
+        dual_form=dual_form,
     )
     seen = []
     fusion.dual.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
@@ -172,8 +206,16 @@ def test_r2vos_dual_block_attends_over_the_clip_and_masks_padded_frames():
 @pytest.mark.parametrize("extra", [0, 2])
 def test_decoder_heads_shapes(extra):
     decoder = SemanticGuidedDecoder(
-        dim=DIM, num_classes=70, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
-        dropout=0.0, extra_queries=extra, ms_deform_backend="torch",
+        dim=DIM,
+        num_classes=70,
+        mask_dim=8,
+        num_layers=3,
+        num_heads=4,
+        num_points=2,
+        ffn_dim=64,
+        dropout=0.0,
+        extra_queries=extra,
+        ms_deform_backend="torch",
     )
     memory, shapes, start = flatten_levels(_levels())
     out = decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
@@ -186,7 +228,13 @@ def test_decoder_heads_shapes(extra):
 
 def test_decoder_rejects_more_queries_than_table():
     decoder = SemanticGuidedDecoder(
-        dim=DIM, num_classes=1, mask_dim=8, num_layers=1, num_heads=4, num_points=2, max_queries=3,
+        dim=DIM,
+        num_classes=1,
+        mask_dim=8,
+        num_layers=1,
+        num_heads=4,
+        num_points=2,
+        max_queries=3,
         ms_deform_backend="torch",
     )
     memory, shapes, start = flatten_levels(_levels())
@@ -257,13 +305,19 @@ def test_dynamic_mask_head_factorised_first_layer_equals_the_concatenation(rel_c
     it computes what the narrow path's concatenation computes, for stacked layers too."""
     torch.manual_seed(0)
     head = DynamicMaskHead(
-        dim=DIM, mask_dim=64, channels=4, num_layers=3, rel_coords=rel_coords,
-        controller_layout="referformer", rel_coords_unit="pixels",
+        dim=DIM,
+        mask_dim=64,
+        channels=4,
+        num_layers=3,
+        rel_coords=rel_coords,
+        controller_layout="referformer",
+        rel_coords_unit="pixels",
     )
     queries, centres, feats = torch.randn(2, 3, 2, DIM), torch.rand(2, 3, 2, 2), torch.randn(3, 64, 5, 6)
     masks = head(queries, centres, feats)  # [layers 2, N 3, Q 2, 5, 6]
     assert masks.shape == (2, 3, 2, 5, 6)
     from avseg.models import decoder as decoder_module
+
     original = decoder_module.FACTORISED_MIN_CHANNELS
     decoder_module.FACTORISED_MIN_CHANNELS = 10**6  # force the concatenation path
     try:
@@ -279,11 +333,21 @@ def test_per_layer_box_heads_refine_4d_reference_boxes():
     and the mask head reads the detached box centre."""
     torch.manual_seed(0)
     decoder = SemanticGuidedDecoder(
-        dim=DIM, num_classes=2, mask_dim=8, num_layers=3, num_heads=4, num_points=2, ffn_dim=64,
-        dropout=0.0, ms_deform_backend="torch", box_head="per_layer",
+        dim=DIM,
+        num_classes=2,
+        mask_dim=8,
+        num_layers=3,
+        num_heads=4,
+        num_points=2,
+        ffn_dim=64,
+        dropout=0.0,
+        ms_deform_backend="torch",
+        box_head="per_layer",
     )
     assert len(decoder.bbox_embed) == 3 and len(decoder.class_embed) == 3
-    assert decoder.bbox_embed[0].layers[-1].bias[2:].eq(-2.0).all() and decoder.bbox_embed[1].layers[-1].bias.eq(0).all()
+    assert (
+        decoder.bbox_embed[0].layers[-1].bias[2:].eq(-2.0).all() and decoder.bbox_embed[1].layers[-1].bias.eq(0).all()
+    )
     for head in decoder.bbox_embed:  # non-zero last layers, so refinement shows
         torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
     seen = []

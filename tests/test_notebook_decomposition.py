@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers_train import REPO, run_train
 from test_eval_predict import TRAIN_OVERRIDES
 from test_notebooks import _kernel_name
@@ -30,7 +29,9 @@ def test_decomposition_notebook_runs_and_draws(tmp_path, monkeypatch):
     notebook = nbformat.read(REPO / "notebooks" / "decomposition.ipynb", as_version=4)
     work = tmp_path / "work"
     work.mkdir()
-    client = nbclient.NotebookClient(notebook, kernel_name=_kernel_name(), timeout=600, resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        notebook, kernel_name=_kernel_name(), timeout=600, resources={"metadata": {"path": str(work)}}
+    )
     client.execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -18,9 +18,13 @@ def _kernel_name() -> str:
 
     spec = KernelSpecManager().get_kernel_spec("python3")
     executable = spec.argv[0]
-    assert executable in ("python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}") or (
-        Path(executable).resolve() == Path(sys.executable).resolve()
-    ), f"the python3 kernel runs {executable}, not {sys.executable}"
+    assert executable in (
+        "python",
+        f"python{sys.version_info[0]}",
+        f"python{sys.version_info[0]}.{sys.version_info[1]}",
+    ) or (Path(executable).resolve() == Path(sys.executable).resolve()), (
+        f"the python3 kernel runs {executable}, not {sys.executable}"
+    )
     return "python3"
 
 

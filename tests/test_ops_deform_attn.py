@@ -159,7 +159,12 @@ def test_torch_path_gradcheck():
 
 def test_torch_path_is_bitwise_reproducible_and_handles_partial_grads():
     inputs = make_inputs(
-        batch=2, level_shapes=[(5, 6), (2, 3)], heads=2, head_dim=4, points=3, queries=6,
+        batch=2,
+        level_shapes=[(5, 6), (2, 3)],
+        heads=2,
+        head_dim=4,
+        points=3,
+        queries=6,
         dtype=torch.float32,
     )
     grads = []
@@ -181,7 +186,12 @@ def test_torch_path_is_bitwise_reproducible_and_handles_partial_grads():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_path_low_precision_inputs(dtype):
     inputs = make_inputs(
-        batch=1, level_shapes=[(4, 4), (2, 2)], heads=2, head_dim=8, points=2, queries=5,
+        batch=1,
+        level_shapes=[(4, 4), (2, 2)],
+        heads=2,
+        head_dim=8,
+        points=2,
+        queries=5,
         dtype=torch.float32,
     )
     reference = ms_deform_attn_torch(*inputs)
@@ -228,8 +238,11 @@ def test_triton_backend_without_cuda_or_interpreter_raises(monkeypatch):
         ms_deform_attn(*inputs, backend="triton")
     with pytest.raises(BackendUnavailableError, match="CUDA"):
         MSDeformAttn(dim=8, num_levels=1, num_heads=2, num_points=1, backend="triton")(
-            torch.randn(1, 3, 8), torch.rand(1, 3, 1, 2), torch.randn(1, 4, 8),
-            torch.tensor([[2, 2]]), torch.tensor([0]),
+            torch.randn(1, 3, 8),
+            torch.rand(1, 3, 1, 2),
+            torch.randn(1, 4, 8),
+            torch.tensor([[2, 2]]),
+            torch.tensor([0]),
         )
 
 
@@ -298,8 +311,13 @@ def test_module_rejects_bad_configuration():
         MSDeformAttn(dim=32, num_levels=1, num_heads=4, num_points=1, backend="cuda")
     module = MSDeformAttn(dim=8, num_levels=1, num_heads=2, num_points=1)
     with pytest.raises(ValueError, match="spatial_shapes sum"):
-        module(torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 5, 8),
-               torch.tensor([[2, 2]]), torch.tensor([0]))
+        module(
+            torch.randn(1, 2, 8),
+            torch.rand(1, 2, 1, 2),
+            torch.randn(1, 5, 8),
+            torch.tensor([[2, 2]]),
+            torch.tensor([0]),
+        )
 
 
 def test_ops_import_only_torch():
@@ -327,7 +345,6 @@ def test_triton_interpreter_suite():
         timeout=1200,
     )
     assert result.returncode == 0, (
-        f"interpreter suite failed (exit {result.returncode}):\n{result.stdout[-8000:]}\n"
-        f"{result.stderr[-4000:]}"
+        f"interpreter suite failed (exit {result.returncode}):\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
     )
     assert " passed" in result.stdout

@@ -19,7 +19,6 @@ from avseg.data.perturb import (
 )
 from avseg.errors import ConfigError, DataError
 
-
 # ---------------------------------------------------------------------------------------------
 # mute
 
@@ -82,7 +81,9 @@ class _ListDataset(torch.utils.data.Dataset):
             frame_valid = torch.zeros(num_frames, dtype=torch.bool)
             frame_valid[:num_real] = True
             audio = torch.full((num_frames, 128), float(index + 1)) * frame_valid[:, None]
-            self.items.append({"frames": torch.zeros(num_frames, 3, 4, 4), "frame_valid": frame_valid, "audio": audio, "index": index})
+            self.items.append(
+                {"frames": torch.zeros(num_frames, 3, 4, 4), "frame_valid": frame_valid, "audio": audio, "index": index}
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -181,7 +182,13 @@ def test_noise_with_embeddings_audio_is_refused_by_the_loader(tiny_trees, tmp_pa
     from avseg.data.avsbench import MS3Dataset
 
     with pytest.raises(ConfigError, match="audio_source='wav'"):
-        MS3Dataset(tiny_trees["ms3"], "test", audio_source="embeddings", embeddings_dir=tmp_path, audio_transform=WhiteNoise(snr_db=0.0))
+        MS3Dataset(
+            tiny_trees["ms3"],
+            "test",
+            audio_source="embeddings",
+            embeddings_dir=tmp_path,
+            audio_transform=WhiteNoise(snr_db=0.0),
+        )
 
 
 def test_swap_and_mute_on_avss_tree(tiny_trees):

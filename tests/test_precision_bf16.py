@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train
 
 from avseg.models.criterion import SetCriterion
 from avseg.models.matcher import HungarianMatcher
 from avseg.models.quantizer import VectorQuantizer
 from avseg.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_torch
-from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -150,7 +150,11 @@ def test_matcher_costs_are_fp32_under_autocast() -> None:
     target_masks = (torch.rand(2, 24, 24, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     from avseg.models.box_ops import masks_to_boxes
 
-    target = {"labels": torch.zeros(2, dtype=torch.long), "masks": target_masks, "boxes": masks_to_boxes(target_masks > 0)}
+    target = {
+        "labels": torch.zeros(2, dtype=torch.long),
+        "masks": target_masks,
+        "boxes": masks_to_boxes(target_masks > 0),
+    }
     args = (predictions["pred_logits"][0, 0], predictions["pred_masks"][0, 0], predictions["pred_boxes"][0, 0], target)
     eager = matcher.frame_cost(*args)
     with torch.autocast(**BF16):
@@ -196,9 +200,16 @@ def test_tiny_model_trains_with_lightning_bf16_mixed(tmp_path: Path, cache_dir: 
     monkeypatch.setenv("AVSEG_CACHE", str(cache_dir))
     run_dir = tmp_path / "run"
     overrides = [
-        "experiment=synth_s4", *TINY_SYNTH, *TINY_MODEL, *QUIET,
-        "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "test_ckpt=last",
+        "experiment=synth_s4",
+        *TINY_SYNTH,
+        *TINY_MODEL,
+        *QUIET,
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "test_ckpt=last",
     ]
     metrics = run(compose_train(overrides, run_dir=run_dir))
     assert 0.0 <= metrics["test/miou"] <= 1.0
@@ -220,14 +231,17 @@ def test_s4_r50_forward_backward_in_bf16_is_close_to_fp32() -> None:
     codes of the decomposition mostly the same (all the same there)."""
     import copy
 
-    from avseg.lit.module import AVSLitModule
     from test_model_build import model_config
+
+    from avseg.lit.module import AVSLitModule
 
     cfg = model_config(
         "qdformer",
         [
-            "backbone.weights=null", "backbone.random_init=true",
-            "audio_encoder.vggish_weights=null", "audio_encoder.random_init=true",
+            "backbone.weights=null",
+            "backbone.random_init=true",
+            "audio_encoder.vggish_weights=null",
+            "audio_encoder.random_init=true",
             "ms_deform_backend=torch",
         ],
     )

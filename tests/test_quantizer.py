@@ -38,7 +38,9 @@ def test_nearest_codeword_matches_brute_force():
     assert torch.equal(out["indices"], expected)
     torch.testing.assert_close(out["quantized"], quantizer.codebook.detach()[expected])
     assert out["distances"].shape == (2, 3, 5, 16)
-    torch.testing.assert_close(out["distances"], torch.cdist(inputs, quantizer.codebook.detach()) ** 2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out["distances"], torch.cdist(inputs, quantizer.codebook.detach()) ** 2, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_nearest_codeword_under_bf16_autocast_is_exact():
@@ -244,7 +246,9 @@ def test_invalid_construction_and_inputs_raise():
 
 def test_squared_distances_match_cdist():
     inputs, codebook = torch.randn(7, 5), torch.randn(3, 5)
-    torch.testing.assert_close(squared_distances(inputs, codebook), torch.cdist(inputs, codebook) ** 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        squared_distances(inputs, codebook), torch.cdist(inputs, codebook) ** 2, atol=1e-5, rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- distributed statistics
@@ -273,7 +277,11 @@ def _distributed_worker(rank: int, world_size: int, port: int, result_dir: str) 
         out = quantizer(inputs + 0.01 * (rank + 1))
         quantizer(inputs)  # re-seeds dead codes 2..5
         torch.save(
-            {"counts": out["counts"], "ema": quantizer.usage_ema.clone(), "codebook": quantizer.codebook.detach().clone()},
+            {
+                "counts": out["counts"],
+                "ema": quantizer.usage_ema.clone(),
+                "codebook": quantizer.codebook.detach().clone(),
+            },
             os.path.join(result_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -370,8 +378,12 @@ def test_data_init_plus_reseeding_keeps_many_codes_alive_while_training():
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
     quantizer = VectorQuantizer(
-        num_codes=16, code_dim=16, codebook_init="data", reseed_dead_codes=True,
-        usage_ema_decay=0.8, dead_code_threshold=0.1,
+        num_codes=16,
+        code_dim=16,
+        codebook_init="data",
+        reseed_dead_codes=True,
+        usage_ema_decay=0.8,
+        dead_code_threshold=0.1,
     )
     quantizer.train()
     optimizer = torch.optim.Adam([*encoder.parameters(), *quantizer.parameters()], lr=1e-2)
@@ -428,14 +440,29 @@ def test_ema_codebook_update_moves_codes_to_the_mean_of_their_inputs():
 
 
 def test_ring_buffer_is_saved_so_a_resumed_quantizer_reseeds_identically():
-    quantizer = _quantizer(num_codes=8, code_dim=4, codebook_init="data", reseed_dead_codes=True,
-                           usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_buffer_size=32)
+    quantizer = _quantizer(
+        num_codes=8,
+        code_dim=4,
+        codebook_init="data",
+        reseed_dead_codes=True,
+        usage_ema_decay=0.0,
+        dead_code_threshold=0.5,
+        reseed_buffer_size=32,
+    )
     quantizer.train()
     quantizer(torch.randn(12, 4))  # data init
     quantizer(torch.randn(3, 4) + 5.0)
     state = quantizer.state_dict()
-    restored = _quantizer(num_codes=8, code_dim=4, codebook_init="data", reseed_dead_codes=True,
-                          usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_buffer_size=32, seed=9)
+    restored = _quantizer(
+        num_codes=8,
+        code_dim=4,
+        codebook_init="data",
+        reseed_dead_codes=True,
+        usage_ema_decay=0.0,
+        dead_code_threshold=0.5,
+        reseed_buffer_size=32,
+        seed=9,
+    )
     restored.load_state_dict(state)
     restored.train()
     assert restored._recent_count == quantizer._recent_count == 15

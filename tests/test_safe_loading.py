@@ -152,7 +152,9 @@ def scan_tree(root: Path, dirs: tuple[str, ...] = SCANNED_DIRS) -> tuple[list[Fi
     for folder in dirs:
         for file in sorted((root / folder).rglob("*.py")):
             relative = file.relative_to(root).as_posix()
-            findings += scan_source(file.read_text(encoding="utf-8"), relative, pickle_allowed=relative in PICKLE_ALLOWED)
+            findings += scan_source(
+                file.read_text(encoding="utf-8"), relative, pickle_allowed=relative in PICKLE_ALLOWED
+            )
             scanned += 1
     return findings, scanned
 

@@ -42,4 +42,6 @@ def test_every_package_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
     found.add("avseg_kernels")
-    assert found == listed, f"packages on disk but not listed: {sorted(found - listed)}; listed but gone: {sorted(listed - found)}"
+    assert found == listed, (
+        f"packages on disk but not listed: {sorted(found - listed)}; listed but gone: {sorted(listed - found)}"
+    )

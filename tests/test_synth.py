@@ -113,7 +113,9 @@ def test_avss_layout_kinds_labels_and_colours(trees):
         num_frames = 10 if row["label"] == "v2" else 5
         labelled = 1 if (row["label"] == "v1s" and row["split"] == "train") else num_frames
         assert sorted(p.name for p in (clip_dir / "frames").iterdir()) == sorted(f"{i}.jpg" for i in range(num_frames))
-        assert sorted(p.name for p in (clip_dir / "labels_rgb").iterdir()) == sorted(f"{i}.png" for i in range(labelled))
+        assert sorted(p.name for p in (clip_dir / "labels_rgb").iterdir()) == sorted(
+            f"{i}.png" for i in range(labelled)
+        )
         assert (clip_dir / "audio.wav").is_file()
         clip = sidecar["clips"][row["uid"]]
         assert clip["num_frames"] == num_frames and clip["kind"] == row["label"]
@@ -142,9 +144,7 @@ def test_scene_alone_does_not_say_which_object_sounds():
     with_distractor = [p for p in plans if len(p.classes) > 1]
     assert len(with_distractor) / len(plans) >= 0.7
     sounding_classes = {p.classes[int(np.flatnonzero(p.sounding[:, 0])[0])].index for p in plans}
-    silent_classes = {
-        spec.index for p in plans for j, spec in enumerate(p.classes) if not p.sounding[j].any()
-    }
+    silent_classes = {spec.index for p in plans for j, spec in enumerate(p.classes) if not p.sounding[j].any()}
     assert sounding_classes == silent_classes == set(range(8))
     # Visual-only guesses (largest, front-most object) are right in well under 80% of the clips
     # that hold a distractor.
@@ -187,9 +187,7 @@ def test_objects_move_smoothly_and_stay_visible():
     for p in _plans("ms3", "val", 12):
         for j in range(len(p.classes)):
             assert all((p.instances[t] == j + 1).any() for t in range(p.num_frames))
-            centres = [
-                np.argwhere(p.instances[t] == j + 1).mean(axis=0) for t in range(p.num_frames)
-            ]
+            centres = [np.argwhere(p.instances[t] == j + 1).mean(axis=0) for t in range(p.num_frames)]
             steps = np.linalg.norm(np.diff(np.stack(centres), axis=0), axis=1)
             assert steps.max() < 0.3 * 48  # no jumps between consecutive frames
 
@@ -342,10 +340,18 @@ def test_sigkill_mid_generation_leaves_nothing_usable(tmp_path):
 
 def test_cli_writes_a_tree_and_reports_bad_options(tmp_path, capsys):
     out = tmp_path / "tree"
-    code = synth.main([
-        f"out={out}", "subset=avss", "image_size=40", "clips_per_split.train=3",
-        "clips_per_split.val=3", "clips_per_split.test=0", "snr_db=[0,5]", "seed=2",
-    ])
+    code = synth.main(
+        [
+            f"out={out}",
+            "subset=avss",
+            "image_size=40",
+            "clips_per_split.train=3",
+            "clips_per_split.val=3",
+            "clips_per_split.test=0",
+            "snr_db=[0,5]",
+            "seed=2",
+        ]
+    )
     assert code == 0
     assert str(out) in capsys.readouterr().out
     sidecar = json.loads((out / synth.SIDECAR_NAME).read_text())
@@ -360,9 +366,14 @@ def test_cli_writes_a_tree_and_reports_bad_options(tmp_path, capsys):
 
 def test_cli_without_out_uses_the_cache_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AVSEG_CACHE", str(tmp_path))
-    code = synth.main([
-        "image_size=32", "clips_per_split.train=3", "clips_per_split.val=3", "clips_per_split.test=3",
-    ])
+    code = synth.main(
+        [
+            "image_size=32",
+            "clips_per_split.train=3",
+            "clips_per_split.val=3",
+            "clips_per_split.test=3",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed] == ["s4", "ms3", "avss"]

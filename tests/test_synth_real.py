@@ -155,8 +155,11 @@ def test_assets_dir_of_extracted_packages_gives_the_same_media(real_trees, tmp_p
     """`assets_dir=` (packages extracted with dpkg-deb -x, as docs/SYNTHAVS.md tells users without
     root): the same frames, masks and audio as the installed packages; the sidecar says where from."""
     extracted = tmp_path / "extracted"
-    for relative in ("usr/share/gcompris-qt/rcc/instruments.rcc", "usr/share/gcompris-qt/rcc/explore_farm_animals.rcc",
-                     "usr/share/sounds/sf2/FluidR3_GM.sf2"):
+    for relative in (
+        "usr/share/gcompris-qt/rcc/instruments.rcc",
+        "usr/share/gcompris-qt/rcc/explore_farm_animals.rcc",
+        "usr/share/sounds/sf2/FluidR3_GM.sf2",
+    ):
         (extracted / relative).parent.mkdir(parents=True, exist_ok=True)
         (extracted / relative).symlink_to(Path("/") / relative)
     for package in ("gcompris-qt-data", "fluid-soundfont-gm"):
@@ -246,7 +249,7 @@ def test_sidecar_lists_the_true_sources_of_every_second(real_trees):
             entry = sidecar["clips"][plan.clip_id]
             sr = synth.SAMPLE_RATE
             for t, listed in enumerate(entry["sounding"]):
-                core = plan.stems[:, t * sr + 80:(t + 1) * sr - 80]  # outside the 10 ms switch ramps
+                core = plan.stems[:, t * sr + 80 : (t + 1) * sr - 80]  # outside the 10 ms switch ramps
                 heard = {j for j in range(len(plan.classes)) if float(np.sqrt(np.mean(core[j] ** 2))) > 1e-3}
                 assert {x["instance"] for x in listed} == heard, (plan.clip_id, t)
                 assert all(x["class"] == plan.classes[x["instance"]].name for x in listed)
@@ -266,8 +269,13 @@ def test_plan_clip_refuses_a_catalogue_of_the_other_mode():
     with pytest.raises(ConfigError, match="catalogue_for"):
         synth.plan_clip(options=resolved, catalogue=synth.class_catalogue(4), subset="ms3", split="train", index=0)
     with pytest.raises(ConfigError, match="catalogue_for"):
-        synth.plan_clip(options=synth.resolve_options("ms3"), catalogue=synth.catalogue_for(resolved),
-                        subset="ms3", split="train", index=0)
+        synth.plan_clip(
+            options=synth.resolve_options("ms3"),
+            catalogue=synth.catalogue_for(resolved),
+            subset="ms3",
+            split="train",
+            index=0,
+        )
 
 
 @needs_packages
@@ -310,16 +318,18 @@ def test_masks_are_the_rasterised_alpha_after_occlusion():
         archive = RccArchive(spec.drawing["bundle"])
         png = subprocess.run(
             ["rsvg-convert", "-a", "-w", "128", "-h", "128", "-f", "png"],
-            input=archive.read(spec.drawing["member"]), capture_output=True, check=True,
+            input=archive.read(spec.drawing["member"]),
+            capture_output=True,
+            check=True,
         ).stdout
         rgba = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
         box = np.zeros((128, 128, 4), dtype=np.uint8)
         h, w = rgba.shape[:2]
-        box[(128 - h) // 2:(128 - h) // 2 + h, (128 - w) // 2:(128 - w) // 2 + w] = rgba
+        box[(128 - h) // 2 : (128 - h) // 2 + h, (128 - w) // 2 : (128 - w) // 2 + w] = rgba
         x0, y0 = int(centres[j, 0, 0]) - 64, int(centres[j, 0, 1]) - 64
         inside = box[..., 3] >= 128
-        expected[y0:y0 + 128, x0:x0 + 128][inside] = j + 1
-        colours[y0:y0 + 128, x0:x0 + 128][inside] = box[..., :3][inside]
+        expected[y0 : y0 + 128, x0 : x0 + 128][inside] = j + 1
+        colours[y0 : y0 + 128, x0 : x0 + 128][inside] = box[..., :3][inside]
     assert np.array_equal(instances[0], expected)
     assert len(np.unique(expected)) == 4  # every object is (partly) visible, and they overlap
     drawn = expected > 0
@@ -360,8 +370,13 @@ def test_fast_dev_run_of_the_real_experiment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AVSEG_CACHE", str(tmp_path / "cache"))
     cfg = compose_train(
-        ["experiment=synth_real_ms3", "debug=fast_dev_run", *TINY_SYNTH, *TINY_MODEL,
-         "trainer.enable_progress_bar=false"],
+        [
+            "experiment=synth_real_ms3",
+            "debug=fast_dev_run",
+            *TINY_SYNTH,
+            *TINY_MODEL,
+            "trainer.enable_progress_bar=false",
+        ],
         run_dir=tmp_path / "run",
     )
     assert cfg.data.synth.assets == "real"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train, real_experiment_overrides, run_train
 
 from avseg.errors import CheckpointError
-from helpers_train import QUIET, TINY_MODEL, TINY_SYNTH, compose_train, real_experiment_overrides, run_train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,13 @@ def _run_in_process(overrides: list[str], run_dir: Path) -> dict[str, float]:
 @pytest.mark.parametrize("experiment", ["synth_s4", "synth_ms3", "synth_avss"])
 def test_fast_dev_run_synthetic_experiments(experiment: str, tmp_path: Path, cache_dir: Path) -> None:
     metrics = _run_in_process(
-        [f"experiment={experiment}", "debug=fast_dev_run", *TINY_SYNTH, *TINY_MODEL, "trainer.enable_progress_bar=false"],
+        [
+            f"experiment={experiment}",
+            "debug=fast_dev_run",
+            *TINY_SYNTH,
+            *TINY_MODEL,
+            "trainer.enable_progress_bar=false",
+        ],
         tmp_path / "run",
     )
     assert 0.0 <= metrics["test/miou"] <= 1.0
@@ -49,7 +55,12 @@ SHRINK = ["model.fusion.num_encoder_layers=1", "model.decoder.num_layers=2"]
 @pytest.mark.slow  # ResNet-50 + VGGish at C = 256: ~10 s each on an idle 2-core machine, far more on a busy one
 @pytest.mark.parametrize("experiment", ["s4_r50", "ms3_r50", "avss_r50", "avs_r50"])
 def test_fast_dev_run_paper_experiments_on_standin_trees(experiment: str, tmp_path: Path, cache_dir: Path) -> None:
-    overrides = [*real_experiment_overrides(experiment, cache_dir), "debug=fast_dev_run", *SHRINK, "trainer.enable_progress_bar=false"]
+    overrides = [
+        *real_experiment_overrides(experiment, cache_dir),
+        "debug=fast_dev_run",
+        *SHRINK,
+        "trainer.enable_progress_bar=false",
+    ]
     metrics = _run_in_process(overrides, tmp_path / "run")
     if experiment == "avs_r50":  # two test sets, each under its own name
         assert {"test/s4/miou", "test/ms3/miou", "test/s4/fscore", "test/ms3/fscore_global"} <= set(metrics)
@@ -58,7 +69,9 @@ def test_fast_dev_run_paper_experiments_on_standin_trees(experiment: str, tmp_pa
 
 
 @pytest.mark.parametrize("experiment,folder", [("s4_r50", "Single-source"), ("avss_r50", "AVSBench-semantic")])
-def test_missing_dataset_stops_at_once_with_the_path(experiment: str, folder: str, tmp_path: Path, cache_dir: Path) -> None:
+def test_missing_dataset_stops_at_once_with_the_path(
+    experiment: str, folder: str, tmp_path: Path, cache_dir: Path
+) -> None:
     data_dir = tmp_path / "no-avsbench-here"
     proc = run_train(
         [f"experiment={experiment}", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", *QUIET],
@@ -203,8 +216,13 @@ def test_sweep_summary_lists_failed_jobs(tmp_path: Path) -> None:
         job_dir = tmp_path / str(job)
         write_json_atomic(
             job_dir / JOB_STATUS_FILE,
-            {"job": job, "overrides": f"model.decomposition.codebook_size={64 * (job + 1)}", "status": status,
-             "error": "" if status == "ok" else "ConfigError: bad", "dir": str(job_dir)},
+            {
+                "job": job,
+                "overrides": f"model.decomposition.codebook_size={64 * (job + 1)}",
+                "status": status,
+                "error": "" if status == "ok" else "ConfigError: bad",
+                "dir": str(job_dir),
+            },
         )
         if status == "ok":
             write_json_atomic(job_dir / "metrics.json", {"test/miou": 0.5 + job / 10, "test/fscore": 0.25})

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_train import QUIET, REPO, TINY_MODEL, TINY_SYNTH, compose_train, run_train, train_env
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,15 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tupl
 def test_short_run_writes_metrics_and_checkpoints(short_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, proc = short_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("val/miou", "val/fscore", "val/fscore_global", "test/miou", "test/fscore", "test/fscore_global", "val/miou_best"):
+    for key in (
+        "val/miou",
+        "val/fscore",
+        "val/fscore_global",
+        "test/miou",
+        "test/fscore",
+        "test/fscore_global",
+        "val/miou_best",
+    ):
         assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, key
     assert "train/loss_epoch" in metrics
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -73,7 +80,9 @@ def test_short_run_writes_metrics_and_checkpoints(short_run: tuple[Path, subproc
     assert str(run_dir) in proc.stdout
 
 
-def test_checkpoint_loads_standalone_and_the_demo_tests_the_last(short_run: tuple[Path, subprocess.CompletedProcess], cache_dir: Path) -> None:
+def test_checkpoint_loads_standalone_and_the_demo_tests_the_last(
+    short_run: tuple[Path, subprocess.CompletedProcess], cache_dir: Path
+) -> None:
     """``load_from_checkpoint`` needs no Hydra, and evaluating last.ckpt again reproduces the run's
     test metrics (the demo experiment sets test_ckpt=last)."""
     import lightning.pytorch as pl
@@ -89,7 +98,10 @@ def test_checkpoint_loads_standalone_and_the_demo_tests_the_last(short_run: tupl
     got = _evaluate(module, cache_dir, run_dir)
     for key in ("test/miou", "test/fscore", "test/fscore_global"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
-    assert "last checkpoint" in proc.stdout and f"tested       : last ({run_dir / 'checkpoints' / 'last.ckpt'}, step {2 * STEPS_PER_EPOCH})" in proc.stdout
+    assert (
+        "last checkpoint" in proc.stdout
+        and f"tested       : last ({run_dir / 'checkpoints' / 'last.ckpt'}, step {2 * STEPS_PER_EPOCH})" in proc.stdout
+    )
     assert metrics["test/ckpt_path"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert metrics["test/ckpt_step"] == 2 * STEPS_PER_EPOCH
     assert isinstance(pl.__version__, str)
@@ -108,7 +120,10 @@ def test_test_ckpt_best_tests_the_best_checkpoint(tmp_path: Path, cache_dir: Pat
     assert "best checkpoint by val/miou" in proc.stdout
     assert f"tested       : best ({run_dir / 'checkpoints' / 'best.ckpt'}, step " in proc.stdout
     best_step = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert metrics["test/ckpt_path"] == str(run_dir / "checkpoints" / "best.ckpt") and metrics["test/ckpt_step"] == best_step
+    assert (
+        metrics["test/ckpt_path"] == str(run_dir / "checkpoints" / "best.ckpt")
+        and metrics["test/ckpt_step"] == best_step
+    )
 
 
 def _evaluate(module, cache_dir: Path, run_dir: Path, extra: list[str] | None = None) -> dict[str, float]:
@@ -119,7 +134,9 @@ def _evaluate(module, cache_dir: Path, run_dir: Path, extra: list[str] | None = 
     os.environ["AVSEG_CACHE"] = str(cache_dir)
     cfg = compose_train([*BASE, *(extra or [])], run_dir=run_dir / "eval")
     datamodule = hydra.utils.instantiate(cfg.data)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
     trainer.test(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -141,7 +158,9 @@ def test_ddp_cpu_two_processes_match_single_process(tmp_path: Path, cache_dir: P
     from avseg.lit.module import AVSLitModule
 
     run_dir = tmp_path / "ddp"
-    proc = run_train([*BASE, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cache_dir=cache_dir)
+    proc = run_train(
+        [*BASE, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cache_dir=cache_dir
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "M_J (mIoU)" in proc.stdout
     module = AVSLitModule.load_trained(run_dir / "checkpoints" / "best.ckpt")
@@ -197,7 +216,13 @@ def test_multirun_summary_marks_the_failed_job(tmp_path: Path, cache_dir: Path) 
 # resume
 
 
-RESUME = [*BASE, "trainer.max_epochs=2", "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=1", "test=false"]
+RESUME = [
+    *BASE,
+    "trainer.max_epochs=2",
+    "trainer.deterministic=true",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "test=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +245,17 @@ def test_resume_mid_epoch_ends_with_the_same_weights(uninterrupted: Path, tmp_pa
     loader_state = stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["epoch"] == 0 and loader_state["batches_done"] == 3
     second = tmp_path / "second"
-    run_train([*RESUME, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={second}"], cache_dir=cache_dir)
+    run_train(
+        [*RESUME, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={second}"], cache_dir=cache_dir
+    )
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
     _assert_same_weights(uninterrupted, second / "checkpoints" / "last.ckpt")
 
 
-def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resumes(uninterrupted: Path, tmp_path: Path, cache_dir: Path) -> None:
+def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resumes(
+    uninterrupted: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     from avseg.lit.checkpoint_io import load_checkpoint_file
 
     killed = tmp_path / "killed"
@@ -272,7 +301,13 @@ def test_max_steps_mid_epoch_tests_the_final_state(tmp_path: Path, cache_dir: Pa
 
     run_dir = tmp_path / "run"
     proc = run_train(
-        [*BASE, "++trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=0", "test_ckpt=last", f"hydra.run.dir={run_dir}"],
+        [
+            *BASE,
+            "++trainer.max_steps=3",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            "test_ckpt=last",
+            f"hydra.run.dir={run_dir}",
+        ],
         cache_dir=cache_dir,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -307,14 +342,23 @@ def test_max_time_mid_epoch_tests_the_final_state(tmp_path: Path, cache_dir: Pat
     assert metrics["test/ckpt_step"] == state["global_step"]  # the final state, not an epoch-end one
 
 
-def _start_and_signal(args: list[str], run_dir: Path, cache_dir: Path, signum: int) -> tuple[subprocess.CompletedProcess, int]:
+def _start_and_signal(
+    args: list[str], run_dir: Path, cache_dir: Path, signum: int
+) -> tuple[subprocess.CompletedProcess, int]:
     """Starts a run (a checkpoint every step), sends ``signum`` once it has trained a step; returns
     the finished process and the step last.ckpt held when the signal was sent."""
     from avseg.lit.checkpoint_io import load_checkpoint_file
 
     last = run_dir / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(
-        [sys.executable, "-m", "avseg.train", *args, "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            "-m",
+            "avseg.train",
+            *args,
+            "callbacks.checkpoint.every_n_train_steps=1",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=REPO,
         env=train_env(cache_dir),
         stdout=subprocess.PIPE,
@@ -341,7 +385,9 @@ def _start_and_signal(args: list[str], run_dir: Path, cache_dir: Path, signum: i
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_saves_the_final_state_and_resumes(signum: int, uninterrupted: Path, tmp_path: Path, cache_dir: Path) -> None:
+def test_signal_saves_the_final_state_and_resumes(
+    signum: int, uninterrupted: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     """SIGTERM (kill, scancel) and Ctrl-C stop at the end of the current step with last.ckpt
     holding that step; resuming from it ends with the uninterrupted run's weights (SIGTERM)."""
     stopped = tmp_path / "stopped"
@@ -391,7 +437,9 @@ def test_nan_loss_stops_naming_step_and_term(monkeypatch: pytest.MonkeyPatch, tm
 
     monkeypatch.setenv("AVSEG_CACHE", str(cache_dir))
     _inject_nan(monkeypatch, at_call=3)
-    cfg = compose_train([*BASE, "trainer.max_epochs=1", "callbacks.checkpoint.every_n_train_steps=1"], run_dir=tmp_path / "run")
+    cfg = compose_train(
+        [*BASE, "trainer.max_epochs=1", "callbacks.checkpoint.every_n_train_steps=1"], run_dir=tmp_path / "run"
+    )
     with pytest.raises(NonFiniteLossError) as info:
         run(cfg)
     message = str(info.value)

@@ -73,7 +73,8 @@ def test_normalisation_is_imagenet():
 def test_flip_is_joint_and_shared_by_all_frames():
     images, masks = random_clip(16, 16, frames=4, seed=1)
     transform = ClipTransform(
-        image_size=16, mode="eval",
+        image_size=16,
+        mode="eval",
         augment={"hflip_prob": 1.0, "brightness": 0, "contrast": 0, "saturation": 0},
     )
     frames, mask = transform(*as_tensors(images, masks))

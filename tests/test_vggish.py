@@ -15,21 +15,31 @@ import torch
 from torch import nn
 
 from avseg.data.audio import fit_examples, load_wav, log_mel_examples
-from avseg.data.embeddings import embedding_path, main as embeddings_main, write_embeddings
+from avseg.data.embeddings import embedding_path, write_embeddings
+from avseg.data.embeddings import main as embeddings_main
 from avseg.errors import CheckpointError, ConfigError
 from avseg.models.audio import AudioEncoder, VGGish
 
 # The exact key set of torchvggish's VGG state dict (vggish-10086976.pth).
 TORCHVGGISH_SHAPES = {
-    "features.0.weight": (64, 1, 3, 3), "features.0.bias": (64,),
-    "features.3.weight": (128, 64, 3, 3), "features.3.bias": (128,),
-    "features.6.weight": (256, 128, 3, 3), "features.6.bias": (256,),
-    "features.8.weight": (256, 256, 3, 3), "features.8.bias": (256,),
-    "features.11.weight": (512, 256, 3, 3), "features.11.bias": (512,),
-    "features.13.weight": (512, 512, 3, 3), "features.13.bias": (512,),
-    "embeddings.0.weight": (4096, 12288), "embeddings.0.bias": (4096,),
-    "embeddings.2.weight": (4096, 4096), "embeddings.2.bias": (4096,),
-    "embeddings.4.weight": (128, 4096), "embeddings.4.bias": (128,),
+    "features.0.weight": (64, 1, 3, 3),
+    "features.0.bias": (64,),
+    "features.3.weight": (128, 64, 3, 3),
+    "features.3.bias": (128,),
+    "features.6.weight": (256, 128, 3, 3),
+    "features.6.bias": (256,),
+    "features.8.weight": (256, 256, 3, 3),
+    "features.8.bias": (256,),
+    "features.11.weight": (512, 256, 3, 3),
+    "features.11.bias": (512,),
+    "features.13.weight": (512, 512, 3, 3),
+    "features.13.bias": (512,),
+    "embeddings.0.weight": (4096, 12288),
+    "embeddings.0.bias": (4096,),
+    "embeddings.2.weight": (4096, 4096),
+    "embeddings.2.bias": (4096,),
+    "embeddings.4.weight": (128, 4096),
+    "embeddings.4.bias": (128,),
 }
 
 
@@ -154,8 +164,10 @@ def test_missing_and_corrupt_weight_files_raise(tmp_path):
 def test_pca_postprocessing_is_optional_and_matches_definition(saved_vggish, tmp_path):
     model, _ = saved_vggish
     generator = torch.Generator().manual_seed(3)
-    pca = {"pca_eigen_vectors": torch.randn(128, 128, generator=generator) * 0.1,
-           "pca_means": torch.randn(128, generator=generator) * 0.1}
+    pca = {
+        "pca_eigen_vectors": torch.randn(128, 128, generator=generator) * 0.1,
+        "pca_means": torch.randn(128, generator=generator) * 0.1,
+    }
     pca_path = tmp_path / "pca.pth"
     torch.save(pca, pca_path)
     examples = _examples(seed=4)
@@ -321,14 +333,17 @@ def test_write_embeddings_layout_and_fitting(saved_vggish, tmp_path):
 
     results = list(write_embeddings(avss, "avss", out / "avss", vggish=model))
     assert [path.relative_to(out / "avss").as_posix() for path, _ in results] == [
-        "v1s/uid1/audio.npy", "v2/uid2/audio.npy"]
+        "v1s/uid1/audio.npy",
+        "v2/uid2/audio.npy",
+    ]
     short = np.load(out / "avss" / "v1s" / "uid1" / "audio.npy")
     assert short.shape == (10, 128)
     with torch.no_grad():
         zero_example = model(torch.zeros(1, 1, 96, 64)).numpy()[0]
     np.testing.assert_allclose(short[5:], np.broadcast_to(zero_example, (5, 128)), atol=1e-6)  # zero_pad
     assert embedding_path(avss / "v2" / "uid2" / "audio.wav", root=avss, embeddings_dir=out / "avss") == (
-        out / "avss" / "v2" / "uid2" / "audio.npy")
+        out / "avss" / "v2" / "uid2" / "audio.npy"
+    )
 
     # existing files are kept unless overwrite; no temp files are left behind
     assert [written for _, written in write_embeddings(avss, "avss", out / "avss", vggish=model)] == [False, False]
@@ -348,8 +363,9 @@ def test_embeddings_command_arguments(tmp_path):
     with pytest.raises(ConfigError, match="vggish_weights"):
         embeddings_main([f"root={s4}", "subset=s4", f"out={tmp_path / 'out'}"])
     with pytest.raises(CheckpointError, match="not found"):
-        embeddings_main([f"root={s4}", "subset=s4", f"out={tmp_path / 'out'}",
-                         f"vggish_weights={tmp_path / 'absent.pth'}"])
+        embeddings_main(
+            [f"root={s4}", "subset=s4", f"out={tmp_path / 'out'}", f"vggish_weights={tmp_path / 'absent.pth'}"]
+        )
     with pytest.raises(ConfigError, match="unknown argument"):
         embeddings_main([f"root={s4}", "subset=s4", f"out={tmp_path / 'out'}", "bogus=1"])
     with pytest.raises(ConfigError, match="subset"):
@@ -360,8 +376,15 @@ def test_embeddings_command_runs_as_a_module(saved_vggish, tmp_path):
     _, weights = saved_vggish
     s4, _ = _tiny_trees(tmp_path / "data")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "avseg.data.embeddings", f"root={s4}", "subset=s4", f"out={out}",
-               f"vggish_weights={weights}"]
+    command = [
+        sys.executable,
+        "-m",
+        "avseg.data.embeddings",
+        f"root={s4}",
+        "subset=s4",
+        f"out={out}",
+        f"vggish_weights={weights}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert "1 written, 0 kept" in done.stdout
@@ -492,7 +515,12 @@ def test_log_mel_cnn_band_tokens_one_per_frequency_band():
     the log-mel, plus the time code of its second and a learnt band embedding."""
     torch.manual_seed(0)
     encoder = AudioEncoder(
-        dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, dropout=0.0,
+        dim=16,
+        input="log_mel",
+        network="log_mel_cnn",
+        random_init=True,
+        freeze_vggish=False,
+        dropout=0.0,
         band_tokens=True,
     ).eval()
     audio = _examples(count=6).reshape(2, 3, 1, 96, 64)
@@ -522,7 +550,11 @@ def test_band_tokens_need_the_log_mel_cnn():
 
 def test_log_mel_cnn_width_is_configurable_and_only_for_the_cnn():
     wide = AudioEncoder(
-        dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False,
+        dim=16,
+        input="log_mel",
+        network="log_mel_cnn",
+        random_init=True,
+        freeze_vggish=False,
         cnn_channels=[8, 16, 32, 256],
     ).eval()
     convs = [m for m in wide.log_mel_cnn.features if isinstance(m, torch.nn.Conv2d)]
@@ -533,4 +565,6 @@ def test_log_mel_cnn_width_is_configurable_and_only_for_the_cnn():
     with pytest.raises(ConfigError, match="cnn_channels"):
         AudioEncoder(dim=16, input="embeddings", cnn_channels=[8, 16, 32, 64])
     with pytest.raises(ConfigError, match="channels"):
-        AudioEncoder(dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, cnn_channels=[8, 16])
+        AudioEncoder(
+            dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, cnn_channels=[8, 16]
+        )

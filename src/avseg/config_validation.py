@@ -128,7 +128,9 @@ class _Reader:
         return value
 
     def has(self, key: str) -> bool:
-        return OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False) is not _ABSENT or self._is_missing(key)
+        return OmegaConf.select(
+            self.cfg, key, default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False
+        ) is not _ABSENT or self._is_missing(key)
 
     def _is_missing(self, key: str) -> bool:
         parent, _, leaf = key.rpartition(".")
@@ -160,7 +162,9 @@ def _int_at_least(r: _Reader, key: str, value: Any, low: int, *, nullable: bool 
     return False
 
 
-def _number_in(r: _Reader, key: str, value: Any, check: Callable[[float], bool], allowed: str, *, nullable: bool = False) -> None:
+def _number_in(
+    r: _Reader, key: str, value: Any, check: Callable[[float], bool], allowed: str, *, nullable: bool = False
+) -> None:
     if value is _ABSENT or (nullable and value is None):
         return
     if not (_is_number(value) and check(float(value))):
@@ -224,7 +228,11 @@ def _check_decomposition(r: _Reader, dim: Any) -> None:
     if variant_ok and k_ok and _is_int(k) and _is_int(dim) and dim >= 1:
         if variant == "pq_split" and dim % k != 0:
             divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-            r.add(f"{base}.num_subspaces", k, f"a divisor of model.dim={dim} for pq_split (dim is split into K equal chunks): {divisors}")
+            r.add(
+                f"{base}.num_subspaces",
+                k,
+                f"a divisor of model.dim={dim} for pq_split (dim is split into K equal chunks): {divisors}",
+            )
     if variant_ok and variant != "pq_split":
         heads = r.get(f"{base}.num_heads")
         if heads is not _ABSENT and _is_int(dim) and dim >= 1 and (not _is_int(heads) or heads < 1 or dim % heads):
@@ -235,8 +243,12 @@ def _check_decomposition(r: _Reader, dim: Any) -> None:
     _int_at_least(r, f"{base}.local_window", r.get(f"{base}.local_window"), 0, note=" (frames each side of t)")
     _number_in(r, f"{base}.distill_temperature", r.get(f"{base}.distill_temperature"), lambda v: v > 0, "a number > 0")
     _number_in(r, f"{base}.dropout", r.get(f"{base}.dropout"), lambda v: 0 <= v < 1, "a number in [0, 1)")
-    _number_in(r, f"{base}.dead_code_threshold", r.get(f"{base}.dead_code_threshold"), lambda v: v >= 0, "a number >= 0")
-    _number_in(r, f"{base}.usage_ema_decay", r.get(f"{base}.usage_ema_decay"), lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _number_in(
+        r, f"{base}.dead_code_threshold", r.get(f"{base}.dead_code_threshold"), lambda v: v >= 0, "a number >= 0"
+    )
+    _number_in(
+        r, f"{base}.usage_ema_decay", r.get(f"{base}.usage_ema_decay"), lambda v: 0 <= v < 1, "a number in [0, 1)"
+    )
     _bool(r, f"{base}.local_calibration", r.get(f"{base}.local_calibration"))
     _bool(r, f"{base}.reseed_dead_codes", r.get(f"{base}.reseed_dead_codes"))
 
@@ -265,18 +277,29 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     for key, allowed in FIDELITY_SWITCHES.items():
         _one_of(r, key, r.get(key), allowed)
     similarity = r.get("model.fusion.audio_similarity_dim")
-    if similarity is not _ABSENT and _int_at_least(r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"):
+    if similarity is not _ABSENT and _int_at_least(
+        r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"
+    ):
         if similarity > 0 and r.get("model.fusion.fpn_type") == "none":
-            r.add("model.fusion.audio_similarity_dim", similarity, "0 while model.fusion.fpn_type=none (no audio in the pixel path)")
+            r.add(
+                "model.fusion.audio_similarity_dim",
+                similarity,
+                "0 while model.fusion.fpn_type=none (no audio in the pixel path)",
+            )
     to_masks = r.get("model.fusion.similarity_to_masks")
     _bool(r, "model.fusion.similarity_to_masks", to_masks)
     if to_masks is True and not (_is_int(similarity) and similarity > 0):
-        r.add("model.fusion.similarity_to_masks", to_masks, "false unless model.fusion.audio_similarity_dim > 0 (it adds that map to the masks)")
+        r.add(
+            "model.fusion.similarity_to_masks",
+            to_masks,
+            "false unless model.fusion.audio_similarity_dim > 0 (it adds that map to the masks)",
+        )
     weight_similarity = r.get("model.loss.weight_similarity")
     _number_in(r, "model.loss.weight_similarity", weight_similarity, lambda v: v >= 0, "a number >= 0")
     if _is_number(weight_similarity) and weight_similarity > 0 and not (_is_int(similarity) and similarity > 0):
         r.add(
-            "model.loss.weight_similarity", weight_similarity,
+            "model.loss.weight_similarity",
+            weight_similarity,
             "0 unless model.fusion.audio_similarity_dim > 0 (the loss supervises that similarity map)",
         )
     _bool(r, "model.aux_loss", r.get("model.aux_loss"))
@@ -315,13 +338,19 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     if fpb is not _ABSENT and fpb is not None:
         frames = CLIP_LENGTH.get(subset) if subset else None
         if not _is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
-            allowed = f"a positive multiple of the clip length T={frames}" if frames else "a positive multiple of the clip length T"
+            allowed = (
+                f"a positive multiple of the clip length T={frames}"
+                if frames
+                else "a positive multiple of the clip length T"
+            )
             r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or {allowed}")
 
 
 def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:
     if root is None:
-        r.problems.append(f"{key}=None: allowed: the folder holding {METADATA_CSV[subset]} (real data), or a data=synth_* config")
+        r.problems.append(
+            f"{key}=None: allowed: the folder holding {METADATA_CSV[subset]} (real data), or a data=synth_* config"
+        )
         return
     if not isinstance(root, (str, os.PathLike)):
         r.add(key, root, f"the path of the folder holding {METADATA_CSV[subset]}")
@@ -333,7 +362,9 @@ def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:
             "(set AVSEG_DATA or data.root; docs/DATA.md)"
         )
     elif not (folder / METADATA_CSV[subset]).is_file():
-        r.problems.append(f"{key}={str(root)!r}: has no {METADATA_CSV[subset]}; allowed: the folder holding it (docs/DATA.md)")
+        r.problems.append(
+            f"{key}={str(root)!r}: has no {METADATA_CSV[subset]}; allowed: the folder holding it (docs/DATA.md)"
+        )
 
 
 def _check_data(r: _Reader, subset: str | None) -> None:
@@ -357,13 +388,24 @@ def _check_data(r: _Reader, subset: str | None) -> None:
             _int_at_least(r, "data.synth.image_size", synth.get("image_size", _ABSENT), 8)
             _int_at_least(r, "data.synth.num_classes", synth.get("num_classes", _ABSENT), 1)
             clips = synth.get("clips_per_split", _ABSENT)
-            if clips is not _ABSENT and not (isinstance(clips, Mapping) and all(_is_int(v) and v >= 1 for v in clips.values())):
+            if clips is not _ABSENT and not (
+                isinstance(clips, Mapping) and all(_is_int(v) and v >= 1 for v in clips.values())
+            ):
                 r.add("data.synth.clips_per_split", clips, "a mapping train/val/test -> an integer >= 1")
         if root not in (_ABSENT, None) or roots not in (_ABSENT, None):
             r.problems.append("data.root / data.roots: allowed: null when data.synth is set (the tree is generated)")
         pkl_allowed = subset is not None and "pkl" in AUDIO_SOURCES[subset]
-        if pkl_allowed and r.get("data.audio_source", None) == "pkl" and isinstance(synth, Mapping) and not synth.get("write_pkl", False):
-            r.add("data.audio_source", "pkl", "wav | embeddings, or set data.synth.write_pkl=true (SynthAVS writes no .pkl otherwise)")
+        if (
+            pkl_allowed
+            and r.get("data.audio_source", None) == "pkl"
+            and isinstance(synth, Mapping)
+            and not synth.get("write_pkl", False)
+        ):
+            r.add(
+                "data.audio_source",
+                "pkl",
+                "wav | embeddings, or set data.synth.write_pkl=true (SynthAVS writes no .pkl otherwise)",
+            )
     elif subset is not None:
         if subset == "avs":
             if root not in (_ABSENT, None):
@@ -385,9 +427,13 @@ def _check_data(r: _Reader, subset: str | None) -> None:
         embeddings_dir = r.get("data.embeddings_dir", None)
         if audio_source == "embeddings":
             if embeddings_dir in (_ABSENT, None):
-                r.problems.append("data.embeddings_dir=None: allowed: the folder of precomputed .npy embeddings (data.audio_source=embeddings)")
+                r.problems.append(
+                    "data.embeddings_dir=None: allowed: the folder of precomputed .npy embeddings (data.audio_source=embeddings)"
+                )
             elif not _expand(embeddings_dir).is_dir():
-                r.problems.append(f"data.embeddings_dir={str(embeddings_dir)!r}: no such folder; allowed: the folder of precomputed .npy embeddings")
+                r.problems.append(
+                    f"data.embeddings_dir={str(embeddings_dir)!r}: no such folder; allowed: the folder of precomputed .npy embeddings"
+                )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
     _int_at_least(r, "data.batch_size", r.get("data.batch_size"), 1)
@@ -399,7 +445,11 @@ def _check_data(r: _Reader, subset: str | None) -> None:
         r.add("data.prefetch_factor", r.get("data.prefetch_factor"), "null when data.num_workers=0")
     repeats = r.get("data.repeats", None)
     if repeats not in (_ABSENT, None):
-        if not isinstance(repeats, Mapping) or not all(_is_int(v) and v >= 0 for v in repeats.values()) or not any(repeats.values()):
+        if (
+            not isinstance(repeats, Mapping)
+            or not all(_is_int(v) and v >= 0 for v in repeats.values())
+            or not any(repeats.values())
+        ):
             r.add("data.repeats", repeats, "null or a mapping subset -> an integer >= 0, not all 0")
 
 
@@ -433,7 +483,11 @@ def _valid_devices(value: Any) -> bool:
         if text in ("auto", "-1"):
             return True
         parts = [p.strip() for p in text.split(",") if p.strip()]
-        return bool(parts) and all(p.isdigit() for p in parts) and (len(parts) > 1 or text.endswith(",") or int(parts[0]) >= 1)
+        return (
+            bool(parts)
+            and all(p.isdigit() for p in parts)
+            and (len(parts) > 1 or text.endswith(",") or int(parts[0]) >= 1)
+        )
     if isinstance(value, list):
         return bool(value) and all(_is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value)
     return False
@@ -467,14 +521,28 @@ def _check_trainer(r: _Reader) -> None:
         elif isinstance(strategy, Mapping) and "_target_" in strategy:
             _check_strategy_target(r, strategy, accelerator)
         else:
-            r.add("trainer.strategy", strategy, f"a Lightning strategy name ({' | '.join(strategies[:6])} | ...) or a mapping with _target_")
+            r.add(
+                "trainer.strategy",
+                strategy,
+                f"a Lightning strategy name ({' | '.join(strategies[:6])} | ...) or a mapping with _target_",
+            )
 
     precision = r.get("trainer.precision")
     if precision is not _ABSENT and (precision not in precisions or isinstance(precision, bool)):
         r.add("trainer.precision", precision, " | ".join(str(p) for p in precisions))
-    elif accelerator == "cpu" and precision in ("16-mixed", "16", 16, "transformer-engine", "transformer-engine-float16"):
+    elif accelerator == "cpu" and precision in (
+        "16-mixed",
+        "16",
+        16,
+        "transformer-engine",
+        "transformer-engine-float16",
+    ):
         # Lightning would silently switch fp16 AMP to bf16 on CPU; say so instead
-        r.add("trainer.precision", precision, "32-true | 64-true | bf16-mixed | bf16-true | 16-true on trainer.accelerator=cpu")
+        r.add(
+            "trainer.precision",
+            precision,
+            "32-true | 64-true | bf16-mixed | bf16-true | 16-true on trainer.accelerator=cpu",
+        )
 
     max_epochs = r.get("trainer.max_epochs", None)
     min_epochs = r.get("trainer.min_epochs", None)
@@ -486,15 +554,29 @@ def _check_trainer(r: _Reader) -> None:
     if not steps_ok:
         r.add("trainer.max_steps", max_steps, "-1 (no step limit) or an integer >= 1")
     if epochs_ok and steps_ok and max_epochs == -1 and max_steps in (-1, None, _ABSENT):
-        r.problems.append("trainer.max_epochs=-1 with trainer.max_steps=-1: allowed: at least one finite limit (training would never stop)")
+        r.problems.append(
+            "trainer.max_epochs=-1 with trainer.max_steps=-1: allowed: at least one finite limit (training would never stop)"
+        )
     if min_epochs not in (_ABSENT, None):
         if not _is_int(min_epochs) or min_epochs < 0:
             r.add("trainer.min_epochs", min_epochs, "null or an integer >= 0")
         elif _is_int(max_epochs) and max_epochs >= 1 and min_epochs > max_epochs:
             r.add("trainer.min_epochs", min_epochs, f"an integer <= trainer.max_epochs={max_epochs}")
 
-    _number_in(r, "trainer.gradient_clip_val", r.get("trainer.gradient_clip_val"), lambda v: v >= 0, "a number >= 0", nullable=True)
-    _one_of(r, "trainer.gradient_clip_algorithm", r.get("trainer.gradient_clip_algorithm", None) or _ABSENT, GRADIENT_CLIP_ALGORITHMS)
+    _number_in(
+        r,
+        "trainer.gradient_clip_val",
+        r.get("trainer.gradient_clip_val"),
+        lambda v: v >= 0,
+        "a number >= 0",
+        nullable=True,
+    )
+    _one_of(
+        r,
+        "trainer.gradient_clip_algorithm",
+        r.get("trainer.gradient_clip_algorithm", None) or _ABSENT,
+        GRADIENT_CLIP_ALGORITHMS,
+    )
     _int_at_least(r, "trainer.accumulate_grad_batches", r.get("trainer.accumulate_grad_batches"), 1)
     _int_at_least(r, "trainer.log_every_n_steps", r.get("trainer.log_every_n_steps"), 1, nullable=True)
     _int_at_least(r, "trainer.check_val_every_n_epoch", r.get("trainer.check_val_every_n_epoch"), 1, nullable=True)
@@ -507,7 +589,9 @@ def _check_trainer(r: _Reader) -> None:
     if deterministic not in (_ABSENT, None, True, False, "warn"):
         r.add("trainer.deterministic", deterministic, "true | false | warn | null")
     fast_dev_run = r.get("trainer.fast_dev_run")
-    if fast_dev_run is not _ABSENT and not (isinstance(fast_dev_run, bool) or (_is_int(fast_dev_run) and fast_dev_run >= 0)):
+    if fast_dev_run is not _ABSENT and not (
+        isinstance(fast_dev_run, bool) or (_is_int(fast_dev_run) and fast_dev_run >= 0)
+    ):
         r.add("trainer.fast_dev_run", fast_dev_run, "true | false | an integer >= 0 (batches)")
 
 
@@ -520,7 +604,9 @@ def _check_strategy_target(r: _Reader, strategy: Mapping[str, Any], accelerator:
         cls = get_class(str(target))
     except Exception as error:  # noqa: BLE001 - hydra wraps import failures in several types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        r.problems.append(f"trainer.strategy._target_={target!r}: cannot be imported ({first_line}); allowed: a lightning.pytorch.strategies class")
+        r.problems.append(
+            f"trainer.strategy._target_={target!r}: cannot be imported ({first_line}); allowed: a lightning.pytorch.strategies class"
+        )
         return
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         r.add("trainer.strategy._target_", target, "a subclass of lightning.pytorch.strategies.Strategy")
@@ -528,7 +614,9 @@ def _check_strategy_target(r: _Reader, strategy: Mapping[str, Any], accelerator:
     if backend not in (None, "nccl", "gloo", "mpi", "ucc", "xccl", "hccl"):
         r.add("trainer.strategy.process_group_backend", backend, "null | nccl | gloo | mpi | ucc")
     elif backend == "nccl" and accelerator == "cpu":
-        r.add("trainer.strategy.process_group_backend", backend, "gloo on trainer.accelerator=cpu (nccl needs CUDA GPUs)")
+        r.add(
+            "trainer.strategy.process_group_backend", backend, "gloo on trainer.accelerator=cpu (nccl needs CUDA GPUs)"
+        )
 
 
 def _check_top_level(r: _Reader) -> None:
@@ -557,7 +645,9 @@ def _check_top_level(r: _Reader) -> None:
         _int_at_least(r, "num_workers", r.get("num_workers"), 0, nullable=True)
     device = r.get("device")
     if device is not _ABSENT:
-        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        if not isinstance(device, str) or not (
+            device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+        ):
             r.add("device", device, "auto | cpu | cuda | cuda:N")
 
 

@@ -33,7 +33,10 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     hydra_cfg = HydraConfig.get()
     # a bad input or config: one clear `error:` line, not a deep stack trace (avseg.cli)
     return run_main(
-        evaluate_checkpoint, cfg, output_dir=Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task)
+        evaluate_checkpoint,
+        cfg,
+        output_dir=Path(hydra_cfg.runtime.output_dir),
+        overrides=list(hydra_cfg.overrides.task),
     )
 
 

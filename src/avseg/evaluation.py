@@ -82,7 +82,9 @@ def choose_data_config(cfg: DictConfig, overrides: Sequence[str]) -> str:
         return "conf/eval.yaml default"
     stored = OmegaConf.load(train_config)
     if "data" not in stored:
-        raise ConfigError(f"{train_config}: the training run's config has no 'data' node; give data=... on the command line")
+        raise ConfigError(
+            f"{train_config}: the training run's config has no 'data' node; give data=... on the command line"
+        )
     with open_dict(cfg):
         cfg.data = stored.data
     return str(train_config)
@@ -141,14 +143,21 @@ def evaluate_checkpoint(cfg: DictConfig, *, output_dir: Path, overrides: Sequenc
     for name in names:
         dataset = datamodule.build(name, split, train=False)
         if masks_root is not None and _is_within(masks_root, dataset.root):
-            raise ConfigError(f"save_masks: the output folder {masks_root} lies inside the data tree {dataset.root}; run from elsewhere (hydra.run.dir=...)")
+            raise ConfigError(
+                f"save_masks: the output folder {masks_root} lies inside the data tree {dataset.root}; run from elsewhere (hydra.run.dir=...)"
+            )
         if perturb in ("mute", "swap"):
             dataset = PerturbedDataset(dataset, mode=perturb, seed=int(cfg.perturb_seed))
         num_clips += len(dataset)
         masks_dir = None if masks_root is None else (masks_root if len(names) == 1 else masks_root / name)
         metrics = evaluate_dataset(
-            module, dataset, batch_size=batch_size, frames_per_batch=frames_per_batch, device=device,
-            num_workers=num_workers, masks_dir=masks_dir,
+            module,
+            dataset,
+            batch_size=batch_size,
+            frames_per_batch=frames_per_batch,
+            device=device,
+            num_workers=num_workers,
+            masks_dir=masks_dir,
         )
         prefix = split if len(names) == 1 else f"{split}/{name}"
         results.update({f"{prefix}/{key}": value for key, value in metrics.items()})
@@ -175,7 +184,12 @@ def evaluate_checkpoint(cfg: DictConfig, *, output_dir: Path, overrides: Sequenc
         f"Evaluation of {ckpt_path} on {datamodule.subset} {split} ({num_clips} clips; {what}; "
         f"F-score batch {frames_per_batch if not module.semantic else '-'} frames)"
     )
-    lines = ["", format_eval_table(rows, title=title), f"data config  : {data_source}", f"metrics      : {output_dir / 'metrics.json'}"]
+    lines = [
+        "",
+        format_eval_table(rows, title=title),
+        f"data config  : {data_source}",
+        f"metrics      : {output_dir / 'metrics.json'}",
+    ]
     if masks_root is not None:
         lines.append(f"masks        : {masks_root}")
     lines.append(f"time         : {time.perf_counter() - started:.1f} s")

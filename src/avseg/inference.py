@@ -113,7 +113,9 @@ def padded_as_background(scores: Tensor, frame_valid: Tensor | None, *, semantic
     if not bool(padded.any()):
         return scores
     if padded.shape != scores.shape[:2]:
-        raise ValueError(f"padded_as_background: frame_valid {tuple(frame_valid.shape)} does not match scores {tuple(scores.shape)}")
+        raise ValueError(
+            f"padded_as_background: frame_valid {tuple(frame_valid.shape)} does not match scores {tuple(scores.shape)}"
+        )
     scores = scores.clone()
     if semantic:
         background = torch.zeros(scores.shape[2], dtype=scores.dtype, device=scores.device)
@@ -155,7 +157,9 @@ def scores_to_labels(scores: Tensor, *, semantic: bool) -> Tensor:
     return (scores > 0).long()
 
 
-def batch_scores(net: torch.nn.Module, batch: Mapping[str, Any], *, semantic: bool, size: tuple[int, int] | None = None) -> Tensor:
+def batch_scores(
+    net: torch.nn.Module, batch: Mapping[str, Any], *, semantic: bool, size: tuple[int, int] | None = None
+) -> Tensor:
     """`predict_scores` on a collated batch (already on the network's device) at ``size``
     (default: the masks' size if the batch has masks, else the frames')."""
     frames = batch["frames"]
@@ -190,7 +194,9 @@ def update_metric(metric: Any, scores: Tensor, batch: Mapping[str, Any]) -> None
     masks = batch["masks"]
     index = batch["index"].to(scores.device)
     flat = rearrange(scores, "b t ... -> (b t) ...")
-    metric.update(flat.float(), rearrange(masks, "b t h w -> (b t) h w").to(scores.device), frame_indices(index, masks.shape[1]))
+    metric.update(
+        flat.float(), rearrange(masks, "b t h w -> (b t) h w").to(scores.device), frame_indices(index, masks.shape[1])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +210,9 @@ def evaluation_loader(dataset: Any, *, batch_size: int, num_workers: int = 0, **
 
     from avseg.data.collate import collate_clips
 
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips, **options)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_clips, **options
+    )
 
 
 def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

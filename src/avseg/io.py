@@ -140,12 +140,18 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    image = Image.fromarray(np.ascontiguousarray(array)) if mode is None else Image.fromarray(np.ascontiguousarray(array), mode=mode)
+    image = (
+        Image.fromarray(np.ascontiguousarray(array))
+        if mode is None
+        else Image.fromarray(np.ascontiguousarray(array), mode=mode)
+    )
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def write_png_atomic(path: str | os.PathLike, array: np.ndarray, mode: str | None = None, *, fsync: bool = False) -> None:
+def write_png_atomic(
+    path: str | os.PathLike, array: np.ndarray, mode: str | None = None, *, fsync: bool = False
+) -> None:
     """A uint8 image array ([H, W] or [H, W, 3]) as a PNG file, atomically (not fsynced by default:
     masks and overlays are outputs one can write again)."""
     write_bytes_atomic(path, png_bytes(array, mode), fsync=fsync)
@@ -203,7 +209,9 @@ def mask_relpaths(dataset: Any, index: int) -> list[tuple[int, Path]]:
 # overlays
 
 
-def overlay_labels(frame: torch.Tensor, labels: np.ndarray | torch.Tensor, *, semantic: bool, alpha: float = 0.5) -> torch.Tensor:
+def overlay_labels(
+    frame: torch.Tensor, labels: np.ndarray | torch.Tensor, *, semantic: bool, alpha: float = 0.5
+) -> torch.Tensor:
     """uint8 frame [3, H, W] with labels [H, W] blended on (``torchvision.utils.draw_segmentation_masks``):
     binary foreground red, AVSS classes in their VOC colours; label 0 (background) left as is.
     Labels of another size than the frame are resized by nearest neighbour."""
@@ -215,7 +223,9 @@ def overlay_labels(frame: torch.Tensor, labels: np.ndarray | torch.Tensor, *, se
         raise ValueError(f"overlay_labels: expected a uint8 frame [3, H, W], got {frame.dtype} {tuple(frame.shape)}")
     labels = torch.as_tensor(_numpy(labels)).long()
     if labels.shape != frame.shape[-2:]:
-        labels = torch.nn.functional.interpolate(labels[None, None].float(), size=tuple(frame.shape[-2:]), mode="nearest")[0, 0].long()
+        labels = torch.nn.functional.interpolate(
+            labels[None, None].float(), size=tuple(frame.shape[-2:]), mode="nearest"
+        )[0, 0].long()
     values = [int(v) for v in torch.unique(labels) if int(v) > 0]
     if not values:
         return frame.clone()

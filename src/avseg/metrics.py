@@ -80,9 +80,7 @@ def _order_frames(frame_index: Tensor) -> Tensor:
     if bool(missing.all()):
         return torch.arange(frame_index.shape[0], device=frame_index.device)
     if bool(missing.any()):
-        raise ValueError(
-            "some updates gave frame_index and some did not: give it always (required under DDP) or never"
-        )
+        raise ValueError("some updates gave frame_index and some did not: give it always (required under DDP) or never")
     sorted_index, order = torch.sort(frame_index, stable=True)
     keep = torch.ones_like(sorted_index, dtype=torch.bool)
     keep[1:] = sorted_index[1:] != sorted_index[:-1]
@@ -142,9 +140,7 @@ class BinaryAVSMetric(Metric):
         if logits.dim() != 3:
             raise ValueError(f"BinaryAVSMetric: logits must be [N, H, W], got {tuple(logits.shape)}")
         if target.shape != logits.shape:
-            raise ValueError(
-                f"BinaryAVSMetric: target {tuple(target.shape)} must match logits {tuple(logits.shape)}"
-            )
+            raise ValueError(f"BinaryAVSMetric: target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise ValueError(f"BinaryAVSMetric: logits must be floating point, got {logits.dtype}")
         num_frames = logits.shape[0]
@@ -285,10 +281,7 @@ class SemanticAVSMetric(Metric):
         # The official code takes argmax(softmax(scores)); float32 softmax can round two close
         # scores to a tie that argmax breaks towards the lower class, so do the same, in chunks.
         pred = torch.cat(
-            [
-                torch.softmax(chunk.detach().float(), dim=1).argmax(dim=1)
-                for chunk in logits.split(_SEMANTIC_CHUNK)
-            ]
+            [torch.softmax(chunk.detach().float(), dim=1).argmax(dim=1) for chunk in logits.split(_SEMANTIC_CHUNK)]
         )
         classes = self.num_classes
         offsets = torch.arange(num_frames, device=logits.device)[:, None] * classes

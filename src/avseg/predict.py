@@ -57,7 +57,14 @@ from avseg.cli import run_main
 from avseg.data.audio import VGGISH_SAMPLE_RATE, fit_examples, load_wav, log_mel_examples
 from avseg.data.layout import model_layout
 from avseg.errors import ConfigError, DataError
-from avseg.inference import load_model, model_audio_input, predict_scores, resolve_device, scores_to_labels, training_run_config
+from avseg.inference import (
+    load_model,
+    model_audio_input,
+    predict_scores,
+    resolve_device,
+    scores_to_labels,
+    training_run_config,
+)
 from avseg.io import atomic_output, overlay_labels, write_json_atomic, write_label_png
 
 __all__ = [
@@ -108,7 +115,9 @@ def official_frame_indices(num_seconds: int, fps: float, num_frames: int) -> lis
     """Frame index per second, as the official AVSBench preprocessing picks it (module docstring):
     ``s * F + floor(15 * F / 16)`` with F = round(fps), clamped to ``num_frames - 1``."""
     if num_seconds < 1 or num_frames < 1:
-        raise ValueError(f"official_frame_indices: need >= 1 second and >= 1 frame, got {num_seconds} s, {num_frames} frames")
+        raise ValueError(
+            f"official_frame_indices: need >= 1 second and >= 1 frame, got {num_seconds} s, {num_frames} frames"
+        )
     interval = int(round(fps))
     if interval < 1:
         raise ValueError(f"official_frame_indices: frame rate {fps} rounds to 0")
@@ -136,7 +145,9 @@ def open_video(path: str | os.PathLike) -> Footage:
         container = get_container_metadata(str(path))
         decoder = VideoDecoder(str(path), seek_mode="exact")
     except (RuntimeError, ValueError) as error:
-        raise DataError(path, f"cannot decode video ({type(error).__name__}: {str(error).strip().splitlines()[0]})") from error
+        raise DataError(
+            path, f"cannot decode video ({type(error).__name__}: {str(error).strip().splitlines()[0]})"
+        ) from error
     if container.best_audio_stream_index is None:
         raise DataError(path, "the video has no audio track (avseg needs the sound to segment what is sounding)")
     metadata = decoder.metadata
@@ -145,13 +156,17 @@ def open_video(path: str | os.PathLike) -> Footage:
         raise DataError(path, "the video stream declares no duration / frame count / frame rate")
     num_seconds = int(math.floor(float(duration) + 1e-6))
     if num_seconds < 1:
-        raise DataError(path, f"the video is {float(duration):.3f} s long; at least one second is needed (one frame per second)")
+        raise DataError(
+            path, f"the video is {float(duration):.3f} s long; at least one second is needed (one frame per second)"
+        )
     indices = official_frame_indices(num_seconds, float(metadata.average_fps), int(metadata.num_frames))
     begin = float(metadata.begin_stream_seconds or 0.0)
     try:
         samples = AudioDecoder(str(path), sample_rate=VGGISH_SAMPLE_RATE).get_all_samples()
     except (RuntimeError, ValueError) as error:
-        raise DataError(path, f"cannot decode the audio track ({type(error).__name__}: {str(error).strip().splitlines()[0]})") from error
+        raise DataError(
+            path, f"cannot decode the audio track ({type(error).__name__}: {str(error).strip().splitlines()[0]})"
+        ) from error
     mono = samples.data.to(torch.float32).mean(dim=0).numpy()
     # align: sample 0 of the waveform = time of the first video frame
     shift = int(round((float(samples.pts_seconds) - begin) * VGGISH_SAMPLE_RATE))
@@ -190,7 +205,10 @@ def open_frames_folder(folder: str | os.PathLike, audio: str | os.PathLike | Non
     from avseg.data.avsbench import read_rgb_image
 
     folder = Path(folder)
-    images = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    images = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: _natural_key(p.name),
+    )
     if not images:
         raise DataError(folder, f"the frames folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     if audio is None:
@@ -209,7 +227,9 @@ def open_frames_folder(folder: str | os.PathLike, audio: str | os.PathLike | Non
         for s in seconds:
             array = first if s == 0 else read_rgb_image(images[s])
             if array.shape[:2] != (height, width):
-                raise DataError(images[s], f"frame is {array.shape[1]}x{array.shape[0]}, the first frame is {width}x{height}")
+                raise DataError(
+                    images[s], f"frame is {array.shape[1]}x{array.shape[0]}, the first frame is {width}x{height}"
+                )
             arrays.append(array)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [float(s) for s in seconds]
 
@@ -250,7 +270,13 @@ def cut_clips(num_seconds: int, clip_length: int) -> list[tuple[int, int]]:
 
 
 def clip_audio(
-    waveform: np.ndarray, *, start_second: int, num_real: int, clip_length: int, fit_mode: str, source: Path | None = None
+    waveform: np.ndarray,
+    *,
+    start_second: int,
+    num_real: int,
+    clip_length: int,
+    fit_mode: str,
+    source: Path | None = None,
 ) -> torch.Tensor:
     """Log-mel [clip_length, 1, 96, 64] of seconds ``start_second .. start_second + num_real`` of a
     16 kHz waveform, fitted to ``clip_length`` with ``fit_mode``; padded frames (t >= num_real) zero."""
@@ -269,7 +295,9 @@ def clip_audio(
     return audio
 
 
-def prepare_clip(frames_uint8: torch.Tensor, audio: torch.Tensor, *, clip_length: int, image_size: int) -> dict[str, torch.Tensor]:
+def prepare_clip(
+    frames_uint8: torch.Tensor, audio: torch.Tensor, *, clip_length: int, image_size: int
+) -> dict[str, torch.Tensor]:
     """Model input of one clip: frames uint8 [r, 3, H, W] (r <= clip_length real frames) ->
     ``frames`` float [T, 3, S, S] (eval transform; padded frames zero after normalisation),
     ``frame_valid`` bool [T], ``audio`` [T, ...] as given."""
@@ -319,7 +347,7 @@ class OverlayVideoWriter:
             samples = torch.from_numpy(np.clip(waveform, -1.0, 1.0).astype(np.float32))[None]
             self.audio.add_samples(samples.contiguous())
 
-    def __enter__(self) -> "OverlayVideoWriter":
+    def __enter__(self) -> OverlayVideoWriter:
         return self
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
@@ -336,7 +364,10 @@ def _class_fractions(labels: np.ndarray) -> dict[str, float]:
 
     values, counts = np.unique(labels, return_counts=True)
     total = float(labels.size)
-    return {AVSS_CLASSES[int(v)] if int(v) < len(AVSS_CLASSES) else str(int(v)): round(float(c) / total, 6) for v, c in zip(values, counts)}
+    return {
+        AVSS_CLASSES[int(v)] if int(v) < len(AVSS_CLASSES) else str(int(v)): round(float(c) / total, 6)
+        for v, c in zip(values, counts)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +416,12 @@ def predict(
                 seconds = list(range(start, start + num_real))
                 frames_uint8, times = footage.read(seconds)
                 audio = clip_audio(
-                    footage.waveform, start_second=start, num_real=num_real, clip_length=clip_length,
-                    fit_mode=fit_mode, source=footage.audio_source,
+                    footage.waveform,
+                    start_second=start,
+                    num_real=num_real,
+                    clip_length=clip_length,
+                    fit_mode=fit_mode,
+                    source=footage.audio_source,
                 )
                 if embeddings:
                     with torch.inference_mode():
@@ -400,8 +435,12 @@ def predict(
                 # AVSS: argmax at model resolution, labels upsampled by nearest neighbour;
                 # binary: logits upsampled bilinearly to the footage's size
                 scores = predict_scores(
-                    net, batch["frames"].to(device), batch["audio"].to(device), batch["frame_valid"].to(device),
-                    semantic=semantic, size=image_size if semantic else size,
+                    net,
+                    batch["frames"].to(device),
+                    batch["audio"].to(device),
+                    batch["frame_valid"].to(device),
+                    semantic=semantic,
+                    size=image_size if semantic else size,
                 )
                 labels = scores_to_labels(scores, semantic=semantic)
                 if semantic:
@@ -420,7 +459,9 @@ def predict(
                         entry["foreground_fraction"] = round(float(label_map.mean()), 6)
                     entries.append(entry)
                     if writer is not None:
-                        overlays.append(overlay_labels(frames_uint8[t], label_map, semantic=semantic, alpha=overlay_alpha))
+                        overlays.append(
+                            overlay_labels(frames_uint8[t], label_map, semantic=semantic, alpha=overlay_alpha)
+                        )
                 if writer is not None:
                     begin = seconds[0] * VGGISH_SAMPLE_RATE
                     segment = footage.waveform[begin : begin + len(seconds) * VGGISH_SAMPLE_RATE]
@@ -459,13 +500,17 @@ def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
     input_path = Path(os.path.expanduser(str(cfg.input)))
     out_dir = Path(os.path.expanduser(str(cfg.out))) if cfg.get("out") else Path(output_dir)
     if input_path.is_dir() and out_dir.resolve().is_relative_to(input_path.resolve()):
-        raise ConfigError(f"out={out_dir}: lies inside the input frames folder {input_path}; predict never writes into the input")
+        raise ConfigError(
+            f"out={out_dir}: lies inside the input frames folder {input_path}; predict never writes into the input"
+        )
     device = resolve_device(str(cfg.device))
     batch_size = int(cfg.batch_size)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: an int >= 1")
     module = load_model(ckpt_path, device)
-    clip_length = int(cfg.clip_length) if cfg.get("clip_length") is not None else model_layout(module.semantic).num_frames
+    clip_length = (
+        int(cfg.clip_length) if cfg.get("clip_length") is not None else model_layout(module.semantic).num_frames
+    )
     if clip_length < 1:
         raise ConfigError(f"clip_length={clip_length}: an int >= 1 (null = 10 for AVSS models, 5 otherwise)")
     image_size = cfg.get("image_size")
@@ -484,8 +529,16 @@ def run(cfg: DictConfig, *, output_dir: Path) -> dict[str, Any]:
         vggish = VGGish.from_state_dict_file(Path(os.path.expanduser(str(cfg.vggish_weights)))).to(device).eval()
     footage = open_input(input_path, cfg.get("audio"))
     summary = predict(
-        module, footage, out_dir, clip_length=clip_length, image_size=image_size, device=device,
-        batch_size=batch_size, overlay=bool(cfg.overlay), overlay_alpha=float(cfg.overlay_alpha), vggish=vggish,
+        module,
+        footage,
+        out_dir,
+        clip_length=clip_length,
+        image_size=image_size,
+        device=device,
+        batch_size=batch_size,
+        overlay=bool(cfg.overlay),
+        overlay_alpha=float(cfg.overlay_alpha),
+        vggish=vggish,
     )
     log.info(
         f"{footage.num_seconds} frames ({summary['num_clips']} clips of {clip_length}) from {footage.source}\n"

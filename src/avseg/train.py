@@ -109,7 +109,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.model, skip_nonfinite=bool(cfg.skip_nonfinite))
     callbacks = build_callbacks(cfg.get("callbacks"))
     run_name = f"{cfg.task_name}-{hydra_cfg.job.num}" if multirun else f"{cfg.task_name}-{output_dir.name}"
-    loggers = build_loggers(cfg.get("logger"), run_name=run_name, sweep_group=Path(hydra_cfg.sweep.dir).name if multirun else None)
+    loggers = build_loggers(
+        cfg.get("logger"), run_name=run_name, sweep_group=Path(hydra_cfg.sweep.dir).name if multirun else None
+    )
     if not loggers:  # the learning-rate monitor needs a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -171,13 +173,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if test_ckpt is not None:
                 where.append(f"tested       : {test_choice} ({test_ckpt}, step {final['test/ckpt_step']})")
         for logger in loggers:
-            where.append(f"{type(logger).__name__:<13}: {getattr(logger, 'log_dir', None) or getattr(logger, 'save_dir', '')}")
+            where.append(
+                f"{type(logger).__name__:<13}: {getattr(logger, 'log_dir', None) or getattr(logger, 'save_dir', '')}"
+            )
         subset = _select(cfg, "data.subset")
         chosen = "last checkpoint" if test_choice == "last" else "best checkpoint by val/miou"
         if test_ckpt is not None:
             chosen += f": {test_ckpt}, step {final['test/ckpt_step']}"
         synth = _select(cfg, "data.synth")
-        kind = "" if not synth else (", SynthAVS real assets" if _select(cfg, "data.synth.assets") == "real" else ", synthetic")
+        kind = (
+            ""
+            if not synth
+            else (", SynthAVS real assets" if _select(cfg, "data.synth.assets") == "real" else ", synthetic")
+        )
         title = f"Test results ({subset}{kind}; {chosen})"
         if cfg.get("test", True):
             log.info("%s", "\n" + format_result_table(final, title=title))

@@ -50,8 +50,9 @@ def pairwise_rows(seed: int = 0, candidates: int = 100) -> list[dict]:
     one covering the most uncovered pairs per unit of interpreter cost.
     """
     rng = random.Random(seed)
-    uncovered = set().union(*({(a, va, b, vb) for va in AXES[a] for vb in AXES[b]}
-                              for a, b in itertools.combinations(AXES, 2)))
+    uncovered = set().union(
+        *({(a, va, b, vb) for va in AXES[a] for vb in AXES[b]} for a, b in itertools.combinations(AXES, 2))
+    )
     rows = []
     while uncovered:
         pool = sorted(uncovered, key=repr)
@@ -88,8 +89,7 @@ def _row_id(row: dict) -> str:
     return "N{batch}-M{heads}-L{levels}-P{points}-Lq{queries}-D{head_dim}-{dtype}".format(**row)
 
 
-def make_inputs(*, batch, level_shapes, heads, head_dim, points, queries, dtype,
-                low=-0.3, high=1.3, seed=0):
+def make_inputs(*, batch, level_shapes, heads, head_dim, points, queries, dtype, low=-0.3, high=1.3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(level_shapes, dtype=torch.long)
     areas = shapes[:, 0] * shapes[:, 1]
@@ -116,9 +116,7 @@ def run_both(inputs, grad_seed=7, **kernel_kwargs):
     """Forward + backward through the Triton kernels and through the torch path."""
     value, shapes, start, locations, weights = inputs
     out_torch_shape = (value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
-    grad_output = torch.randn(
-        out_torch_shape, generator=torch.Generator().manual_seed(grad_seed), dtype=value.dtype
-    )
+    grad_output = torch.randn(out_torch_shape, generator=torch.Generator().manual_seed(grad_seed), dtype=value.dtype)
     triton_out = kernels.ms_deform_attn_forward(value, shapes, start, locations, weights, **kernel_kwargs)
     triton_grads = kernels.ms_deform_attn_backward(
         value, shapes, start, locations, weights, grad_output, **kernel_kwargs
@@ -140,9 +138,7 @@ def assert_close_scaled(actual, expected, tolerance, name):
 
 def check_against_torch(inputs, tolerance, **kernel_kwargs):
     triton_results, torch_results = run_both(inputs, **kernel_kwargs)
-    for name, actual, expected in zip(
-        ("output", "grad_value", "grad_loc", "grad_attn"), triton_results, torch_results
-    ):
+    for name, actual, expected in zip(("output", "grad_value", "grad_loc", "grad_attn"), triton_results, torch_results):
         assert_close_scaled(actual, expected, tolerance, name)
 
 
@@ -153,8 +149,9 @@ def test_pairwise_rows_cover_every_pair():
             for vb in AXES[b]:
                 assert (a, va, b, vb) in covered
     # every level shape of the pool appears, given the rotation in test_grid_case
-    shapes_used = {LEVEL_POOL[(i + level) % len(LEVEL_POOL)] for i, row in enumerate(GRID)
-                   for level in range(row["levels"])}
+    shapes_used = {
+        LEVEL_POOL[(i + level) % len(LEVEL_POOL)] for i, row in enumerate(GRID) for level in range(row["levels"])
+    }
     assert shapes_used == set(LEVEL_POOL)
 
 
@@ -164,8 +161,14 @@ def test_grid_case(index):
     dtype = getattr(torch, row["dtype"])
     level_shapes = [LEVEL_POOL[(index + level) % len(LEVEL_POOL)] for level in range(row["levels"])]
     inputs = make_inputs(
-        batch=row["batch"], level_shapes=level_shapes, heads=row["heads"], head_dim=row["head_dim"],
-        points=row["points"], queries=row["queries"], dtype=dtype, seed=index,
+        batch=row["batch"],
+        level_shapes=level_shapes,
+        heads=row["heads"],
+        head_dim=row["head_dim"],
+        points=row["points"],
+        queries=row["queries"],
+        dtype=dtype,
+        seed=index,
     )
     value, shapes, start, locations, weights = inputs
     inputs = (value, shapes, start, off_pixel_grid(locations, shapes), weights)
@@ -175,8 +178,14 @@ def test_grid_case(index):
 @pytest.mark.parametrize("head_dim", [1, 5, 24])
 def test_fp16_forward(head_dim):
     inputs = make_inputs(
-        batch=1, level_shapes=[(13, 21), (1, 6)], heads=3, head_dim=head_dim, points=3, queries=33,
-        dtype=torch.float32, seed=head_dim,
+        batch=1,
+        level_shapes=[(13, 21), (1, 6)],
+        heads=3,
+        head_dim=head_dim,
+        points=3,
+        queries=33,
+        dtype=torch.float32,
+        seed=head_dim,
     )
     half = [t.half() if t.is_floating_point() else t for t in inputs]
     output = kernels.ms_deform_attn_forward(*half)
@@ -188,8 +197,14 @@ def test_fp16_forward(head_dim):
 
 def test_fp16_backward_accumulates_in_fp32():
     inputs = make_inputs(
-        batch=1, level_shapes=[(5, 1), (1, 6)], heads=2, head_dim=8, points=2, queries=7,
-        dtype=torch.float32, seed=3,
+        batch=1,
+        level_shapes=[(5, 1), (1, 6)],
+        heads=2,
+        head_dim=8,
+        points=2,
+        queries=7,
+        dtype=torch.float32,
+        seed=3,
     )
     value, shapes, start, locations, weights = inputs
     locations = off_pixel_grid(locations, shapes)
@@ -210,8 +225,14 @@ def test_fp16_backward_accumulates_in_fp32():
 )
 def test_degenerate_levels(level_shapes):
     inputs = make_inputs(
-        batch=1, level_shapes=level_shapes, heads=2, head_dim=5, points=3, queries=7,
-        dtype=torch.float64, seed=len(level_shapes),
+        batch=1,
+        level_shapes=level_shapes,
+        heads=2,
+        head_dim=5,
+        points=3,
+        queries=7,
+        dtype=torch.float64,
+        seed=len(level_shapes),
     )
     value, shapes, start, locations, weights = inputs
     check_against_torch((value, shapes, start, off_pixel_grid(locations, shapes), weights), 1e-10)
@@ -221,8 +242,14 @@ def test_degenerate_levels(level_shapes):
 def test_odd_head_dim_and_several_query_blocks(dtype):
     # D = 5 (BLOCK_D = 8, masked channels) and Lq = 33 in blocks of 16 (a partial last block).
     inputs = make_inputs(
-        batch=2, level_shapes=[(13, 21), (5, 1)], heads=3, head_dim=5, points=2, queries=33,
-        dtype=getattr(torch, dtype), seed=11,
+        batch=2,
+        level_shapes=[(13, 21), (5, 1)],
+        heads=3,
+        head_dim=5,
+        points=2,
+        queries=33,
+        dtype=getattr(torch, dtype),
+        seed=11,
     )
     value, shapes, start, locations, weights = inputs
     inputs = (value, shapes, start, off_pixel_grid(locations, shapes), weights)
@@ -231,8 +258,14 @@ def test_odd_head_dim_and_several_query_blocks(dtype):
 
 def test_non_contiguous_inputs():
     value, shapes, start, locations, weights = make_inputs(
-        batch=2, level_shapes=[(13, 21), (1, 6)], heads=3, head_dim=5, points=2, queries=7,
-        dtype=torch.float64, seed=5,
+        batch=2,
+        level_shapes=[(13, 21), (1, 6)],
+        heads=3,
+        head_dim=5,
+        points=2,
+        queries=7,
+        dtype=torch.float64,
+        seed=5,
     )
     locations = off_pixel_grid(locations, shapes)
     value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
@@ -242,19 +275,27 @@ def test_non_contiguous_inputs():
     assert not any(t.is_contiguous() for t in (value_nc, locations_nc, weights_nc, shapes_nc))
     triton_results, _ = run_both((value_nc, shapes_nc, start, locations_nc, weights_nc))
     _, torch_results = run_both((value, shapes, start, locations, weights))
-    for name, actual, expected in zip(("output", "grad_value", "grad_loc", "grad_attn"),
-                                      triton_results, torch_results):
+    for name, actual, expected in zip(("output", "grad_value", "grad_loc", "grad_attn"), triton_results, torch_results):
         assert_close_scaled(actual, expected, 1e-10, name)
 
 
 @pytest.mark.parametrize(
-    "low,high", [(-0.3, 1.3), (-1.0, -0.2), (1.2, 2.0), (-5e6, 5e6)],
+    "low,high",
+    [(-0.3, 1.3), (-1.0, -0.2), (1.2, 2.0), (-5e6, 5e6)],
     ids=["partly-outside", "fully-outside-low", "fully-outside-high", "huge"],
 )
 def test_location_sets(low, high):
     inputs = make_inputs(
-        batch=1, level_shapes=[(13, 21), (1, 6)], heads=2, head_dim=5, points=3, queries=7,
-        dtype=torch.float64, low=low, high=high, seed=2,
+        batch=1,
+        level_shapes=[(13, 21), (1, 6)],
+        heads=2,
+        head_dim=5,
+        points=3,
+        queries=7,
+        dtype=torch.float64,
+        low=low,
+        high=high,
+        seed=2,
     )
     value, shapes, start, locations, weights = inputs
     check_against_torch((value, shapes, start, off_pixel_grid(locations, shapes), weights), 1e-10)
@@ -265,7 +306,12 @@ def test_location_sets(low, high):
 
 def test_exact_locations_forward():
     value, shapes, start, _, weights = make_inputs(
-        batch=1, level_shapes=[(13, 21), (1, 1), (5, 1)], heads=2, head_dim=5, points=3, queries=7,
+        batch=1,
+        level_shapes=[(13, 21), (1, 1), (5, 1)],
+        heads=2,
+        head_dim=5,
+        points=3,
+        queries=7,
         dtype=torch.float64,
     )
     exact = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
@@ -279,7 +325,12 @@ def test_exact_locations_forward():
 
 def test_dispatch_uses_triton_under_interpreter():
     inputs = make_inputs(
-        batch=1, level_shapes=[(5, 1), (1, 6)], heads=2, head_dim=4, points=2, queries=7,
+        batch=1,
+        level_shapes=[(5, 1), (1, 6)],
+        heads=2,
+        head_dim=4,
+        points=2,
+        queries=7,
         dtype=torch.float64,
     )
     value, shapes, start, locations, weights = inputs
@@ -293,9 +344,7 @@ def test_dispatch_uses_triton_under_interpreter():
 
 
 def test_bf16_is_refused_by_the_interpreter():
-    inputs = make_inputs(
-        batch=1, level_shapes=[(2, 2)], heads=1, head_dim=2, points=1, queries=1, dtype=torch.float32
-    )
+    inputs = make_inputs(batch=1, level_shapes=[(2, 2)], heads=1, head_dim=2, points=1, queries=1, dtype=torch.float32)
     bf16 = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
     with pytest.raises(TypeError, match="bf16"):
         kernels.ms_deform_attn_forward(*bf16)
@@ -307,16 +356,31 @@ def test_mixed_dtypes_as_autocast_gives_them():
     output in the value's dtype and each gradient in its input's dtype. (fp16 here: the interpreter
     cannot do bf16 arithmetic.)"""
     value, shapes, start, locations, weights = make_inputs(
-        batch=2, level_shapes=[(6, 7), (3, 4)], heads=2, head_dim=8, points=3, queries=9, dtype=torch.float32, seed=5,
+        batch=2,
+        level_shapes=[(6, 7), (3, 4)],
+        heads=2,
+        head_dim=8,
+        points=3,
+        queries=9,
+        dtype=torch.float32,
+        seed=5,
     )
     locations = off_pixel_grid(locations, shapes)
-    leaves = [value.half().requires_grad_(True), locations.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    leaves = [
+        value.half().requires_grad_(True),
+        locations.clone().requires_grad_(True),
+        weights.clone().requires_grad_(True),
+    ]
     output = ms_deform_attn(leaves[0], shapes, start, leaves[1], leaves[2], backend="triton")
     assert output.dtype == torch.float16
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2))
     output.float().backward(grad_output)
     assert [leaf.grad.dtype for leaf in leaves] == [torch.float16, torch.float32, torch.float32]
-    reference = [value.half().float().requires_grad_(True), locations.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    reference = [
+        value.half().float().requires_grad_(True),
+        locations.clone().requires_grad_(True),
+        weights.clone().requires_grad_(True),
+    ]
     expected = ms_deform_attn_torch(reference[0], shapes, start, reference[1], reference[2])
     expected.backward(grad_output)
     assert_close_scaled(output.float(), expected.detach(), 1e-3, "output")

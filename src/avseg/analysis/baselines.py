@@ -13,8 +13,16 @@ import numpy as np
 import torch
 
 from avseg.analysis.common import (
-    SIDECAR_NAME, analysis_dataset, choose_data_config, compose_eval, fmt, load_synth_sources, markdown_table,
-    synth_plans, write_bytes_atomic, write_json,
+    SIDECAR_NAME,
+    analysis_dataset,
+    choose_data_config,
+    compose_eval,
+    fmt,
+    load_synth_sources,
+    markdown_table,
+    synth_plans,
+    write_bytes_atomic,
+    write_json,
 )
 from avseg.errors import ConfigError
 
@@ -23,7 +31,9 @@ __all__ = ["data_baselines", "run_data_baselines"]
 log = logging.getLogger(__name__)
 
 
-def data_baselines(dataset: Any, sidecar: Mapping[str, Any], *, seed: int = 0, frames_per_batch: int = 20) -> list[dict[str, Any]]:
+def data_baselines(
+    dataset: Any, sidecar: Mapping[str, Any], *, seed: int = 0, frames_per_batch: int = 20
+) -> list[dict[str, Any]]:
     """M_J / M_F of rule-based predictors on a binary SynthAVS split (scored by the project's
     metric at the dataset's image size, clip index * T + t as frame index):
 
@@ -50,7 +60,7 @@ def data_baselines(dataset: Any, sidecar: Mapping[str, Any], *, seed: int = 0, f
 
     def resized(mask: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-        return (F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0] > 0.5)
+        return F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0] > 0.5
 
     predictors = ("all visible objects", "ideal listener, clean", "ideal listener, mute", "ideal listener, swap")
     metrics = {name: BinaryAVSMetric(frames_per_batch=frames_per_batch) for name in predictors}
@@ -81,19 +91,32 @@ def run_data_baselines(words_ckpt: str | None, overrides: Sequence[str], *, outp
     """`data_baselines` on the evaluation split of a checkpoint's data (or of the data overrides);
     writes ``data_baselines.md`` / ``.json``."""
     cfg = compose_eval([f"ckpt_path={words_ckpt}" if words_ckpt else "ckpt_path=none", *overrides])
-    data_source = choose_data_config(cfg, overrides) if words_ckpt else ("command line" if overrides else "conf/eval.yaml default")
+    data_source = (
+        choose_data_config(cfg, overrides)
+        if words_ckpt
+        else ("command line" if overrides else "conf/eval.yaml default")
+    )
     split = str(cfg.split)
     datamodule, dataset = analysis_dataset(cfg, split)
     sidecar = load_synth_sources(dataset.root)
     batch_size = int(cfg.batch_size) if cfg.get("batch_size") is not None else int(datamodule.eval_batch_size)
     frames_per_batch = batch_size * int(datamodule.num_frames)
     rows = data_baselines(dataset, sidecar, seed=int(cfg.perturb_seed), frames_per_batch=frames_per_batch)
-    table = markdown_table(("predictor", "M_J (mIoU)", "M_F (F-score)"), [(r["predictor"], fmt(r["miou"]), fmt(r["fscore"])) for r in rows])
+    table = markdown_table(
+        ("predictor", "M_J (mIoU)", "M_F (F-score)"), [(r["predictor"], fmt(r["miou"]), fmt(r["fscore"])) for r in rows]
+    )
     text = (
         f"Rule-based baselines on {datamodule.subset} {split} ({len(dataset)} clips, {dataset.root}; "
         f"F-score batch {frames_per_batch} frames; swap seed {int(cfg.perturb_seed)})\n\n{table}\n"
     )
-    payload = {"rows": rows, "data_subset": datamodule.subset, "split": split, "num_clips": len(dataset), "root": str(dataset.root), "data_config": data_source}
+    payload = {
+        "rows": rows,
+        "data_subset": datamodule.subset,
+        "split": split,
+        "num_clips": len(dataset),
+        "root": str(dataset.root),
+        "data_config": data_source,
+    }
     output_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(output_dir / "data_baselines.md", text.encode())
     write_json(output_dir / "data_baselines.json", payload)

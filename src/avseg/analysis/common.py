@@ -107,7 +107,13 @@ def logged_to(stream: TextIO | None, name: str = "avseg.evaluation") -> Iterator
 
 
 def evaluate(
-    ckpt_path: str, overrides: Sequence[str], output_dir: Path, *, perturb: str, snr_db: float | None = None, log: TextIO | None = None
+    ckpt_path: str,
+    overrides: Sequence[str],
+    output_dir: Path,
+    *,
+    perturb: str,
+    snr_db: float | None = None,
+    log: TextIO | None = None,
 ) -> dict[str, Any]:
     """One `avseg.evaluation.evaluate_checkpoint` (what ``python -m avseg.eval`` runs) on
     ``ckpt_path``; its report goes to ``log`` (when given)."""
@@ -134,7 +140,10 @@ def load_synth_sources(root: str | os.PathLike) -> dict[str, Any]:
     """The SynthAVS sidecar ``<root>/synth_sources.json``; DataError when absent or malformed."""
     path = Path(root) / SIDECAR_NAME
     if not path.is_file():
-        raise DataError(path, "no SynthAVS sidecar here: the decomposition analysis needs a SynthAVS tree (data=synth_ms3 / synth_s4 / synth_avss)")
+        raise DataError(
+            path,
+            "no SynthAVS sidecar here: the decomposition analysis needs a SynthAVS tree (data=synth_ms3 / synth_s4 / synth_avss)",
+        )
     try:
         sidecar = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -153,7 +162,9 @@ def analysis_dataset(cfg: Any, split: str) -> tuple[Any, Any]:
     if split == "train":
         names = list(datamodule.members)
     if len(names) != 1:
-        raise ConfigError(f"data.subset={datamodule.subset!r} has {len(names)} sets {names}; pick one (data.test_sets=[...])")
+        raise ConfigError(
+            f"data.subset={datamodule.subset!r} has {len(names)} sets {names}; pick one (data.test_sets=[...])"
+        )
     return datamodule, datamodule.build(names[0], split, train=False)
 
 
@@ -183,23 +194,35 @@ def load_analysis_inputs(ckpt_path: str, overrides: Sequence[str] = (), *, need_
     module = load_model(ckpt_path, device)
     datamodule, dataset = analysis_dataset(cfg, split)
     if bool(module.semantic) != bool(datamodule.semantic):
-        raise ConfigError(f"data.subset={datamodule.subset!r} does not fit the checkpoint {ckpt_path} (binary vs semantic); pick data=...")
+        raise ConfigError(
+            f"data.subset={datamodule.subset!r} does not fit the checkpoint {ckpt_path} (binary vs semantic); pick data=..."
+        )
     sidecar = load_synth_sources(dataset.root) if need_sidecar else None
     batch_size = int(cfg.batch_size) if cfg.get("batch_size") is not None else int(datamodule.eval_batch_size)
     return AnalysisInputs(
-        module=module, datamodule=datamodule, dataset=dataset, sidecar=sidecar, split=split, device=device,
-        batch_size=batch_size, data_source=data_source,
+        module=module,
+        datamodule=datamodule,
+        dataset=dataset,
+        sidecar=sidecar,
+        split=split,
+        device=device,
+        batch_size=batch_size,
+        data_source=data_source,
     )
 
 
-def synth_plans(sidecar: Mapping[str, Any], subset: str, split: str, video_ids: Sequence[str], where: Path) -> list[Any]:
+def synth_plans(
+    sidecar: Mapping[str, Any], subset: str, split: str, video_ids: Sequence[str], where: Path
+) -> list[Any]:
     """The generator's plans of ``video_ids`` (re-drawn from the sidecar's resolved options; each
     clip has its own seeded generator), checked against the sidecar's sounding lists."""
     from avseg.data.synth import catalogue_for, plan_clip
 
     options = dict(sidecar.get("options") or {})
     if sidecar.get("subset") != subset or not options:
-        raise DataError(where, f"the sidecar describes subset {sidecar.get('subset')!r} without options; expected {subset!r}")
+        raise DataError(
+            where, f"the sidecar describes subset {sidecar.get('subset')!r} without options; expected {subset!r}"
+        )
     options["snr_db"] = tuple(options["snr_db"])
     options["num_classes"] = int(options["num_classes"])
     catalogue = catalogue_for(options)  # synthetic shapes and tones, or the real drawings and sounds
@@ -210,9 +233,14 @@ def synth_plans(sidecar: Mapping[str, Any], subset: str, split: str, video_ids: 
             raise DataError(where, f"clip {video_id!r} is not in the sidecar")
         index = int(video_id.rsplit("-", 1)[1].split("_", 1)[0])
         plan = plan_clip(options=options, catalogue=catalogue, subset=subset, split=split, index=index)
-        redrawn = [sorted(plan.classes[j].name for j in np.flatnonzero(plan.sounding[:, t])) for t in range(plan.num_frames)]
+        redrawn = [
+            sorted(plan.classes[j].name for j in np.flatnonzero(plan.sounding[:, t])) for t in range(plan.num_frames)
+        ]
         recorded = [sorted(x["class"] for x in second) for second in entry["sounding"]]
         if redrawn != recorded:
-            raise DataError(where, f"clip {video_id!r}: re-drawing it from the sidecar's options does not give its recorded sources (another generator version?)")
+            raise DataError(
+                where,
+                f"clip {video_id!r}: re-drawing it from the sidecar's options does not give its recorded sources (another generator version?)",
+            )
         plans.append(plan)
     return plans

@@ -18,7 +18,13 @@ from avseg.analysis.common import evaluate, fmt, markdown_table, single_metric, 
 from avseg.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_SNRS", "parse_snr_list", "checkpoint_label", "noise_table_markdown", "average_curves", "plot_noise_curves", "run_noise",
+    "DEFAULT_SNRS",
+    "parse_snr_list",
+    "checkpoint_label",
+    "noise_table_markdown",
+    "average_curves",
+    "plot_noise_curves",
+    "run_noise",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,7 +108,9 @@ def average_curves(
     return averaged
 
 
-def plot_noise_curves(curves: Mapping[str, Mapping[str, Mapping[str, float]]], snrs: Sequence[float | None], *, title: str) -> bytes:
+def plot_noise_curves(
+    curves: Mapping[str, Mapping[str, Mapping[str, float]]], snrs: Sequence[float | None], *, title: str
+) -> bytes:
     """PNG bytes: M_J and M_F (two panels) against the SNR, one line per checkpoint; the x axis is
     categorical in the given order (``clean`` first by default)."""
     import matplotlib
@@ -136,8 +144,14 @@ def plot_noise_curves(curves: Mapping[str, Mapping[str, Mapping[str, float]]], s
 
 
 def run_noise(
-    ckpt_paths: Sequence[str], overrides: Sequence[str], *, snrs: Sequence[float | None], output_dir: Path,
-    labels: Sequence[str] | None = None, name: str = "noise_robustness", average: bool = False,
+    ckpt_paths: Sequence[str],
+    overrides: Sequence[str],
+    *,
+    snrs: Sequence[float | None],
+    output_dir: Path,
+    labels: Sequence[str] | None = None,
+    name: str = "noise_robustness",
+    average: bool = False,
 ) -> dict[str, Any]:
     """M_J / M_F against SNR for each checkpoint; writes ``<name>.md``, ``<name>.json``, ``<name>.png``
     in ``output_dir`` and each eval's metrics under ``output_dir/<name>_runs/``. With ``average``,
@@ -165,8 +179,13 @@ def run_noise(
             curve: dict[str, dict[str, float]] = {}
             for snr in snrs:
                 perturb = "none" if snr is None else "noise"
-                result = evaluate(ckpt, overrides, runs_dir / f"{index}" / _snr_name(snr), perturb=perturb, snr_db=snr, log=log_file)
-                curve[_snr_name(snr)] = {"miou": single_metric(result, "miou"), "fscore": single_metric(result, "fscore")}
+                result = evaluate(
+                    ckpt, overrides, runs_dir / f"{index}" / _snr_name(snr), perturb=perturb, snr_db=snr, log=log_file
+                )
+                curve[_snr_name(snr)] = {
+                    "miou": single_metric(result, "miou"),
+                    "fscore": single_metric(result, "fscore"),
+                }
                 info = result
             per_checkpoint.append(curve)
     curves = average_curves(per_checkpoint, labels) if average else dict(zip(labels, per_checkpoint))
@@ -178,7 +197,10 @@ def run_noise(
     payload = {
         "snr_db": [_snr_name(s) for s in snrs],
         "labels": list(labels),
-        "checkpoints": [{"label": label, "ckpt_path": ckpt, "curve": curve} for label, ckpt, curve in zip(labels, ckpt_paths, per_checkpoint)],
+        "checkpoints": [
+            {"label": label, "ckpt_path": ckpt, "curve": curve}
+            for label, ckpt, curve in zip(labels, ckpt_paths, per_checkpoint)
+        ],
         "average": average,
         "curves": curves,
         "data_subset": info["data_subset"],

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from avseg.analysis.common import evaluate, fmt, load_analysis_inputs, markdown_table, single_metric, write_bytes_atomic, write_json
+from avseg.analysis.common import (
+    evaluate,
+    fmt,
+    load_analysis_inputs,
+    markdown_table,
+    single_metric,
+    write_bytes_atomic,
+    write_json,
+)
 from avseg.errors import ConfigError
 from avseg.inference import evaluation_loader
 
@@ -21,7 +29,9 @@ __all__ = ["audio_token_spread", "reliance_rows", "reliance_verdict", "format_re
 log = logging.getLogger(__name__)
 
 
-def audio_token_spread(net: Any, dataset: Any, *, batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, float]:
+def audio_token_spread(
+    net: Any, dataset: Any, *, batch_size: int = 4, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """How much the audio tokens F_a (without their sine position code, which is the same in every
     clip) differ between the real seconds of ``dataset``, relative to their size:
     ``spread = sqrt(sum_c var_c / mean ||x||^2)`` over all real seconds, plus the same for the raw
@@ -96,15 +106,21 @@ def format_reliance_table(rows: Sequence[Mapping[str, Any]]) -> str:
             row["perturb"],
             fmt(row["miou"]),
             fmt(row["fscore"]),
-            "-" if row["perturb"] == "none" else (f"{row['miou_drop']:.1%}" if math.isfinite(row["miou_drop"]) else "n/a"),
-            "-" if row["perturb"] == "none" else (f"{row['fscore_drop']:.1%}" if math.isfinite(row["fscore_drop"]) else "n/a"),
+            "-"
+            if row["perturb"] == "none"
+            else (f"{row['miou_drop']:.1%}" if math.isfinite(row["miou_drop"]) else "n/a"),
+            "-"
+            if row["perturb"] == "none"
+            else (f"{row['fscore_drop']:.1%}" if math.isfinite(row["fscore_drop"]) else "n/a"),
         )
         for row in rows
     ]
     return markdown_table(header, body)
 
 
-def run_reliance(ckpt_path: str, overrides: Sequence[str], *, output_dir: Path, require_drop: float | None = None) -> dict[str, Any]:
+def run_reliance(
+    ckpt_path: str, overrides: Sequence[str], *, output_dir: Path, require_drop: float | None = None
+) -> dict[str, Any]:
     """Evaluates with perturb none / mute / swap; writes ``reliance.md`` / ``reliance.json`` and each
     eval's ``<perturb>/metrics.json`` under ``output_dir``; returns the rows and the verdict."""
     if any(o.split("=", 1)[0].lstrip("+~") in ("perturb", "perturb_snr_db") for o in overrides):

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from avseg.analysis.common import (
-    SIDECAR_NAME, compose_eval, fmt, load_analysis_inputs, markdown_table, synth_plans, write_bytes_atomic, write_json,
+    SIDECAR_NAME,
+    compose_eval,
+    fmt,
+    load_analysis_inputs,
+    markdown_table,
+    synth_plans,
+    write_bytes_atomic,
+    write_json,
 )
 from avseg.errors import ConfigError
 from avseg.inference import batch_scores, evaluation_loader, scores_to_labels
@@ -69,9 +76,17 @@ def pixel_selectivity(
                 played = plans[partner[index]] if perturb == "swap" else plan
                 for t in range(plan.num_frames):
                     instances = torch.from_numpy(plan.instances[t].astype(np.int64))[None, None].float()
-                    instances = torch.nn.functional.interpolate(instances, size=(size, size), mode="nearest")[0, 0].long()
-                    heard = set() if perturb == "mute" else {played.classes[j].name for j in np.flatnonzero(played.sounding[:, t])}
-                    heard_ids = torch.tensor([j + 1 for j, spec in enumerate(plan.classes) if spec.name in heard], dtype=torch.long)
+                    instances = torch.nn.functional.interpolate(instances, size=(size, size), mode="nearest")[
+                        0, 0
+                    ].long()
+                    heard = (
+                        set()
+                        if perturb == "mute"
+                        else {played.classes[j].name for j in np.flatnonzero(played.sounding[:, t])}
+                    )
+                    heard_ids = torch.tensor(
+                        [j + 1 for j, spec in enumerate(plan.classes) if spec.name in heard], dtype=torch.long
+                    )
                     is_heard = torch.isin(instances, heard_ids)
                     kinds = {
                         "heard objects": is_heard,
@@ -111,13 +126,22 @@ def run_selectivity(ckpt_path: str, overrides: Sequence[str], *, output_dir: Pat
     rows = pixel_selectivity(predict, inputs.dataset, inputs.sidecar, seed=seed, batch_size=inputs.batch_size)
     table = markdown_table(
         ("audio", *SELECTIVITY_KINDS),
-        [(r["perturb"], *(fmt(r[kind], 3) if r[kind] is not None else "n/a" for kind in SELECTIVITY_KINDS)) for r in rows],
+        [
+            (r["perturb"], *(fmt(r[kind], 3) if r[kind] is not None else "n/a" for kind in SELECTIVITY_KINDS))
+            for r in rows
+        ],
     )
     text = (
         f"Share of each kind of pixel predicted foreground: {ckpt_path} on {inputs.datamodule.subset} {inputs.split} "
         f"({len(inputs.dataset)} clips; swap seed {seed}; heard = the objects whose class sounds in the audio given)\n\n{table}\n"
     )
-    payload = {"ckpt_path": str(ckpt_path), "rows": rows, "split": inputs.split, "num_clips": len(inputs.dataset), "data_config": inputs.data_source}
+    payload = {
+        "ckpt_path": str(ckpt_path),
+        "rows": rows,
+        "split": inputs.split,
+        "num_clips": len(inputs.dataset),
+        "data_config": inputs.data_source,
+    }
     output_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(output_dir / "selectivity.md", text.encode())
     write_json(output_dir / "selectivity.json", payload)

@@ -19,7 +19,14 @@ from avseg.analysis.common import fmt, markdown_table, write_bytes_atomic
 from avseg.analysis.reliance import run_reliance
 from avseg.errors import ConfigError, DataError
 
-__all__ = ["split_overrides", "summarise_sweeps", "format_summary_markdown", "RELIANCE_METRICS", "job_reliance", "run_ablation_summary"]
+__all__ = [
+    "split_overrides",
+    "summarise_sweeps",
+    "format_summary_markdown",
+    "RELIANCE_METRICS",
+    "job_reliance",
+    "run_ablation_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,9 @@ def summarise_sweeps(
     groups: dict[str, dict[str, Any]] = {}
     for (path, record, words), own in zip(jobs, kept):
         key = " ".join(w for w in own if w not in common) or "(common overrides only)"
-        group = groups.setdefault(key, {"overrides": key, "runs": 0, "failed": 0, "seeds": [], "values": {m: [] for m in metrics}})
+        group = groups.setdefault(
+            key, {"overrides": key, "runs": 0, "failed": 0, "seeds": [], "values": {m: [] for m in metrics}}
+        )
         group["runs"] += 1
         group["seeds"] += [w.split("=", 1)[1] for w in words if _override_key(w) in drop_keys and "=" in w]
         if record.get("status") != "ok":
@@ -112,7 +121,9 @@ def summarise_sweeps(
         for metric in metrics:
             text = (record.get(metric) or "").strip()
             if not text:
-                raise DataError(path, f"job {record.get('job')} has status ok but no {metric!r} value (columns: {sorted(record)})")
+                raise DataError(
+                    path, f"job {record.get('job')} has status ok but no {metric!r} value (columns: {sorted(record)})"
+                )
             try:
                 group["values"][metric].append(float(text))
             except ValueError:
@@ -133,7 +144,11 @@ def format_summary_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence
     header = ["overrides (minus common and seed)", "seeds", "runs ok / all", *[f"{m} mean ± std" for m in metrics]]
     body = []
     for row in rows:
-        cells = [f"`{row['overrides']}`", ",".join(row["seeds"]) or "-", f"{row['runs'] - row['failed']} / {row['runs']}"]
+        cells = [
+            f"`{row['overrides']}`",
+            ",".join(row["seeds"]) or "-",
+            f"{row['runs'] - row['failed']} / {row['runs']}",
+        ]
         for metric in metrics:
             mean, std, n = row[metric]
             cells.append("n/a" if n == 0 else f"{mean:.4f} ± {fmt(std)}")
@@ -197,10 +212,20 @@ def run_ablation_summary(
     output = output if output is not None else Path(sweep_dirs[0]) / "ablation_summary.md"
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["overrides", "seeds", "runs", "failed", *[f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]])
+    writer.writerow(
+        ["overrides", "seeds", "runs", "failed", *[f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]]
+    )
     for row in rows:
         values = [v for m in metrics for v in row[m]]
-        writer.writerow([row["overrides"], " ".join(row["seeds"]), row["runs"], row["failed"], *[f"{v:.6g}" if isinstance(v, float) else v for v in values]])
+        writer.writerow(
+            [
+                row["overrides"],
+                " ".join(row["seeds"]),
+                row["runs"],
+                row["failed"],
+                *[f"{v:.6g}" if isinstance(v, float) else v for v in values],
+            ]
+        )
     write_bytes_atomic(output, text.encode())
     write_bytes_atomic(output.with_suffix(".csv"), buffer.getvalue().encode())
     log.info(text + f"\nwritten: {output} and {output.with_suffix('.csv')}")

@@ -51,9 +51,7 @@ def _wav_data_layout(path: Path, handle: BinaryIO, file_size: int) -> tuple[int,
     riff_size = struct.unpack_from("<I", head, 4)[0]
     # One byte of slack: some writers count a final pad byte they never write.
     if riff_size + 8 > file_size + 1:
-        raise DataError(
-            path, f"truncated: RIFF header declares {riff_size + 8} bytes, file has {file_size}"
-        )
+        raise DataError(path, f"truncated: RIFF header declares {riff_size + 8} bytes, file has {file_size}")
     offset = 12
     block_align = None
     while offset + 8 <= file_size:
@@ -158,11 +156,11 @@ def vggish_mel_matrix(
 
     Triangles are linear in mel between equally spaced mel edges; the DC bin gets weight 0 (HTK).
     """
-    bins_mel = torch.from_numpy(
-        _hertz_to_mel(np.linspace(0.0, sample_rate / 2.0, num_spectrogram_bins))
-    )
+    bins_mel = torch.from_numpy(_hertz_to_mel(np.linspace(0.0, sample_rate / 2.0, num_spectrogram_bins)))
     edges = torch.linspace(
-        float(_hertz_to_mel(low_hz)), float(_hertz_to_mel(high_hz)), num_mel_bands + 2,
+        float(_hertz_to_mel(low_hz)),
+        float(_hertz_to_mel(high_hz)),
+        num_mel_bands + 2,
         dtype=torch.float64,
     )
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
@@ -216,9 +214,7 @@ def log_mel_examples(wav: np.ndarray, sample_rate: int) -> torch.Tensor:
         signal = audio_functional.resample(signal, int(sample_rate), VGGISH_SAMPLE_RATE)
     log_mel = log_mel_spectrogram(signal)
     num_examples = log_mel.shape[0] // EXAMPLE_FRAMES
-    examples = log_mel[: num_examples * EXAMPLE_FRAMES].reshape(
-        num_examples, 1, EXAMPLE_FRAMES, NUM_MEL_BANDS
-    )
+    examples = log_mel[: num_examples * EXAMPLE_FRAMES].reshape(num_examples, 1, EXAMPLE_FRAMES, NUM_MEL_BANDS)
     return examples.to(torch.float32).contiguous()
 
 

@@ -405,7 +405,8 @@ class AVSBenchDataset(Dataset):
             if size != (height, width):
                 reference = record.frame_paths[sizes.index((height, width))]
                 raise DataError(
-                    path, f"frame is {size[1]}x{size[0]}, the clip's other frames are {width}x{height} (e.g. {reference})"
+                    path,
+                    f"frame is {size[1]}x{size[0]}, the clip's other frames are {width}x{height} (e.g. {reference})",
                 )
         masks = self._read_masks(record, height, width)
         frames_uint8 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -270,7 +270,9 @@ def _check_binary_values(image: Image.Image) -> str | None:
     nonzero = values[values != 0]
     if len(nonzero) > 1:
         shown = ", ".join(str(int(v)) for v in values[:8])
-        return f"non-binary mask: values {shown}{' ...' if len(values) > 8 else ''} (expected 0 and one foreground value)"
+        return (
+            f"non-binary mask: values {shown}{' ...' if len(values) > 8 else ''} (expected 0 and one foreground value)"
+        )
     return None
 
 
@@ -360,7 +362,9 @@ def _check_clip(root: Path, clip: _Clip, present: set[str], image_size: int | No
             other = decoded.setdefault(stem, indices)
             if other is not indices and other.shape == indices.shape and not np.array_equal(other, indices):
                 differing = int((other != indices).sum())
-                problems.append(Problem(str(root / rel), f"labels_semantic and labels_rgb disagree at {differing} pixels"))
+                problems.append(
+                    Problem(str(root / rel), f"labels_semantic and labels_rgb disagree at {differing} pixels")
+                )
         if size is None:
             continue
         if kind == "frame":
@@ -371,10 +375,12 @@ def _check_clip(root: Path, clip: _Clip, present: set[str], image_size: int | No
         reference = Counter(frame_sizes.values()).most_common(1)[0][0]
         for rel, size in {**frame_sizes, **mask_sizes}.items():
             if size != reference:
-                problems.append(Problem(
-                    str(root / rel),
-                    f"size {size[0]}x{size[1]} differs from the clip's frames ({reference[0]}x{reference[1]})",
-                ))
+                problems.append(
+                    Problem(
+                        str(root / rel),
+                        f"size {size[0]}x{size[1]} differs from the clip's frames ({reference[0]}x{reference[1]})",
+                    )
+                )
     return problems
 
 
@@ -399,9 +405,7 @@ def check_tree(
     problems.extend(extras)
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL
-        results = pool.map(
-            lambda clip: _check_clip(root, clip, present, image_size, layout.num_classes), layout.clips
-        )
+        results = pool.map(lambda clip: _check_clip(root, clip, present, image_size, layout.num_classes), layout.clips)
         for clip_problems in results:
             problems.extend(clip_problems)
     return sorted(set(problems))

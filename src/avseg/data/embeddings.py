@@ -160,7 +160,11 @@ def _run(options: dict[str, str]) -> int:
     start = time.perf_counter()
     written = kept = 0
     for _, was_written in write_embeddings(
-        options["root"], options["subset"], options["out"], vggish=vggish, overwrite=overwrite,
+        options["root"],
+        options["subset"],
+        options["out"],
+        vggish=vggish,
+        overwrite=overwrite,
         device=options.get("device", "cpu"),
     ):
         written += was_written

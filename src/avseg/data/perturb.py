@@ -57,7 +57,12 @@ def check_perturbation(perturb: str, *, audio_source: str, snr_db: float | None 
                 f"got data.audio_source={audio_source!r} ({'precomputed log-mel pickles' if audio_source == 'pkl' else 'precomputed embeddings'} "
                 "have no waveform). Evaluate with WAV audio, or use perturb=mute|swap"
             )
-        if snr_db is None or isinstance(snr_db, bool) or not isinstance(snr_db, (int, float)) or not math.isfinite(snr_db):
+        if (
+            snr_db is None
+            or isinstance(snr_db, bool)
+            or not isinstance(snr_db, (int, float))
+            or not math.isfinite(snr_db)
+        ):
             raise ConfigError(f"perturb_snr_db={snr_db!r}: a finite number (dB) is required for perturb=noise")
 
 
@@ -112,7 +117,9 @@ def silent_log_mel(num_frames: int, fit_mode: str = "repeat_last") -> torch.Tens
     return fit_examples(log_mel_examples(silence, VGGISH_SAMPLE_RATE), int(num_frames), fit_mode)  # type: ignore[arg-type]
 
 
-def mute_audio(audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, fit_mode: str = "repeat_last") -> torch.Tensor:
+def mute_audio(
+    audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, fit_mode: str = "repeat_last"
+) -> torch.Tensor:
     """Silence in place of ``audio`` (a clip [T, ...] or a batch [B, T, ...]).
 
     Log-mel ``[..., T, 1, 96, 64]``: the log-mel of a zero waveform on real frames; embeddings
@@ -120,7 +127,9 @@ def mute_audio(audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, 
     """
     is_log_mel = audio.ndim >= 4 and tuple(audio.shape[-3:]) == LOG_MEL_TAIL
     if not is_log_mel and audio.ndim not in (2, 3):
-        raise ValueError(f"mute_audio: expected [T,1,96,64] / [B,T,1,96,64] log-mel or [T,128] / [B,T,128] embeddings, got {tuple(audio.shape)}")
+        raise ValueError(
+            f"mute_audio: expected [T,1,96,64] / [B,T,1,96,64] log-mel or [T,128] / [B,T,128] embeddings, got {tuple(audio.shape)}"
+        )
     if not is_log_mel:
         return torch.zeros_like(audio)
     time_dim = audio.ndim - 4
@@ -154,7 +163,9 @@ def derangement(groups: Sequence[Hashable], *, seed: int = 0, names: Sequence[st
     for key, positions in members.items():
         if len(positions) == 1:
             who = f"clip {names[positions[0]]!r}" if names is not None else f"item {positions[0]}"
-            raise ValueError(f"{who} is the only clip of its length group {key!r}: it has no other clip to take audio from")
+            raise ValueError(
+                f"{who} is the only clip of its length group {key!r}: it has no other clip to take audio from"
+            )
         cycle = [positions[i] for i in rng.permutation(len(positions))]
         for here, partner in zip(cycle, cycle[1:] + cycle[:1]):
             permutation[here] = partner
@@ -190,7 +201,9 @@ class PerturbedDataset(Dataset):
 
     def __init__(self, dataset: Dataset, *, mode: str, seed: int = 0, fit_mode: str | None = None) -> None:
         if mode not in ("mute", "swap"):
-            raise ConfigError(f"PerturbedDataset mode={mode!r}: allowed values are mute | swap (noise goes through audio_transform)")
+            raise ConfigError(
+                f"PerturbedDataset mode={mode!r}: allowed values are mute | swap (noise goes through audio_transform)"
+            )
         self.dataset = dataset
         self.mode = mode
         self.seed = int(seed)

@@ -40,9 +40,7 @@ def _load_storage_bytes(data: bytes) -> Any:
         storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         # torch's weights-only unpickler names the global it refused ("Unsupported global: ...").
-        raise _RefusedGlobal(
-            "torch.storage._load_from_bytes", f"nested storage bytes refused: {err}"
-        ) from err
+        raise _RefusedGlobal("torch.storage._load_from_bytes", f"nested storage bytes refused: {err}") from err
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise _RefusedGlobal(
             "torch.storage._load_from_bytes",
@@ -102,10 +100,21 @@ def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
         loaded = _TensorOnlyUnpickler(io.BytesIO(payload)).load()
     except _RefusedGlobal as err:
         raise UnsafePickleError(path, f"refused global {err.qualified_name} ({err.reason})") from err
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
-            IndexError, KeyError, struct.error, OverflowError, MemoryError, OSError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+        OverflowError,
+        MemoryError,
+        OSError,
+    ) as err:
         raise DataError(path, f"corrupt or unsupported pickle: {type(err).__name__}: {err}") from err
     if not isinstance(loaded, torch.Tensor):
         raise DataError(path, f"pickle holds a {type(loaded).__name__}, expected a torch tensor")
     return loaded.detach()
-

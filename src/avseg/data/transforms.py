@@ -11,8 +11,9 @@ Masks use `NEAREST_EXACT`, which picks the same source pixel as PIL's nearest fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torchvision.transforms.v2 as v2
@@ -70,7 +71,7 @@ class AugmentConfig:
     hue: float = 0.0
 
     @classmethod
-    def from_option(cls, option: bool | Mapping[str, Any] | "AugmentConfig" | None) -> "AugmentConfig | None":
+    def from_option(cls, option: bool | Mapping[str, Any] | AugmentConfig | None) -> AugmentConfig | None:
         """`False`/`None` -> no augmentation; `True` -> defaults; a mapping -> those fields."""
         if option is None or option is False:
             return None
@@ -109,9 +110,7 @@ def build_augmentation(config: AugmentConfig, *, image_size: int) -> v2.Compose:
     if config.scale_min < 1.0:
         # Masks take nearest interpolation automatically (tv_tensors.Mask).
         parts.append(
-            v2.RandomResizedCrop(
-                image_size, scale=(config.scale_min, 1.0), ratio=config.ratio, antialias=True
-            )
+            v2.RandomResizedCrop(image_size, scale=(config.scale_min, 1.0), ratio=config.ratio, antialias=True)
         )
     if any(getattr(config, k) > 0 for k in ("brightness", "contrast", "saturation", "hue")):
         # ColorJitter leaves tv_tensors.Mask untouched.

@@ -32,12 +32,12 @@ import torch
 import torch.distributed as dist
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning_utilities.core.apply_func import apply_to_collection
 
-from avseg.io import overlay_labels, write_bytes_atomic, write_json_atomic, write_png_atomic
 from avseg.errors import AvsegError, CheckpointError
+from avseg.io import overlay_labels, write_bytes_atomic, write_json_atomic, write_png_atomic
 from avseg.lit.sampler import ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,9 @@ class LastCheckpoint(Checkpoint):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self._requested = self._requested or int(signum)
-        log.warning("received %s: training stops after the current step, with last.ckpt written", signal.Signals(signum).name)
+        log.warning(
+            "received %s: training stops after the current step, with last.ckpt written", signal.Signals(signum).name
+        )
 
     def _install_handlers(self) -> None:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
@@ -210,13 +212,17 @@ class LastCheckpoint(Checkpoint):
         if not self._skip(trainer) and trainer.global_step != self._last_step_saved:
             # a stop that came between steps (early stopping in a mid-epoch validation): keep the
             # final weights (a resume from here starts the next epoch)
-            log.info("training ended at step %d between checkpoints: writing %s", trainer.global_step, self.last_model_path)
+            log.info(
+                "training ended at step %d between checkpoints: writing %s", trainer.global_step, self.last_model_path
+            )
             self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._skip(trainer):
             return
         step = trainer.global_step
@@ -296,7 +302,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             float(state["numpy_gauss"]),
         )
     )
-    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_internal"].tolist()), state["python_gauss"]))
+    random.setstate(
+        (int(state["python_version"]), tuple(int(v) for v in state["python_internal"].tolist()), state["python_gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"]
         if len(states) == torch.cuda.device_count():
@@ -366,7 +374,8 @@ class ResumeState(Callback):
         positions = {(int(r["epoch"]), int(r["batches_done"])) for r in ranks}
         if len(positions) != 1:
             raise CheckpointError(
-                "<resume checkpoint>", f"its ranks were saved at different data positions {sorted(positions)}: not resumable"
+                "<resume checkpoint>",
+                f"its ranks were saved at different data positions {sorted(positions)}: not resumable",
             )
         if len(ranks) != world:
             log.warning(
@@ -432,7 +441,10 @@ class CodebookMonitor(Callback):
             counts = usage.cpu().numpy()
             edges = np.arange(counts.size + 1, dtype=np.float64)
             logger.experiment.log(
-                {"train/codebook_usage": wandb.Histogram(np_histogram=(counts, edges)), "trainer/global_step": trainer.global_step}
+                {
+                    "train/codebook_usage": wandb.Histogram(np_histogram=(counts, edges)),
+                    "trainer/global_step": trainer.global_step,
+                }
             )
 
 
@@ -477,7 +489,13 @@ class MaskOverlayLogger(Callback):
         self._rows = []
 
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if not self._active(trainer) or len(self._rows) >= self.num_clips or not isinstance(outputs, dict):
             return
@@ -508,7 +526,7 @@ class MaskOverlayLogger(Callback):
             logger.log_image(key="val/overlays", images=images, caption=captions, step=trainer.global_step)
         if self.save_png:
             folder = Path(trainer.default_root_dir) / "overlays"
-            for (video_id, image) in self._rows:
+            for video_id, image in self._rows:
                 safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in video_id)
                 write_png_atomic(folder / f"epoch{trainer.current_epoch:03d}_{safe_id}.png", image)
         self._rows = []
@@ -585,7 +603,16 @@ def write_sweep_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
             return f"{value:.6g}"
         return "" if value is None else str(value)
 
-    table = [[cell(record["job"]), record["status"], record["overrides"], *[cell(metrics.get(m)) for m in metric_names], record["error"]] for record, metrics in rows]
+    table = [
+        [
+            cell(record["job"]),
+            record["status"],
+            record["overrides"],
+            *[cell(metrics.get(m)) for m in metric_names],
+            record["error"],
+        ]
+        for record, metrics in rows
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

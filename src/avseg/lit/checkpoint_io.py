@@ -13,8 +13,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -37,11 +38,14 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            file, f"refused by the safe loader (weights_only=True): it holds more than tensors and plain values ({first_line})"
+            file,
+            f"refused by the safe loader (weights_only=True): it holds more than tensors and plain values ({first_line})",
         ) from error
     except Exception as error:  # untrusted bytes: any failure to decode them means a corrupt file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(file, f"not a readable PyTorch checkpoint (truncated or corrupt?): {first_line}") from error
+        raise CheckpointError(
+            file, f"not a readable PyTorch checkpoint (truncated or corrupt?): {first_line}"
+        ) from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(file, f"expected a dict checkpoint, found {type(checkpoint).__name__}")
     return checkpoint

@@ -42,7 +42,9 @@ def compile_options(setting: Any) -> dict[str, Any] | None:
         if unknown:
             raise ConfigError(f"model.compile: unknown keys {unknown}; allowed: {list(_ALLOWED_KEYS)}")
         return dict(setting)
-    raise ConfigError(f"model.compile={setting!r}: allowed values are false | true | a mapping of torch.compile options")
+    raise ConfigError(
+        f"model.compile={setting!r}: allowed values are false | true | a mapping of torch.compile options"
+    )
 
 
 def compile_network(net: nn.Module, options: Mapping[str, Any]) -> list[str]:

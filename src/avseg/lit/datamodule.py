@@ -148,7 +148,9 @@ class AVSDataModule(LightningDataModule):
         self.val_set_names = self._eval_names(val_sets, "val_sets")
         self.test_set_names = self._eval_names(test_sets, "test_sets")
         if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
-            raise ConfigError(f"data.batch_size / eval_batch_size must be positive, got {batch_size} / {eval_batch_size}")
+            raise ConfigError(
+                f"data.batch_size / eval_batch_size must be positive, got {batch_size} / {eval_batch_size}"
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
 
@@ -266,7 +268,9 @@ class AVSDataModule(LightningDataModule):
             **options,
         )
 
-    def _eval_loaders(self, datasets: dict[str, AVSBenchDataset], names: list[str], stage: str) -> DataLoader | list[DataLoader]:
+    def _eval_loaders(
+        self, datasets: dict[str, AVSBenchDataset], names: list[str], stage: str
+    ) -> DataLoader | list[DataLoader]:
         if not datasets:
             raise RuntimeError(f"AVSDataModule: call setup({stage!r}) first")
         loaders = [

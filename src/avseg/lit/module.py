@@ -155,7 +155,9 @@ class AVSLitModule(LightningModule):
         if self.scheduler_cfg["type"] not in ("step", "none"):
             raise ConfigError(f"model.scheduler.type={self.scheduler_cfg['type']!r}: allowed values are step | none")
         if self.scheduler_cfg["interval"] not in ("epoch", "step"):
-            raise ConfigError(f"model.scheduler.interval={self.scheduler_cfg['interval']!r}: allowed values are epoch | step")
+            raise ConfigError(
+                f"model.scheduler.interval={self.scheduler_cfg['interval']!r}: allowed values are epoch | step"
+            )
         for key in ("lr", "backbone_lr"):
             if not float(self.optim_cfg[key]) >= 0:
                 raise ConfigError(f"model.optim.{key}={self.optim_cfg[key]}: must be >= 0")
@@ -173,7 +175,9 @@ class AVSLitModule(LightningModule):
 
         fpb = self.metric_cfg["frames_per_batch"]
         if fpb is not None and (isinstance(fpb, bool) or not isinstance(fpb, int) or fpb < 1):
-            raise ConfigError(f"model.metric.frames_per_batch={fpb!r}: a positive int, or null (eval batch x clip length)")
+            raise ConfigError(
+                f"model.metric.frames_per_batch={fpb!r}: a positive int, or null (eval batch x clip length)"
+            )
         self.frames_per_batch = 20 if fpb is None else int(fpb)
         self.val_set_names: list[str] = ["val"]
         self.test_set_names: list[str] = ["test"]
@@ -247,22 +251,37 @@ class AVSLitModule(LightningModule):
         terms = self.criterion(outputs, batch["masks"], batch["label_valid"])
         bad_terms = self._nonfinite_terms(terms)
         distributed = self.trainer.world_size > 1
-        any_bad = self.trainer.strategy.reduce_boolean_decision(bool(bad_terms), all=False) if distributed else bool(bad_terms)
+        any_bad = (
+            self.trainer.strategy.reduce_boolean_decision(bool(bad_terms), all=False)
+            if distributed
+            else bool(bad_terms)
+        )
         if any_bad:
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
             if not self.skip_nonfinite:
-                detail = ", ".join(f"{name}={float(terms[name].detach().float().mean())}" for name in bad_terms) or "on another rank"
+                detail = (
+                    ", ".join(f"{name}={float(terms[name].detach().float().mean())}" for name in bad_terms)
+                    or "on another rank"
+                )
                 raise NonFiniteLossError(
                     f"non-finite loss at {where}: {detail}. The last good checkpoint is untouched; "
                     "set skip_nonfinite=true to skip such batches instead"
                 )
             self.nonfinite_skipped += 1
-            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False, rank_zero_only=True)
+            self.log(
+                "train/nonfinite_skipped",
+                float(self.nonfinite_skipped),
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+            )
             if not distributed:
                 return None  # Lightning skips the backward pass and the optimizer step
             # DDP needs every rank to run backward: a zero loss touching every trainable parameter
             # (the optimizer still steps with zero gradients).
-            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
+            return sum(
+                (p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device)
+            )
 
         batch_size = int(batch["frames"].shape[0])
         loss = terms["loss"].detach()
@@ -275,9 +294,21 @@ class AVSLitModule(LightningModule):
             self.log(f"train/{term}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         quant = outputs.get("quant") or {}
         if "perplexity" in quant:
-            self.log("train/codebook_perplexity", quant["perplexity"].detach().float(), on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log(
+                "train/codebook_perplexity",
+                quant["perplexity"].detach().float(),
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
         if "dead_codes" in quant:
-            self.log("train/codebook_dead", quant["dead_codes"].detach().float(), on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log(
+                "train/codebook_dead",
+                quant["dead_codes"].detach().float(),
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
         usage = quant.get("usage")
         if isinstance(usage, Tensor) and usage.numel() > 0:
             usage = usage.detach().float()
@@ -303,8 +334,13 @@ class AVSLitModule(LightningModule):
         if self.scheduler_cfg["type"] == "none":
             return optimizer
         milestones = sorted(int(m) for m in self.scheduler_cfg["milestones"])
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=float(self.scheduler_cfg["gamma"]))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_cfg["interval"], "frequency": 1}}
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=milestones, gamma=float(self.scheduler_cfg["gamma"])
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_cfg["interval"], "frequency": 1},
+        }
 
     # ----------------------------------------------------------------------------------------
     # evaluation
@@ -404,7 +440,7 @@ class AVSLitModule(LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
-    def load_trained(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> "AVSLitModule":
+    def load_trained(cls, path: str | Path, map_location: Any = "cpu", **overrides: Any) -> AVSLitModule:
         """A trained module from a checkpoint, for evaluation / prediction: loads with
         ``weights_only=True`` and does not read pretrained-weight files again (the checkpoint holds
         every weight), so a checkpoint copied to another machine works. Errors name the file."""

@@ -65,12 +65,8 @@ def load_checked(
     state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in drop_prefixes)}
     expected = module.state_dict()
-    missing = [
-        k for k in expected if k not in state and not any(k.endswith(s) for s in ignore_missing_suffixes)
-    ]
-    unexpected = [
-        k for k in state if k not in expected and not any(k.endswith(s) for s in ignore_missing_suffixes)
-    ]
+    missing = [k for k in expected if k not in state and not any(k.endswith(s) for s in ignore_missing_suffixes)]
+    unexpected = [k for k in state if k not in expected and not any(k.endswith(s) for s in ignore_missing_suffixes)]
     problems = []
     if missing:
         problems.append(f"missing keys: {_list_keys(missing)}")

@@ -60,9 +60,7 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     y_max = torch.where(rows_any, row_ids, -1).amax(dim=-1) + 1
     x_min = torch.where(cols_any, col_ids, width).amin(dim=-1)
     x_max = torch.where(cols_any, col_ids, -1).amax(dim=-1) + 1
-    boxes_xyxy = torch.stack(
-        [x_min / width, y_min / height, x_max / width, y_max / height], dim=-1
-    ).to(torch.float32)
+    boxes_xyxy = torch.stack([x_min / width, y_min / height, x_max / width, y_max / height], dim=-1).to(torch.float32)
     nonempty = rows_any.any(dim=-1, keepdim=True)
     boxes = box_xyxy_to_cxcywh(boxes_xyxy)
     return torch.where(nonempty, boxes, torch.zeros_like(boxes))

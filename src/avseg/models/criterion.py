@@ -306,9 +306,7 @@ class SetCriterion(nn.Module):
             selected["pred_boxes"] = rearrange(output["pred_boxes"], "b t q c -> (b t) q c")[frame_ids]
         return selected
 
-    def _stream_losses(
-        self, output: dict[str, Any], targets: FrameTargets, num_objects: float
-    ) -> dict[str, Tensor]:
+    def _stream_losses(self, output: dict[str, Any], targets: FrameTargets, num_objects: float) -> dict[str, Tensor]:
         """The five segmentation terms of one decoder output (final or auxiliary)."""
         frames = self._select_frames(output, targets.frame_ids)
         anchor = _zero_connected(output["pred_logits"], output["pred_masks"], output.get("pred_boxes"))
@@ -323,13 +321,13 @@ class SetCriterion(nn.Module):
         first_object = [0]
         for count in targets.counts[:-1]:
             first_object.append(first_object[-1] + count)
-        frame_index = torch.cat(
-            [torch.full_like(query_ids, frame) for frame, (query_ids, _) in enumerate(indices)]
-        ).to(device)
+        frame_index = torch.cat([torch.full_like(query_ids, frame) for frame, (query_ids, _) in enumerate(indices)]).to(
+            device
+        )
         query_index = torch.cat([query_ids for query_ids, _ in indices]).to(device)
-        object_index = torch.cat(
-            [target_ids + first for (_, target_ids), first in zip(indices, first_object)]
-        ).to(device)
+        object_index = torch.cat([target_ids + first for (_, target_ids), first in zip(indices, first_object)]).to(
+            device
+        )
 
         # Classification over every query of every labelled frame; unmatched queries: all zeros.
         logits = frames["pred_logits"].float()
@@ -448,7 +446,10 @@ class SetCriterion(nn.Module):
         logits = frames["pred_logits"].float()
         pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
         if instance == 0:
-            return {"loss_class": (neg.sum() / num_objects) + anchor, **{name: anchor for name in _SEGMENTATION_TERMS[1:]}}
+            return {
+                "loss_class": (neg.sum() / num_objects) + anchor,
+                **{name: anchor for name in _SEGMENTATION_TERMS[1:]},
+            }
         frame_index = torch.cat(row_frame).to(device)
         query_index = torch.cat(row_query).to(device)
         object_index = torch.cat(row_object).to(device)

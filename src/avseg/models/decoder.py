@@ -110,7 +110,9 @@ class DynamicMaskHead(nn.Module):
         if num_layers < 2:
             raise ValueError(f"dynamic mask head needs >= 2 layers, got {num_layers}")
         if controller_layout not in CONTROLLER_LAYOUTS:
-            raise ConfigError(f"model.decoder.controller_layout: {controller_layout!r} is not one of {CONTROLLER_LAYOUTS}")
+            raise ConfigError(
+                f"model.decoder.controller_layout: {controller_layout!r} is not one of {CONTROLLER_LAYOUTS}"
+            )
         if rel_coords_unit not in REL_COORD_UNITS:
             raise ConfigError(f"model.decoder.rel_coords_unit: {rel_coords_unit!r} is not one of {REL_COORD_UNITS}")
         self.rel_coords = rel_coords
@@ -189,7 +191,9 @@ class DynamicMaskHead(nn.Module):
             if rel is not None:
                 x = torch.cat((x, rel), dim=-2)
             layers = list(zip(self.layer_shapes, slices))
-        for index, ((out_ch, in_ch), (weight_slice, bias_slice)) in enumerate(layers, start=len(self.layer_shapes) - len(layers)):
+        for index, ((out_ch, in_ch), (weight_slice, bias_slice)) in enumerate(
+            layers, start=len(self.layer_shapes) - len(layers)
+        ):
             weight = params[..., weight_slice].unflatten(-1, (out_ch, in_ch))
             bias = params[..., bias_slice]
             # bias and relu in place: neither the matmul nor the add keeps its output for backward
@@ -324,7 +328,9 @@ class SemanticGuidedDecoder(nn.Module):
         tgt, query_pos = self._queries(codes)
         reference = self.reference_points(query_pos).sigmoid()  # [N, Q, 2]
         if self.box_head == "shared":
-            return self._forward_shared(tgt, query_pos, reference, memory, spatial_shapes, level_start_index, mask_features)
+            return self._forward_shared(
+                tgt, query_pos, reference, memory, spatial_shapes, level_start_index, mask_features
+            )
         hidden, boxes, centres = [], [], []
         for lid, layer in enumerate(self.layers):
             ref_in = reference[:, :, None, :].expand(-1, -1, self.num_levels, -1)  # [N, Q, L, 2 or 4]

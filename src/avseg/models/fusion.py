@@ -139,12 +139,20 @@ class DeformableEncoder(nn.Module):
         """Sine code plus level embedding, ``[1, S, C]``."""
         pos = level_positions(levels, self.dim)
         level_ids = torch.cat(
-            [torch.full((h * w,), i, device=pos.device, dtype=torch.long) for i, (h, w) in enumerate(x.shape[-2:] for x in levels)]
+            [
+                torch.full((h * w,), i, device=pos.device, dtype=torch.long)
+                for i, (h, w) in enumerate(x.shape[-2:] for x in levels)
+            ]
         )
         return (pos + self.level_embed[level_ids])[None]
 
     def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, levels: Sequence[torch.Tensor], spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        levels: Sequence[torch.Tensor],
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
     ) -> torch.Tensor:
         """``src [N, S, C]`` (flattened fused levels) -> memory ``[N, S, C]``."""
         num_levels = len(levels)
@@ -273,7 +281,9 @@ class AudioVisualFusion(nn.Module):
         if not isinstance(similarity_to_masks, bool):
             raise ConfigError(f"model.fusion.similarity_to_masks: {similarity_to_masks!r} is not true | false")
         if similarity_to_masks and not audio_similarity_dim:
-            raise ConfigError("model.fusion.similarity_to_masks needs the similarity map: set model.fusion.audio_similarity_dim > 0")
+            raise ConfigError(
+                "model.fusion.similarity_to_masks needs the similarity map: set model.fusion.audio_similarity_dim > 0"
+            )
         # read by QDFormer: add the similarity map to every query's mask logits (an audio gate on the masks)
         self.similarity_to_masks = similarity_to_masks
         self.fpn_type = fpn_type

@@ -138,7 +138,9 @@ class InitReport:
         for reason, keys in sorted(self.skipped.items()):
             lines.append(f"  skipped: {reason} ({len(keys)} tensors)")
         modules = sorted({".".join(k.split(".")[:2]) for k in self.left_at_init})
-        lines.append(f"  left at init (not in the checkpoint): {len(self.left_at_init)} tensors in {', '.join(modules)}")
+        lines.append(
+            f"  left at init (not in the checkpoint): {len(self.left_at_init)} tensors in {', '.join(modules)}"
+        )
         return "\n".join(lines)
 
 

@@ -93,9 +93,7 @@ def align_masks(pred_masks: Tensor, target_masks: Tensor, mask_resolution: str) 
         return pred_masks, resized[:, 0]
     if pred_masks.shape[0] == 0:
         return pred_masks.new_zeros((0, *target_masks.shape[-2:])), target_masks
-    resized = F.interpolate(
-        pred_masks[:, None], size=target_masks.shape[-2:], mode="bilinear", align_corners=False
-    )
+    resized = F.interpolate(pred_masks[:, None], size=target_masks.shape[-2:], mode="bilinear", align_corners=False)
     return resized[:, 0], target_masks
 
 
@@ -190,7 +188,9 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_class * (pos[:, labels] - neg[:, labels])
         boxes_pred, boxes_target = pred_boxes.float(), boxes.float()
         cost = cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
-        return cost - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target))
+        return cost - self.cost_giou * generalized_box_iou(
+            box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
+        )
 
     @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
     def frame_cost(
@@ -254,7 +254,9 @@ class HungarianMatcher(nn.Module):
             weight = present[:, f] / frames_present  # [n]
             frame_cost = self.class_box_cost(pred_logits[f], pred_boxes[f], labels, target["boxes"][:, f])
             cost = cost + frame_cost * weight[None, :]
-            masks_pred, masks_target = align_masks(pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution)
+            masks_pred, masks_target = align_masks(
+                pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution
+            )
             masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
             num_pixels += masks_pred.shape[1]
             pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
@@ -320,9 +322,7 @@ class HungarianMatcher(nn.Module):
             if int(low) < 0 or int(high) >= num_classes:
                 raise ValueError(f"matcher: target labels must be in [0, {num_classes}), got [{int(low)}, {int(high)}]")
 
-        costs = [
-            self.frame_cost(pred_logits[i], pred_masks[i], pred_boxes[i], targets[i]) for i in range(num_frames)
-        ]
+        costs = [self.frame_cost(pred_logits[i], pred_masks[i], pred_boxes[i], targets[i]) for i in range(num_frames)]
         return self._assign(costs)
 
 

@@ -20,9 +20,7 @@ class MultiLevelProjection(nn.Module):
         super().__init__()
         if len(in_channels) != 3:
             raise ValueError(f"MultiLevelProjection expects 3 input levels (strides 8/16/32), got {in_channels}")
-        layers = [
-            nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(num_groups, dim)) for c in in_channels
-        ]
+        layers = [nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(num_groups, dim)) for c in in_channels]
         layers.append(
             nn.Sequential(
                 nn.Conv2d(in_channels[-1], dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(num_groups, dim)

@@ -54,9 +54,7 @@ class QDFormer(nn.Module):
         self.num_classes = num_classes
         self.aux_loss = aux_loss
 
-    def forward(
-        self, frames: torch.Tensor, audio: torch.Tensor, frame_valid: torch.Tensor | None = None
-    ) -> dict:
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor, frame_valid: torch.Tensor | None = None) -> dict:
         if frames.ndim != 5 or frames.shape[2] != 3:
             raise ValueError(f"QDFormer expects frames [B, T, 3, H, W], got {tuple(frames.shape)}")
         batch, length = frames.shape[:2]

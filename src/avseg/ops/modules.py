@@ -46,9 +46,7 @@ class MSDeformAttn(nn.Module):
         if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"MSDeformAttn: dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if num_levels <= 0 or num_points <= 0:
-            raise ValueError(
-                f"MSDeformAttn: num_levels ({num_levels}) and num_points ({num_points}) must be positive"
-            )
+            raise ValueError(f"MSDeformAttn: num_levels ({num_levels}) and num_points ({num_points}) must be positive")
         if backend not in BACKENDS:
             raise ValueError(f"MSDeformAttn: backend must be one of {BACKENDS}, got {backend!r}")
         self.dim = dim
@@ -120,8 +118,7 @@ class MSDeformAttn(nn.Module):
             level_total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
             if level_total != num_values:
                 raise ValueError(
-                    f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to "
-                    f"{level_total}"
+                    f"MSDeformAttn: value_input has S={num_values} positions but spatial_shapes sum to {level_total}"
                 )
         head_dim = self.dim // self.num_heads
 
@@ -141,9 +138,7 @@ class MSDeformAttn(nn.Module):
             weights = self.attention_weights(_upcast(query)).view(
                 num_batch, num_queries, self.num_heads, self.num_levels * self.num_points
             )
-            weights = weights.softmax(-1).view(
-                num_batch, num_queries, self.num_heads, self.num_levels, self.num_points
-            )
+            weights = weights.softmax(-1).view(num_batch, num_queries, self.num_heads, self.num_levels, self.num_points)
 
             if reference_points.shape[-1] == 2:
                 # offsets are in pixels of each level: divide by (W, H)
@@ -163,7 +158,5 @@ class MSDeformAttn(nn.Module):
                     f"{tuple(reference_points.shape)}"
                 )
 
-        output = ms_deform_attn(
-            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
-        )
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
         return self.output_proj(output)

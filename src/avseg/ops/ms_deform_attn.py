@@ -83,13 +83,11 @@ def _check_shapes(
         )
     if tuple(spatial_shapes.shape) != (num_levels, 2):
         raise ValueError(
-            f"ms_deform_attn: spatial_shapes must be [L={num_levels}, 2], got "
-            f"{tuple(spatial_shapes.shape)}"
+            f"ms_deform_attn: spatial_shapes must be [L={num_levels}, 2], got {tuple(spatial_shapes.shape)}"
         )
     if tuple(level_start_index.shape) != (num_levels,):
         raise ValueError(
-            f"ms_deform_attn: level_start_index must be [L={num_levels}], got "
-            f"{tuple(level_start_index.shape)}"
+            f"ms_deform_attn: level_start_index must be [L={num_levels}], got {tuple(level_start_index.shape)}"
         )
     for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
@@ -246,9 +244,10 @@ def _geometry(sampling_locations: torch.Tensor, levels: _Levels, index_dtype: to
     low_row = (floor.to(index_dtype) * stride_xy).sum(-1, dtype=index_dtype)  # [R, L*P]
     low_row += level_base
     low_row += bag_base[:, None]
-    corner_offsets = torch.stack(
-        (torch.zeros_like(padded_width), torch.ones_like(padded_width), padded_width, padded_width + 1)
-    ) * num_heads  # [4, L*P]
+    corner_offsets = (
+        torch.stack((torch.zeros_like(padded_width), torch.ones_like(padded_width), padded_width, padded_width + 1))
+        * num_heads
+    )  # [4, L*P]
     rows = low_row[:, None, :] + corner_offsets  # [R, 4, L*P]
     return _Geometry(frac=frac, low_row=low_row, rows=rows, size=size)
 
@@ -396,9 +395,7 @@ class _TorchMSDeformAttn(torch.autograd.Function):
                 # PyTorch flags sparse CSR as beta once per process; the op is documented and tested.
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 pattern = torch.sparse_csr_tensor(
-                    torch.arange(
-                        0, num_bags * bag_size + 1, bag_size, device=grad_rows.device, dtype=index_dtype
-                    ),
+                    torch.arange(0, num_bags * bag_size + 1, bag_size, device=grad_rows.device, dtype=index_dtype),
                     rows_flat,
                     torch.zeros(rows_flat.shape, dtype=grad_rows.dtype, device=grad_rows.device),
                     size=(num_bags, columns),
@@ -433,9 +430,7 @@ def ms_deform_attn_torch(
 ) -> torch.Tensor:
     """The PyTorch path (any device, differentiable). Shapes as in the module docstring."""
     _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _TorchMSDeformAttn.apply(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    return _TorchMSDeformAttn.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,9 +496,7 @@ def ms_deform_attn(
         return _TritonMSDeformAttn.apply(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return _TorchMSDeformAttn.apply(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    return _TorchMSDeformAttn.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,19 +525,15 @@ def ms_deform_attn_grid_sample(
     samples = []
     for level, (height, width) in enumerate(level_sizes):
         # [N, H*W, M, D] -> [N*M, D, H, W]
-        level_value = value_levels[level].flatten(2).transpose(1, 2).reshape(
-            num_batch * num_heads, head_dim, height, width
+        level_value = (
+            value_levels[level].flatten(2).transpose(1, 2).reshape(num_batch * num_heads, head_dim, height, width)
         )
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         samples.append(
-            F.grid_sample(
-                level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         )  # [N*M, D, Lq, P]
-    weights = attention_weights.transpose(1, 2).reshape(
-        num_batch * num_heads, 1, num_queries, num_levels * num_points
-    )
+    weights = attention_weights.transpose(1, 2).reshape(num_batch * num_heads, 1, num_queries, num_levels * num_points)
     output = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)
     output = output.view(num_batch, num_heads * head_dim, num_queries)
     return output.transpose(1, 2).contiguous()

@@ -151,7 +151,7 @@ def package_version(package: str, root: Path) -> str:
         raise _missing(package, f"its version (dpkg-query, {changelog})") from err
     if "(" not in first or ")" not in first:
         raise DataError(changelog, f"first line {first!r} holds no version in parentheses")
-    return first[first.index("(") + 1:first.index(")")]
+    return first[first.index("(") + 1 : first.index(")")]
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def _free_form_licence(path: Path) -> str:
             if value:
                 return value
             statement = []
-            for follow in lines[i + 1:]:
+            for follow in lines[i + 1 :]:
                 if follow.strip():
                     statement.append(follow.strip())
                 elif statement:
@@ -249,7 +249,9 @@ def rasterise_svg(svg: bytes, size: int, *, source: str) -> np.ndarray:
     program = require_program("rsvg-convert")
     result = subprocess.run(
         [program, "-a", "-w", str(size), "-h", str(size), "-f", "png"],
-        input=svg, capture_output=True, check=False,
+        input=svg,
+        capture_output=True,
+        check=False,
     )
     if result.returncode != 0:
         raise DataError(source, f"rsvg-convert failed: {result.stderr.decode(errors='replace').strip()}")
@@ -257,7 +259,7 @@ def rasterise_svg(svg: bytes, size: int, *, source: str) -> np.ndarray:
     canvas = np.zeros((size, size, 4), dtype=np.uint8)
     h, w = drawing.shape[:2]
     y0, x0 = (size - h) // 2, (size - w) // 2
-    canvas[y0:y0 + h, x0:x0 + w] = drawing
+    canvas[y0 : y0 + h, x0 : x0 + w] = drawing
     return canvas
 
 
@@ -287,7 +289,7 @@ def decode_recording(data: bytes, *, source: str) -> np.ndarray:
     # Leading and trailing silence go entirely.
     on_idx = np.flatnonzero(active)
     keep[: on_idx[0]] = False
-    keep[on_idx[-1] + 1:] = False
+    keep[on_idx[-1] + 1 :] = False
     return frames[keep].reshape(-1)
 
 
@@ -337,9 +339,30 @@ def render_notes(soundfont: Path, notes: Sequence[tuple[int, int]]) -> dict[tupl
         midi_path, wav_path = Path(tmp) / "notes.mid", Path(tmp) / "notes.wav"
         midi_path.write_bytes(midi_file(score))
         result = subprocess.run(
-            [program, "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6", "-r", str(SAMPLE_RATE),
-             "-T", "wav", "-O", "s16", "-F", str(wav_path), str(soundfont), str(midi_path)],
-            capture_output=True, text=True, check=False,
+            [
+                program,
+                "-ni",
+                "-q",
+                "-R",
+                "0",
+                "-C",
+                "0",
+                "-g",
+                "0.6",
+                "-r",
+                str(SAMPLE_RATE),
+                "-T",
+                "wav",
+                "-O",
+                "s16",
+                "-F",
+                str(wav_path),
+                str(soundfont),
+                str(midi_path),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0 or not wav_path.is_file():
             raise DataError(soundfont, f"fluidsynth could not render notes: {result.stderr.strip()[-500:]}")
@@ -350,7 +373,7 @@ def render_notes(soundfont: Path, notes: Sequence[tuple[int, int]]) -> dict[tupl
     mono = np.concatenate([mono, np.zeros(max(0, slot * len(ordered) - len(mono)))])
     bank = {}
     for i, key in enumerate(ordered):
-        note = mono[i * slot:(i + 1) * slot]
+        note = mono[i * slot : (i + 1) * slot]
         if float(np.sqrt(np.mean(note**2))) < 1e-5:
             raise DataError(soundfont, f"GM program {key[0]} pitch {key[1]} rendered silent")
         bank[key] = note

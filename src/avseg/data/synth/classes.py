@@ -10,7 +10,15 @@ from typing import Any
 from avseg.data.palette import AVSS_CLASSES, NUM_AVSS_CLASSES
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "diamond", "ring", "cross", "star", "hexagon", "ellipse",
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "ring",
+    "cross",
+    "star",
+    "hexagon",
+    "ellipse",
     "crescent",
 )
 TEXTURES: tuple[str, ...] = ("solid", "stripes", "checker", "dots", "rings")

@@ -175,10 +175,17 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
             else:
                 uid = avss_uid(plan.clip_id)
                 heard = sorted({plan.classes[j].name for j in np.flatnonzero(plan.sounding.any(axis=1))})
-                rows.append([
-                    plan.clip_id, uid, int(meta_rng.integers(0, 10)), int(meta_rng.integers(0, 60)),
-                    "_".join(heard), split, plan.kind,
-                ])
+                rows.append(
+                    [
+                        plan.clip_id,
+                        uid,
+                        int(meta_rng.integers(0, 10)),
+                        int(meta_rng.integers(0, 60)),
+                        "_".join(heard),
+                        split,
+                        plan.kind,
+                    ]
+                )
                 clips[uid] = _sidecar_entry(plan)
     layout = LAYOUTS[subset]
     _write(root / layout.metadata_csv, _csv_bytes(layout.csv_header, rows))

@@ -67,9 +67,7 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
         raise ConfigError(f"subset: {subset!r} is not one of {list(SUBSETS)}")
     unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
     if unknown:
-        raise ConfigError(
-            f"synth options: unknown key(s) {unknown}; allowed: {sorted(_OPTION_DEFAULTS)}"
-        )
+        raise ConfigError(f"synth options: unknown key(s) {unknown}; allowed: {sorted(_OPTION_DEFAULTS)}")
     merged = {**_OPTION_DEFAULTS, **options}
 
     def as_int(key: str, low: int, high: int | None = None) -> int:
@@ -103,9 +101,7 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
     if clips is None:
         clips = DEFAULT_CLIPS[subset]
     if not isinstance(clips, Mapping) or set(clips) != set(SPLITS):
-        raise ConfigError(
-            f"clips_per_split: expected a mapping with exactly the keys {list(SPLITS)}, got {clips!r}"
-        )
+        raise ConfigError(f"clips_per_split: expected a mapping with exactly the keys {list(SPLITS)}, got {clips!r}")
     clips_resolved: dict[str, int] = {}
     for split in SPLITS:
         count = clips[split]

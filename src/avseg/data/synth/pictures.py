@@ -70,9 +70,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         angle = rng.uniform(0.0, np.pi)
         freq = rng.uniform(2.0, 9.0)
         phase = rng.uniform(0.0, 2.0 * np.pi)
-        shade += 0.05 * np.sin(
-            2.0 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase
-        ).astype(np.float32)
+        shade += 0.05 * np.sin(2.0 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase).astype(
+            np.float32
+        )
     # Fine grain, constant over the clip (a static textured surface).
     shade += rng.uniform(-0.03, 0.03, size=(size, size)).astype(np.float32)
     tint = rng.uniform(-0.04, 0.04, size=3)
@@ -115,11 +115,14 @@ def _paint_shape(spec: ClassSpec, u: np.ndarray, v: np.ndarray, brightness: floa
     inside = _shape_mask(spec.shape, u, v)
     bright = _texture_mask(spec.texture, u, v)
     shade = (1.0 - 0.18 * np.minimum(u * u + v * v, 1.0)) * brightness
-    colour = np.where(
-        bright[..., None],
-        np.asarray(spec.colour, dtype=np.float32) / 255.0,
-        np.asarray(spec.colour_dark, dtype=np.float32) / 255.0,
-    ) * shade[..., None]
+    colour = (
+        np.where(
+            bright[..., None],
+            np.asarray(spec.colour, dtype=np.float32) / 255.0,
+            np.asarray(spec.colour_dark, dtype=np.float32) / 255.0,
+        )
+        * shade[..., None]
+    )
     return inside, colour
 
 

@@ -56,7 +56,7 @@ class RccArchive:
     def _name(self, offset: int) -> str:
         (length,) = self._unpack(">H", self._names + offset)
         start = self._names + offset + 6
-        raw = self._blob[start:start + 2 * length]
+        raw = self._blob[start : start + 2 * length]
         if len(raw) != 2 * length:
             raise DataError(self.path, f"truncated name at names-table offset {offset}")
         return raw.decode("utf-16-be")
@@ -87,7 +87,7 @@ class RccArchive:
         flags, data_offset = self._entries[name]
         (size,) = self._unpack(">I", self._data + data_offset)
         start = self._data + data_offset + 4
-        payload = self._blob[start:start + size]
+        payload = self._blob[start : start + size]
         if len(payload) != size:
             raise DataError(self.path, f"resource {name!r} is truncated")
         if flags & _FLAG_ZSTD:

@@ -95,8 +95,9 @@ def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | No
     """The first `num_classes` REAL_CLASSES, loaded from the packages (cached per process)."""
     root = assets.asset_root(assets_dir)
     chosen = REAL_CLASSES[:num_classes]
-    melodic = [(spec[3][1], pitch) for spec in chosen if spec[3][0] == "melody"
-               for pitch in range(spec[3][2], spec[3][3] + 1)]
+    melodic = [
+        (spec[3][1], pitch) for spec in chosen if spec[3][0] == "melody" for pitch in range(spec[3][2], spec[3][3] + 1)
+    ]
     assets.require_all(root, soundfont=soundfont, melodies=bool(melodic))
     font = assets.resolve_soundfont(root, soundfont) if melodic else None
     bank = assets.render_notes(font, melodic) if melodic else {}
@@ -107,14 +108,19 @@ def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | No
         source_path = member.removeprefix("gcompris/")
         sprite = assets.rasterise_svg(archive.read(member), SPRITE_SIZE, source=f"{archive.path}:{member}")
         drawing_info = {
-            "bundle": str(archive.path), "member": member,
+            "bundle": str(archive.path),
+            "member": member,
             **assets.licence_of("gcompris-qt-data", source_path, root).describe(),
         }
         if sound[0] == "melody":
             _, program, low, high = sound
             sound_info = {
-                "kind": "melody", "gm_program": program, "pitch_range": [low, high],
-                "soundfont": str(font), "renderer": "fluidsynth", **soundfont_licence(root, font, soundfont),
+                "kind": "melody",
+                "gm_program": program,
+                "pitch_range": [low, high],
+                "soundfont": str(font),
+                "renderer": "fluidsynth",
+                **soundfont_licence(root, font, soundfont),
             }
             notes = {pitch: bank[(program, pitch)] for pitch in range(low, high + 1)}
             recording = None
@@ -122,15 +128,25 @@ def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | No
             record_member = prefix + sound[1]
             recording = assets.decode_recording(archive.read(record_member), source=f"{archive.path}:{record_member}")
             sound_info = {
-                "kind": "recording", "bundle": str(archive.path), "member": record_member,
+                "kind": "recording",
+                "bundle": str(archive.path),
+                "member": record_member,
                 "seconds": round(len(recording) / SAMPLE_RATE, 3),
                 **assets.licence_of("gcompris-qt-data", record_member.removeprefix("gcompris/"), root).describe(),
             }
             notes = None
-        out.append(RealClassSpec(
-            index=c, name=name, avss_index=AVSS_CLASSES.index(name), drawing=drawing_info, sound=sound_info,
-            sprite=sprite, recording=recording, notes=notes,
-        ))
+        out.append(
+            RealClassSpec(
+                index=c,
+                name=name,
+                avss_index=AVSS_CLASSES.index(name),
+                drawing=drawing_info,
+                sound=sound_info,
+                sprite=sprite,
+                recording=recording,
+                notes=notes,
+            )
+        )
     return tuple(out)
 
 
@@ -144,8 +160,12 @@ def soundfont_licence(root: Path, font: Path, soundfont: str | None) -> dict[str
     """Package, licence and copyright of the soundfont (from its package's copyright file)."""
     package = _soundfont_package(root, font, soundfont)
     if package is None:
-        return {"package": "(not from a Debian package)", "file": str(font),
-                "licence": "unknown: see the soundfont's own terms", "copyright": "unknown"}
+        return {
+            "package": "(not from a Debian package)",
+            "file": str(font),
+            "licence": "unknown: see the soundfont's own terms",
+            "copyright": "unknown",
+        }
     return assets.licence_of(package, font.name, root).describe()
 
 
@@ -196,7 +216,7 @@ def real_signal(
             pitch = root + _PENTATONIC[degree]
             note = spec.notes[pitch][:length].copy()
             fade = min(int(_NOTE_FADE * SAMPLE_RATE), len(note))
-            note[len(note) - fade:] *= np.linspace(1.0, 0.0, fade)
+            note[len(note) - fade :] *= np.linspace(1.0, 0.0, fade)
             note *= rng.uniform(0.8, 1.0)
             end = min(start + len(note), num_samples)
             signal[start:end] += note[: end - start]
@@ -216,10 +236,14 @@ def real_signal(
             pieces += [gap, shifted]
             total += len(gap) + len(shifted)
         signal = np.concatenate(pieces)[:num_samples]
-        log.append({
-            "kind": "recording", "member": spec.sound["member"], "pitch_semitones": round(semitones, 4),
-            "offset_s": round(offset / SAMPLE_RATE, 4),
-        })
+        log.append(
+            {
+                "kind": "recording",
+                "member": spec.sound["member"],
+                "pitch_semitones": round(semitones, 4),
+                "offset_s": round(offset / SAMPLE_RATE, 4),
+            }
+        )
     return signal / max(float(np.sqrt(np.mean(signal**2))), 1e-9)
 
 
@@ -228,4 +252,3 @@ def realistic_layout(layout: Any) -> Any:
     return type(layout)(
         centre=layout.centre, radius=layout.radius * RADIUS_SCALE, angle=MAX_TILT * np.sin(layout.angle)
     )
-

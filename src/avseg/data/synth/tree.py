@@ -18,9 +18,7 @@ from avseg.errors import DataError
 
 
 def _marker_content(subset: str, resolved: Mapping[str, Any]) -> bytes:
-    return _json_bytes(
-        {"generator_version": GENERATOR_VERSION, "subset": subset, "key": cache_key(subset, resolved)}
-    )
+    return _json_bytes({"generator_version": GENERATOR_VERSION, "subset": subset, "key": cache_key(subset, resolved)})
 
 
 def _partial_prefix(root_name: str) -> str:
@@ -51,10 +49,19 @@ def generate(
     removed. `root` must not exist or be an empty folder (never writes into an existing tree).
     """
     resolved = resolve_options(
-        subset, seed=seed, image_size=image_size, num_classes=num_classes,
-        clips_per_split=clips_per_split, snr_db=snr_db, write_pkl=write_pkl,
-        max_objects=max_objects, distractor_prob=distractor_prob, jpeg_quality=jpeg_quality,
-        assets=assets, soundfont=soundfont, assets_dir=assets_dir,
+        subset,
+        seed=seed,
+        image_size=image_size,
+        num_classes=num_classes,
+        clips_per_split=clips_per_split,
+        snr_db=snr_db,
+        write_pkl=write_pkl,
+        max_objects=max_objects,
+        distractor_prob=distractor_prob,
+        jpeg_quality=jpeg_quality,
+        assets=assets,
+        soundfont=soundfont,
+        assets_dir=assets_dir,
     )
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -106,7 +113,7 @@ def _remove_dead_partials(cache_dir: Path, root_name: str) -> None:
     for entry in cache_dir.iterdir():
         if not entry.name.startswith(prefix):
             continue
-        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and not _pid_alive(int(pid_text)):
             shutil.rmtree(entry, ignore_errors=True)
 

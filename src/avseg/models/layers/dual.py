@@ -84,7 +84,11 @@ class PromptDualAttention(nn.Module):
         )
         keys, values = self.proj_visual_kv(visual).chunk(2, dim=-1)
         to_visual, _ = self.v2p_attn(
-            self.proj_prompt_q(prompts) + prompt_pos, keys + visual_pos, values, key_padding_mask=visual_pad, need_weights=False
+            self.proj_prompt_q(prompts) + prompt_pos,
+            keys + visual_pos,
+            values,
+            key_padding_mask=visual_pad,
+            need_weights=False,
         )
         visual = self.norm2(visual + self.dropout2(to_prompts))
         visual = self.norm3(visual + self.visual_ffn(visual))

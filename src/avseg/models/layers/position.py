@@ -24,9 +24,7 @@ def sine_position_1d(
     if dim <= 0 or dim % 2 != 0:
         raise ValueError(f"sine_position_1d: dim must be a positive even number, got {dim}")
     position = torch.arange(length, device=device, dtype=torch.float64)[:, None]
-    inv_freq = torch.exp(
-        torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(temperature) / dim)
-    )
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(temperature) / dim))
     angles = position * inv_freq[None, :]  # [length, dim/2]
     code = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # interleave sin, cos
     return code.to(dtype)
