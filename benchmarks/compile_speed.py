@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"`{args.setup}` training step on {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f"{', bf16 autocast' if args.bf16 else ', fp32'}, batch {clips} clips x {frames} frames at {size} px, torch {torch.__version__}, "
+        + f"{', bf16 autocast' if args.bf16 else ', fp32'}, batch {clips} clips x {frames} frames at {size} px, "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} CPUs; torch.compile({options}) of "
-        f"backbone, neck, fusion, decoder; load average (1/5/15 min) {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} "
-        f"at the start, {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end; {args.steps} alternating steps each."
+        "backbone, neck, fusion, decoder; load average (1/5/15 min) "
+        f"{load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} "
+        f"at the start, {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end; "
+        f"{args.steps} alternating steps each."
     )
     print()
     print("| | first step (s) | median step (s) | min / max (s) | vs eager | last loss |")

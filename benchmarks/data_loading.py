@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 if source == "embeddings":
                     options["embeddings_dir"] = Path(emb_dir) / subset
 
-                def make_dataset(threads: int | None, options: dict = options) -> AVSBenchDataset:
+                def make_dataset(
+                    threads: int | None, options: dict = options, subset: str = subset, root: Path = root
+                ) -> AVSBenchDataset:
                     return DATASETS[subset](
                         root, "train", image_size=args.image_size, augment=AUGMENT, loading_threads=threads, **options
                     )

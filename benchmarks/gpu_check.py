@@ -221,8 +221,10 @@ def kernel_table(rows: Sequence[dict[str, Any]]) -> list[str]:
         e = r["errors"]
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['impl']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | "
-            f"{r['forward_gbps']:.1f} | {floor(r['forward_floor'])} | {r['backward_gbps']:.1f} | {floor(r['backward_floor'])} | "
-            f"{r['first_s']:.2f} | {e['out']:.1e} | {e['grad_value']:.1e} | {e['grad_loc']:.1e} | {e['grad_attn']:.1e} | "
+            f"{r['forward_gbps']:.1f} | {floor(r['forward_floor'])} | {r['backward_gbps']:.1f} | "
+            f"{floor(r['backward_floor'])} | "
+            f"{r['first_s']:.2f} | {e['out']:.1e} | {e['grad_value']:.1e} | {e['grad_loc']:.1e} | "
+            f"{e['grad_attn']:.1e} | "
             f"{'yes' if r['dtypes_ok'] else 'NO'} |"
         )
     return lines
@@ -405,8 +407,10 @@ def training_lines(result: dict[str, Any], loader: dict[str, Any], frames_per_cl
         + (f" ({loader['error']})" if loader.get("error") else "")
         + " |",
         f"| peak GPU memory (allocated) | {peak} |",
-        f"| loss first / last / min / max | {losses[0]:.3f} / {losses[-1]:.3f} / {min(losses):.3f} / {max(losses):.3f} |",
-        f"| non-finite losses / all parameters finite | {result['nonfinite_losses']} / {'yes' if result['finite_params'] else 'NO'} |",
+        f"| loss first / last / min / max | {losses[0]:.3f} / {losses[-1]:.3f} / "
+        f"{min(losses):.3f} / {max(losses):.3f} |",
+        f"| non-finite losses / all parameters finite | {result['nonfinite_losses']} / "
+        f"{'yes' if result['finite_params'] else 'NO'} |",
     ]
 
 
@@ -447,18 +451,21 @@ def verdict_lines(kernel: list[dict[str, Any]] | None, training: dict[str, Any] 
         worst = max(r["errors"][name] for name in ("out", "grad_value", "grad_attn"))
         if worst > tolerance[r["dtype"]] or not r["dtypes_ok"]:
             lines.append(
-                f"- FAIL: {r['impl']} {r['size']} {r['dtype']}: error {worst:.1e} (tolerance {tolerance[r['dtype']]:.0e}), dtypes kept: {r['dtypes_ok']}"
+                f"- FAIL: {r['impl']} {r['size']} {r['dtype']}: error {worst:.1e} (tolerance "
+                f"{tolerance[r['dtype']]:.0e}), dtypes kept: {r['dtypes_ok']}"
             )
     if isinstance(training, str):
         lines.append(f"- FAIL: training: {training}")
     elif training is not None and (training["nonfinite_losses"] or not training["finite_params"]):
         lines.append(
-            f"- FAIL: training: {training['nonfinite_losses']} non-finite losses, parameters finite: {training['finite_params']}"
+            f"- FAIL: training: {training['nonfinite_losses']} non-finite losses, parameters finite: "
+            f"{training['finite_params']}"
         )
     if not lines:
         lines.append(
             "- PASS: every output / grad_value / grad_attn of the torch path and Triton within tolerance (fp32 1e-4, "
-            "fp16 1e-2, bf16 5e-2 of max(1, max |ref|); grad_loc and grid_sample reported only), dtypes kept, training finite"
+            "fp16 1e-2, bf16 5e-2 of max(1, max |ref|); grad_loc and grid_sample reported only), dtypes kept, "
+            "training finite"
         )
     return lines
 
@@ -498,8 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     header = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {torch.cuda.get_device_name(device)} "
-        f"({properties.multi_processor_count} SMs, {properties.total_memory / 2**30:.0f} GiB); torch {torch.__version__}, "
-        f"triton {triton.__version__}, CUDA {torch.version.cuda}; python {platform.python_version()}; {os.cpu_count()} CPUs.",
+        f"({properties.multi_processor_count} SMs, {properties.total_memory / 2**30:.0f} GiB); "
+        f"torch {torch.__version__}, "
+        f"triton {triton.__version__}, CUDA {torch.version.cuda}; python {platform.python_version()}; "
+        f"{os.cpu_count()} CPUs.",
         f"Peak bandwidth for the floor: {peak} GB/s ({peak_source or 'unknown device: pass --peak-gbps'}).",
     ]
 

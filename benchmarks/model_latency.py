@@ -159,7 +159,8 @@ def main() -> None:
         f"s4_r50 model part (ResNet-50, C = 256, {len(net.fusion.encoder.layers)}+{len(net.decoder.layers)} layers, "
         f"FFN {net.decoder.layers[0].linear1.out_features}, mask_dim {net.fusion.mask_dim}, "
         f"{net.decoder.box_head} box heads, dual block {net.fusion.dual_form}, VGGish on log-mel, binary), one clip "
-        f"[1, {args.frames}, 3, {args.size}, {args.size}], fp32, eval, `torch.inference_mode` (FLOPs counted in a separate grad-enabled pass), "
+        f"[1, {args.frames}, 3, {args.size}, {args.size}], fp32, eval, `torch.inference_mode` (FLOPs counted in a "
+        "separate grad-enabled pass), "
         f"deformable attention torch path; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
         f"Load average at the start {load_start}, at the end {load_end} (1 min; other jobs on the "
@@ -196,7 +197,8 @@ def main() -> None:
             params = sum(p.numel() for p in net.get_submodule(PARTS[name]).parameters())
         rate = flops / seconds / 1e9 if seconds > 0 else float("nan")
         lines.append(
-            f"| {name} | {seconds * 1e3:.1f} | {100 * seconds / total_parts:.0f}% | {flops / 1e9:.2f} | {rate:.1f} | {params / 1e6:.2f} |"
+            f"| {name} | {seconds * 1e3:.1f} | {100 * seconds / total_parts:.0f}% | {flops / 1e9:.2f} | {rate:.1f} | "
+            f"{params / 1e6:.2f} |"
         )
     total_params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -57,7 +57,8 @@ def run_train(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"avseg.train {' '.join(args)} failed ({proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+            f"avseg.train {' '.join(args)} failed ({proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-6000:]}"
         )
     return proc
 

@@ -428,7 +428,8 @@ def test_plain_mapping_accepted():
         }
     }
     assert config_problems(cfg) == [
-        "model.decomposition.codebook_size=2: must be >= num_subspaces (4); allowed: an integer >= K = 4, or a lower num_subspaces"
+        "model.decomposition.codebook_size=2: must be >= num_subspaces (4); allowed: an integer >= K = 4, or a lower "
+        "num_subspaces"
     ]
 
 

@@ -485,7 +485,7 @@ def test_evaluate_dataset_semantic_writes_voc_masks(semantic_module, tmp_path):
         masks_dir=tmp_path / "pred_masks",
     )
     assert set(metrics) == {"miou", "fscore"} and all(0.0 <= v <= 1.0 for v in metrics.values())
-    for index, record in enumerate(dataset.records):
+    for record in dataset.records:
         written = sorted((tmp_path / "pred_masks" / record.video_id).glob("*.png"))
         assert [p.name for p in written] == sorted(f"{t}.png" for t in range(len(record.frame_paths)))
     with Image.open(written[0]) as image:

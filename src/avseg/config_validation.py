@@ -428,11 +428,13 @@ def _check_data(r: _Reader, subset: str | None) -> None:
         if audio_source == "embeddings":
             if embeddings_dir in (_ABSENT, None):
                 r.problems.append(
-                    "data.embeddings_dir=None: allowed: the folder of precomputed .npy embeddings (data.audio_source=embeddings)"
+                    "data.embeddings_dir=None: allowed: the folder of precomputed .npy embeddings "
+                    "(data.audio_source=embeddings)"
                 )
             elif not _expand(embeddings_dir).is_dir():
                 r.problems.append(
-                    f"data.embeddings_dir={str(embeddings_dir)!r}: no such folder; allowed: the folder of precomputed .npy embeddings"
+                    f"data.embeddings_dir={str(embeddings_dir)!r}: no such folder; allowed: the folder of precomputed "
+                    ".npy embeddings"
                 )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
@@ -555,7 +557,8 @@ def _check_trainer(r: _Reader) -> None:
         r.add("trainer.max_steps", max_steps, "-1 (no step limit) or an integer >= 1")
     if epochs_ok and steps_ok and max_epochs == -1 and max_steps in (-1, None, _ABSENT):
         r.problems.append(
-            "trainer.max_epochs=-1 with trainer.max_steps=-1: allowed: at least one finite limit (training would never stop)"
+            "trainer.max_epochs=-1 with trainer.max_steps=-1: allowed: at least one finite limit (training would never "
+            "stop)"
         )
     if min_epochs not in (_ABSENT, None):
         if not _is_int(min_epochs) or min_epochs < 0:
@@ -605,7 +608,8 @@ def _check_strategy_target(r: _Reader, strategy: Mapping[str, Any], accelerator:
     except Exception as error:  # noqa: BLE001 - hydra wraps import failures in several types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         r.problems.append(
-            f"trainer.strategy._target_={target!r}: cannot be imported ({first_line}); allowed: a lightning.pytorch.strategies class"
+            f"trainer.strategy._target_={target!r}: cannot be imported ({first_line}); allowed: a "
+            "lightning.pytorch.strategies class"
         )
         return
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):

@@ -144,7 +144,8 @@ def evaluate_checkpoint(cfg: DictConfig, *, output_dir: Path, overrides: Sequenc
         dataset = datamodule.build(name, split, train=False)
         if masks_root is not None and _is_within(masks_root, dataset.root):
             raise ConfigError(
-                f"save_masks: the output folder {masks_root} lies inside the data tree {dataset.root}; run from elsewhere (hydra.run.dir=...)"
+                f"save_masks: the output folder {masks_root} lies inside the data tree {dataset.root}; run from "
+                "elsewhere (hydra.run.dir=...)"
             )
         if perturb in ("mute", "swap"):
             dataset = PerturbedDataset(dataset, mode=perturb, seed=int(cfg.perturb_seed))

@@ -286,7 +286,8 @@ def clip_audio(
     if examples.shape[0] == 0 and fit_mode == "repeat_last":
         raise DataError(
             source or "audio",
-            f"the audio ends at {waveform.shape[0] / VGGISH_SAMPLE_RATE:.2f} s: no audio for the clip starting at second {start_second}",
+            f"the audio ends at {waveform.shape[0] / VGGISH_SAMPLE_RATE:.2f} s: no audio for the clip starting at "
+            f"second {start_second}",
         )
     audio = fit_examples(examples, clip_length, fit_mode)  # type: ignore[arg-type]
     if num_real < clip_length:

@@ -135,7 +135,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if last is None or not Path(last.last_model_path).is_file():
                 raise CheckpointError(
                     output_dir / "checkpoints",
-                    "test_ckpt=last but no last checkpoint was written (callbacks.checkpoint null?); use test_ckpt=best",
+                    "test_ckpt=last but no last checkpoint was written (callbacks.checkpoint null?); use "
+                    "test_ckpt=best",
                 )
             test_ckpt = last.last_model_path
             # last.ckpt is written at the step fit ended on (LastCheckpoint): check it is that state

@@ -142,7 +142,8 @@ def load_synth_sources(root: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(
             path,
-            "no SynthAVS sidecar here: the decomposition analysis needs a SynthAVS tree (data=synth_ms3 / synth_s4 / synth_avss)",
+            "no SynthAVS sidecar here: the decomposition analysis needs a SynthAVS tree (data=synth_ms3 / synth_s4 / "
+            "synth_avss)",
         )
     try:
         sidecar = json.loads(path.read_text())
@@ -195,7 +196,8 @@ def load_analysis_inputs(ckpt_path: str, overrides: Sequence[str] = (), *, need_
     datamodule, dataset = analysis_dataset(cfg, split)
     if bool(module.semantic) != bool(datamodule.semantic):
         raise ConfigError(
-            f"data.subset={datamodule.subset!r} does not fit the checkpoint {ckpt_path} (binary vs semantic); pick data=..."
+            f"data.subset={datamodule.subset!r} does not fit the checkpoint {ckpt_path} (binary vs semantic); pick "
+            "data=..."
         )
     sidecar = load_synth_sources(dataset.root) if need_sidecar else None
     batch_size = int(cfg.batch_size) if cfg.get("batch_size") is not None else int(datamodule.eval_batch_size)
@@ -240,7 +242,8 @@ def synth_plans(
         if redrawn != recorded:
             raise DataError(
                 where,
-                f"clip {video_id!r}: re-drawing it from the sidecar's options does not give its recorded sources (another generator version?)",
+                f"clip {video_id!r}: re-drawing it from the sidecar's options does not give its recorded sources "
+                "(another generator version?)",
             )
         plans.append(plan)
     return plans

@@ -193,7 +193,10 @@ def run_noise(
     table = noise_table_markdown(curves, snrs)
     checkpoints = "\n".join(f"- {label}: `{ckpt}`" for label, ckpt in zip(labels, ckpt_paths))
     how = " Curves: mean ± sample std over the checkpoints of each label." if average else ""
-    text = f"# {title}\n\nWhite noise added to the waveform at evaluation (perturb=noise).{how}\n\n{checkpoints}\n\n{table}\n"
+    text = (
+        f"# {title}\n\nWhite noise added to the waveform at evaluation (perturb=noise).{how}"
+        f"\n\n{checkpoints}\n\n{table}\n"
+    )
     payload = {
         "snr_db": [_snr_name(s) for s in snrs],
         "labels": list(labels),

@@ -142,8 +142,10 @@ def run_reliance(
     table = format_reliance_table(rows)
     text = f"{title}\n\n{table}\n"
     text += (
-        f"\naudio tokens F_a (position code removed) vary across seconds by {spread['token_spread']:.2%} of their RMS norm "
-        f"(audio network embeddings: {spread['embedding_spread']:.2%}); near 0 the network cannot tell one sound from another\n"
+        f"\naudio tokens F_a (position code removed) vary across seconds by {spread['token_spread']:.2%} "
+        "of their RMS norm "
+        f"(audio network embeddings: {spread['embedding_spread']:.2%}); "
+        "near 0 the network cannot tell one sound from another\n"
     )
     if verdict is not None:
         text += f"\nrequire-drop {require_drop:g}: {'PASS' if verdict[0] else 'FAIL'} ({verdict[1]})\n"

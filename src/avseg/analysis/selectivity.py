@@ -133,7 +133,8 @@ def run_selectivity(ckpt_path: str, overrides: Sequence[str], *, output_dir: Pat
     )
     text = (
         f"Share of each kind of pixel predicted foreground: {ckpt_path} on {inputs.datamodule.subset} {inputs.split} "
-        f"({len(inputs.dataset)} clips; swap seed {seed}; heard = the objects whose class sounds in the audio given)\n\n{table}\n"
+        f"({len(inputs.dataset)} clips; swap seed {seed}; heard = the objects whose class sounds in the audio "
+        f"given)\n\n{table}\n"
     )
     payload = {
         "ckpt_path": str(ckpt_path),

@@ -206,7 +206,8 @@ def run_ablation_summary(
     common = " ".join(summary["common"]) or "(none)"
     text = (
         f"# Ablation summary\n\nFrom {sources}. Mean ± sample std (ddof = 1) over the jobs of each row "
-        f"({', '.join(drop_keys)} removed from the overrides before grouping; failed jobs are counted, not averaged).\n\n"
+        f"({', '.join(drop_keys)} removed from the overrides before grouping; failed jobs are counted, not "
+        "averaged).\n\n"
         f"Overrides common to every job: `{common}`\n\n{table}\n"
     )
     output = output if output is not None else Path(sweep_dirs[0]) / "ablation_summary.md"

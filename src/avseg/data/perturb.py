@@ -54,7 +54,8 @@ def check_perturbation(perturb: str, *, audio_source: str, snr_db: float | None 
         if audio_source != "wav":
             raise ConfigError(
                 f"perturb=noise adds white noise to the waveform and needs data.audio_source=wav; "
-                f"got data.audio_source={audio_source!r} ({'precomputed log-mel pickles' if audio_source == 'pkl' else 'precomputed embeddings'} "
+                f"got data.audio_source={audio_source!r} "
+                f"({'precomputed log-mel pickles' if audio_source == 'pkl' else 'precomputed embeddings'} "
                 "have no waveform). Evaluate with WAV audio, or use perturb=mute|swap"
             )
         if (
@@ -128,7 +129,8 @@ def mute_audio(
     is_log_mel = audio.ndim >= 4 and tuple(audio.shape[-3:]) == LOG_MEL_TAIL
     if not is_log_mel and audio.ndim not in (2, 3):
         raise ValueError(
-            f"mute_audio: expected [T,1,96,64] / [B,T,1,96,64] log-mel or [T,128] / [B,T,128] embeddings, got {tuple(audio.shape)}"
+            "mute_audio: expected [T,1,96,64] / [B,T,1,96,64] log-mel or [T,128] / [B,T,128] embeddings, got "
+            f"{tuple(audio.shape)}"
         )
     if not is_log_mel:
         return torch.zeros_like(audio)

@@ -3,8 +3,8 @@
 ``AtomicCheckpointIO`` (a Lightning ``CheckpointIO`` plugin, set in ``conf/trainer/default.yaml``)
 writes every checkpoint with `avseg.io.write_bytes_atomic` (a temporary file in the target folder,
 fsynced, renamed over the target with ``os.replace``, atomic on POSIX, then the folder fsynced):
-a ``kill -9`` or a power cut at any moment leaves either the previous complete file or the new complete file, never a torn one.
-Loading always uses ``torch.load(weights_only=True)`` and turns every failure into a
+a ``kill -9`` or a power cut at any moment leaves either the previous complete file or the new
+complete file, never a torn one. Loading always uses ``torch.load(weights_only=True)`` and turns every failure into a
 `avseg.errors.CheckpointError` naming the file and what is wrong.
 """
 
@@ -39,7 +39,8 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             file,
-            f"refused by the safe loader (weights_only=True): it holds more than tensors and plain values ({first_line})",
+            "refused by the safe loader (weights_only=True): it holds more than tensors and plain values "
+            f"({first_line})",
         ) from error
     except Exception as error:  # untrusted bytes: any failure to decode them means a corrupt file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

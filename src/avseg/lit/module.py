@@ -203,7 +203,8 @@ class AVSLitModule(LightningModule):
         if data_classes is not None and int(data_classes) != int(self.hparams.get("num_classes", 1)):
             raise ConfigError(
                 f"model.num_classes={self.hparams.get('num_classes', 1)} does not fit the data "
-                f"(subset {getattr(datamodule, 'subset', '?')!r} has {data_classes} object classes): set model.num_classes={data_classes}"
+                f"(subset {getattr(datamodule, 'subset', '?')!r} has {data_classes} object classes): set "
+                f"model.num_classes={data_classes}"
             )
         if self.metric_cfg["frames_per_batch"] is None:
             clips, frames = getattr(datamodule, "eval_batch_size", None), getattr(datamodule, "num_frames", None)
