@@ -204,8 +204,8 @@ GOOD_SNIPPETS = {
     "pickle_dump": "import pickle\npickle.dumps([1])\n",
     "numpy_no_pickle": "import numpy as np\nx = np.load('a.npy', allow_pickle=False)\ny = np.load('b.npy')\n",
     "yaml_safe": "import yaml\nx = yaml.safe_load('a: 1')\n",
-    "unrelated_load": "import json\nx = json.load(open('a'))\nclass M:\n    def load(self):\n        return "
-    "1\nM().load()\n",
+    "unrelated_load": "import json\nx = json.load(open('a'))\nclass M:\n"
+    "    def load(self):\n        return 1\nM().load()\n",
 }
 
 
