@@ -210,7 +210,7 @@ def test_loader_resumes_mid_epoch_and_at_epoch_end() -> None:
 
 def test_sweep_summary_lists_failed_jobs(tmp_path: Path) -> None:
     from avseg.io import write_json_atomic
-    from avseg.lit.callbacks import JOB_STATUS_FILE, write_sweep_summary
+    from avseg.lit.sweeps import JOB_STATUS_FILE, write_sweep_summary
 
     for job, status in enumerate(["ok", "failed", "ok"]):
         job_dir = tmp_path / str(job)

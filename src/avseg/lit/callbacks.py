@@ -1,4 +1,4 @@
-"""Training callbacks (Lightning) and the sweep summary (Hydra).
+"""Checkpoint and resume callbacks (Lightning).
 
 - `LastCheckpoint`: ``last.ckpt`` every N optimizer steps, at every epoch end and at the step
   where ``fit`` ends (max_steps, max_time, a stop request, SIGTERM / Ctrl-C / a SLURM preemption
@@ -6,17 +6,12 @@
   `avseg.lit.checkpoint_io.AtomicCheckpointIO`).
 - `ResumeState`: every rank's RNG states (as tensors, so ``torch.load(weights_only=True)`` reads
   them) and data position, for exact mid-epoch resume, also under DDP.
-- `CodebookMonitor`: per-epoch codebook usage (histogram to wandb, used/dead counts to every logger).
-- `MaskOverlayLogger`: predicted and ground-truth masks over a few fixed validation clips.
-- `SweepSummary`: a Hydra callback writing ``summary.md`` / ``summary.csv`` in a multirun's sweep
-  directory, one row per job (failed jobs included).
+
+The monitoring callbacks are in `avseg.lit.monitors`, the sweep summary in `avseg.lit.sweeps`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import random
@@ -30,14 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from avseg.errors import AvsegError, CheckpointError
-from avseg.io import overlay_labels, write_bytes_atomic, write_json_atomic, write_png_atomic
 from avseg.lit.sampler import ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -46,9 +39,6 @@ __all__ = [
     "LastCheckpoint",
     "TrainingInterrupted",
     "ResumeState",
-    "CodebookMonitor",
-    "MaskOverlayLogger",
-    "SweepSummary",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -394,241 +384,3 @@ class ResumeState(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict if state_dict.get("rng") is not None else None
-
-
-# --------------------------------------------------------------------------------------------------
-# logging
-
-
-def _wandb_loggers(trainer: Trainer) -> list[Any]:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-
-
-class CodebookMonitor(Callback):
-    """Per-epoch codebook usage: ``train/codebook_used_epoch`` and ``train/codebook_dead_epoch``
-    (codes never selected during the epoch) to every logger, and the usage histogram to wandb.
-
-    The module accumulates ``code_usage_epoch`` (float [N] counts) from the quantiser's ``usage``
-    each training step; per-step perplexity / dead counts are logged by the module itself.
-    """
-
-    def __init__(self, *, histogram_every_n_epochs: int = 1) -> None:
-        super().__init__()
-        self.histogram_every_n_epochs = int(histogram_every_n_epochs)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if hasattr(pl_module, "code_usage_epoch"):
-            pl_module.code_usage_epoch = None
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        usage = getattr(pl_module, "code_usage_epoch", None)
-        if usage is None:
-            return
-        usage = usage.detach().float()
-        if trainer.world_size > 1:
-            usage = pl_module.all_gather(usage).reshape(-1, usage.numel()).sum(0)
-        used = int((usage > 0).sum())
-        pl_module.log("train/codebook_used_epoch", float(used), rank_zero_only=True, sync_dist=False)
-        pl_module.log("train/codebook_dead_epoch", float(usage.numel() - used), rank_zero_only=True, sync_dist=False)
-        every = self.histogram_every_n_epochs
-        if not trainer.is_global_zero or every <= 0 or trainer.current_epoch % every != 0:
-            return
-        for logger in _wandb_loggers(trainer):
-            import wandb
-
-            counts = usage.cpu().numpy()
-            edges = np.arange(counts.size + 1, dtype=np.float64)
-            logger.experiment.log(
-                {
-                    "train/codebook_usage": wandb.Histogram(np_histogram=(counts, edges)),
-                    "trainer/global_step": trainer.global_step,
-                }
-            )
-
-
-_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def overlay_masks(frame: torch.Tensor, mask: torch.Tensor, *, semantic: bool, alpha: float = 0.5) -> np.ndarray:
-    """An ImageNet-normalised frame [3, H, W] with a label mask [H, W] blended on
-    (`avseg.io.overlay_labels`): uint8 [H, W, 3]."""
-    image = (frame.detach().cpu().float() * _IMAGENET_STD + _IMAGENET_MEAN).clamp(0, 1)
-    image = (image * 255.0).to(torch.uint8)
-    return overlay_labels(image, mask.detach().cpu(), semantic=semantic, alpha=alpha).permute(1, 2, 0).numpy()
-
-
-class MaskOverlayLogger(Callback):
-    """Ground truth (left) and prediction (right) overlays for the first ``num_clips`` clips of the
-    (unshuffled, hence fixed) validation set, every ``every_n_epochs`` epochs, to wandb; with
-    ``save_png=true`` also as PNG files in ``<run dir>/overlays/``.
-
-    Uses the ``pred_labels`` [B, T, H, W] that ``AVSLitModule.validation_step`` returns.
-    """
-
-    def __init__(self, *, num_clips: int = 4, every_n_epochs: int = 1, save_png: bool = False) -> None:
-        super().__init__()
-        self.num_clips = int(num_clips)
-        self.every_n_epochs = int(every_n_epochs)
-        self.save_png = bool(save_png)
-        self._rows: list[tuple[str, np.ndarray]] = []
-
-    def _active(self, trainer: Trainer) -> bool:
-        return (
-            trainer.is_global_zero
-            and not trainer.sanity_checking
-            and self.num_clips > 0
-            and self.every_n_epochs > 0
-            and trainer.current_epoch % self.every_n_epochs == 0
-            and (bool(_wandb_loggers(trainer)) or self.save_png)
-        )
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._rows = []
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not self._active(trainer) or len(self._rows) >= self.num_clips or not isinstance(outputs, dict):
-            return
-        predictions = outputs.get("pred_labels")
-        if predictions is None:
-            return
-        semantic = bool(getattr(pl_module, "semantic", False))
-        frames, masks, frame_valid = batch["frames"], batch["masks"], batch["frame_valid"]
-        for clip in range(frames.shape[0]):
-            if len(self._rows) >= self.num_clips:
-                break
-            tiles = []
-            for t in range(frames.shape[1]):
-                if not bool(frame_valid[clip, t]):
-                    continue
-                truth = overlay_masks(frames[clip, t], masks[clip, t], semantic=semantic)
-                predicted = overlay_masks(frames[clip, t], predictions[clip, t], semantic=semantic)
-                tiles.append(np.concatenate([truth, predicted], axis=1))
-            if tiles:
-                self._rows.append((str(batch["video_id"][clip]), np.concatenate(tiles, axis=0)))
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._rows or not self._active(trainer):
-            return
-        captions = [f"{video_id} (left: ground truth, right: prediction)" for video_id, _ in self._rows]
-        images = [image for _, image in self._rows]
-        for logger in _wandb_loggers(trainer):
-            logger.log_image(key="val/overlays", images=images, caption=captions, step=trainer.global_step)
-        if self.save_png:
-            folder = Path(trainer.default_root_dir) / "overlays"
-            for video_id, image in self._rows:
-                safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in video_id)
-                write_png_atomic(folder / f"epoch{trainer.current_epoch:03d}_{safe_id}.png", image)
-        self._rows = []
-
-
-# --------------------------------------------------------------------------------------------------
-# sweeps (Hydra callback)
-
-JOB_STATUS_FILE = "job_status.json"
-
-
-def _launched_rank() -> int:
-    """The global rank a cluster launcher gave this process (torchrun: RANK; SLURM: SLURM_PROCID)."""
-    for name in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(name)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
-
-
-class SweepSummary(HydraCallback):
-    """After every multirun job, records ``<job dir>/job_status.json`` (job number, overrides, ok /
-    failed, error) and rewrites ``summary.csv`` and ``summary.md`` in the sweep directory from all
-    jobs' status files and ``metrics.json`` files. Rewriting after each job (atomically) keeps the
-    summary complete even when the sweep stops early, and works when jobs run on other machines
-    (the submitit launcher) since each row comes from files in the shared sweep directory.
-    """
-
-    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
-        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else config.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN or _launched_rank() != 0:
-            return  # a job of several processes (SLURM tasks, torchrun): its rank 0 records it
-        from hydra.core.utils import JobStatus
-
-        job_dir = Path(hydra_cfg.runtime.output_dir)
-        ok = job_return.status == JobStatus.COMPLETED
-        error = ""
-        if not ok:
-            value = job_return._return_value
-            # the whole message on one line (a config error lists one problem per line)
-            error = " ".join(f"{type(value).__name__}: {value}".split())[:500] if value is not None else "unknown"
-        record = {
-            "job": int(hydra_cfg.job.num),
-            "overrides": " ".join(str(o) for o in job_return.overrides or []),
-            "status": "ok" if ok else "failed",
-            "error": error,
-            "dir": str(job_dir),
-        }
-        write_json_atomic(job_dir / JOB_STATUS_FILE, record)
-        write_sweep_summary(Path(hydra_cfg.sweep.dir))
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        write_sweep_summary(Path(config.hydra.sweep.dir))
-
-
-def write_sweep_summary(sweep_dir: Path) -> tuple[Path, Path] | None:
-    """Builds ``summary.csv`` / ``summary.md`` from the job folders of ``sweep_dir``."""
-    rows = []
-    for status_file in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}")):
-        record = json.loads(status_file.read_text())
-        metrics_file = status_file.parent / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        rows.append((record, metrics))
-    if not rows:
-        return None
-    rows.sort(key=lambda row: row[0]["job"])
-    metric_names = sorted({name for _, metrics in rows for name in metrics})
-    header = ["job", "status", "overrides", *metric_names, "error"]
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.6g}"
-        return "" if value is None else str(value)
-
-    table = [
-        [
-            cell(record["job"]),
-            record["status"],
-            record["overrides"],
-            *[cell(metrics.get(m)) for m in metric_names],
-            record["error"],
-        ]
-        for record, metrics in rows
-    ]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(table)
-    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    write_bytes_atomic(csv_path, buffer.getvalue().encode())
-    failed = sum(record["status"] != "ok" for record, _ in rows)
-    lines = [
-        f"# Sweep summary: {sweep_dir.name}",
-        "",
-        f"{len(rows)} jobs, {len(rows) - failed} ok, {failed} failed.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    for row in table:
-        lines.append("| " + " | ".join(value.replace("|", "\\|") for value in row) + " |")
-    write_bytes_atomic(md_path, ("\n".join(lines) + "\n").encode())
-    return csv_path, md_path
