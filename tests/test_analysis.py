@@ -355,6 +355,17 @@ def test_collect_clip_codes_pairs_codes_with_sources(ms3_tree, variant, k):
         assert 0 <= row["purity"] <= 1 and row["samples"] in (15, 15 * k)
 
 
+def test_collect_clip_codes_puts_none_features_through_kmeans(ms3_tree):
+    from avseg.data.avsbench import MS3Dataset
+
+    dataset = MS3Dataset(ms3_tree, "test", image_size=48)
+    clips = collect_clip_codes(_untrained("none").net, dataset, load_synth_sources(ms3_tree), batch_size=2, kmeans_size=6)
+    assert [c.video_id for c in clips] == dataset.video_ids
+    local = np.concatenate([c.local_indices for c in clips])
+    assert local.shape == (15, 4) and local.min() >= 0 and local.max() < 6
+    assert all(c.global_indices.shape == (4,) and (c.global_indices < 6).all() for c in clips)
+
+
 def test_collect_clip_codes_refuses_none_and_trees_without_sidecar(ms3_tree, tmp_path):
     from avseg.data.avsbench import MS3Dataset
 
@@ -575,10 +586,15 @@ def test_decomposition_command(sweep, tmp_path, capsys):
     assert "Per second: local codes" in printed and "| sub-space | samples | codes used | NMI |" in printed
     assert "sub-space agreement" in printed and 0 <= payload["subspace_agreement"]["second"] <= 1
 
+    sources = {r["codes"]: r for r in payload["source_sets"]}
+    assert list(sources)[0] == "model (pq)" and "oracle: mixture code" in sources
+    assert sources["oracle: decomposition"]["f1"] == 1.0 and "source-set F1" in printed
+
     none = sweep["jobs"][("none", "0")]
-    assert main(["decomposition", f"ckpt_path={none['ckpt']}", "--out", str(tmp_path / "none")]) == 0
-    assert "not applicable" in capsys.readouterr().out
-    assert json.loads((tmp_path / "none" / "decomposition.json").read_text())["applicable"] is False
+    assert main(["decomposition", f"ckpt_path={none['ckpt']}", "--permutations", "5", "--out", str(tmp_path / "none")]) == 0
+    assert "k-means codebook" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "none" / "decomposition.json").read_text())
+    assert payload["applicable"] is True and payload["source_sets"][0]["codes"] == "model (none)"
 
 
 @pytest.mark.slow
