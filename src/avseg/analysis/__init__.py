@@ -14,7 +14,9 @@ Commands (docs/ANALYSIS.md):
   quantised code indices (``quant["local_indices"]`` [B, T, K] per second, ``quant["global_indices"]``
   [B, K] per clip) against the true sounding classes of ``synth_sources.json``: normalised mutual
   information, purity and the number of codes used, per sub-space, pooled over sub-spaces and for
-  the joint K-tuple. ``pq``, ``pq_split`` and ``vq``; "not applicable" for ``none``.
+  the joint K-tuple; per second, the sub-space agreement, the held-out source-set F1 and the
+  multi-source recall, beside oracle codes for scale. ``pq``, ``pq_split`` and ``vq``; ``none``
+  through a k-means codebook of its unquantised features.
 - ``data-baselines [ckpt_path=PATH | data overrides]``: on a binary SynthAVS split, the M_J / M_F
   of rule-based predictors: every visible object (the best a model ignoring the audio can do), and
   an ideal listener with clean, muted and swapped audio (what the data allows mute / swap to cost).
@@ -52,6 +54,8 @@ from avseg.analysis.codes import (
     format_decomposition_tables,
     run_decomposition,
     subspace_agreement,
+    oracle_codes,
+    source_set_rows,
 )
 from avseg.analysis.common import AnalysisInputs, analysis_dataset, load_analysis_inputs, load_synth_sources
 from avseg.analysis.measures import (
@@ -62,6 +66,9 @@ from avseg.analysis.measures import (
     normalized_mutual_information,
     purity,
     source_label,
+    source_set_scores,
+    fit_code_classes,
+    kmeans_codes,
 )
 from avseg.analysis.noise import average_curves, noise_table_markdown, parse_snr_list, plot_noise_curves, run_noise
 from avseg.analysis.reliance import audio_token_spread, format_reliance_table, reliance_rows, reliance_verdict, run_reliance
@@ -77,6 +84,11 @@ __all__ = [
     "purity",
     "chance_nmi",
     "source_label",
+    "source_set_scores",
+    "fit_code_classes",
+    "kmeans_codes",
+    "oracle_codes",
+    "source_set_rows",
     "load_synth_sources",
     "ClipCodes",
     "collect_clip_codes",
