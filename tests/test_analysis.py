@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_train import REPO, TINY_MODEL, compose_train, run_train, synth_tree
+from test_eval_predict import TRAIN_OVERRIDES
 
 from avseg.analysis import (
     ClipCodes,
@@ -43,8 +45,6 @@ from avseg.analysis import (
     summarise_sweeps,
 )
 from avseg.errors import ConfigError, DataError
-from helpers_train import REPO, TINY_MODEL, compose_train, run_train, synth_tree
-from test_eval_predict import TRAIN_OVERRIDES
 
 LN = math.log
 
@@ -134,7 +134,9 @@ def test_decomposition_tables_perfect_and_shuffled_codes():
     for i in range(6):
         sounding = [frozenset({classes[(i + t) % 3]}) for t in range(4)]
         local = np.array([[classes.index(next(iter(s))), 0] for s in sounding])
-        clips.append(ClipCodes(video_id=f"v{i}", global_indices=np.array([i % 3, 0]), local_indices=local, sounding=sounding))
+        clips.append(
+            ClipCodes(video_id=f"v{i}", global_indices=np.array([i % 3, 0]), local_indices=local, sounding=sounding)
+        )
     tables = decomposition_tables(clips, permutations=10)
     rows = {r["subspace"]: r for r in tables["second"]}
     assert set(rows) == {"1", "2", "pooled", "joint"}
@@ -181,15 +183,41 @@ def test_summarise_sweeps_groups_by_overrides_minus_seed(tmp_path):
     _write_summary(
         tmp_path / "a",
         [
-            {"job": 0, "status": "ok", "overrides": f"{common} model/decomposition=pq seed=0", "test/miou": "0.5", "test/fscore": "0.6"},
-            {"job": 1, "status": "ok", "overrides": f"{common} model/decomposition=pq seed=1", "test/miou": "0.7", "test/fscore": "0.8"},
-            {"job": 2, "status": "ok", "overrides": f"{common} model/decomposition=none seed=0", "test/miou": "0.2", "test/fscore": "0.3"},
+            {
+                "job": 0,
+                "status": "ok",
+                "overrides": f"{common} model/decomposition=pq seed=0",
+                "test/miou": "0.5",
+                "test/fscore": "0.6",
+            },
+            {
+                "job": 1,
+                "status": "ok",
+                "overrides": f"{common} model/decomposition=pq seed=1",
+                "test/miou": "0.7",
+                "test/fscore": "0.8",
+            },
+            {
+                "job": 2,
+                "status": "ok",
+                "overrides": f"{common} model/decomposition=none seed=0",
+                "test/miou": "0.2",
+                "test/fscore": "0.3",
+            },
             {"job": 3, "status": "failed", "overrides": f"{common} model/decomposition=none seed=1", "error": "boom"},
         ],
     )
     _write_summary(
         tmp_path / "b",
-        [{"job": 0, "status": "ok", "overrides": f"{common} model.decomposition.num_subspaces=8 seed=2", "test/miou": "0.4", "test/fscore": "0.5"}],
+        [
+            {
+                "job": 0,
+                "status": "ok",
+                "overrides": f"{common} model.decomposition.num_subspaces=8 seed=2",
+                "test/miou": "0.4",
+                "test/fscore": "0.5",
+            }
+        ],
     )
     summary = summarise_sweeps([tmp_path / "a", tmp_path / "b"])
     assert summary["common"] == common.split()
@@ -199,7 +227,12 @@ def test_summarise_sweeps_groups_by_overrides_minus_seed(tmp_path):
     assert (mean, n) == (pytest.approx(0.6), 2) and std == pytest.approx(math.sqrt(0.02))  # sample std
     assert rows["model/decomposition=pq"]["seeds"] == ["0", "1"]
     none = rows["model/decomposition=none"]
-    assert none["runs"] == 2 and none["failed"] == 1 and none["test/miou"][0] == pytest.approx(0.2) and math.isnan(none["test/miou"][1])
+    assert (
+        none["runs"] == 2
+        and none["failed"] == 1
+        and none["test/miou"][0] == pytest.approx(0.2)
+        and math.isnan(none["test/miou"][1])
+    )
     with pytest.raises(DataError, match="no summary.csv"):
         summarise_sweeps([tmp_path / "missing"])
 
@@ -217,8 +250,20 @@ def test_summarise_sweeps_adds_measured_job_metrics(tmp_path):
     _write_summary(
         tmp_path / "s",
         [
-            {"job": 0, "status": "ok", "overrides": "model/decomposition=pq seed=0", "test/miou": "0.5", "test/fscore": "0.6"},
-            {"job": 1, "status": "ok", "overrides": "model/decomposition=pq seed=1", "test/miou": "0.7", "test/fscore": "0.8"},
+            {
+                "job": 0,
+                "status": "ok",
+                "overrides": "model/decomposition=pq seed=0",
+                "test/miou": "0.5",
+                "test/fscore": "0.6",
+            },
+            {
+                "job": 1,
+                "status": "ok",
+                "overrides": "model/decomposition=pq seed=1",
+                "test/miou": "0.7",
+                "test/fscore": "0.8",
+            },
             {"job": 2, "status": "failed", "overrides": "model/decomposition=pq seed=2", "error": "boom"},
         ],
     )
@@ -253,6 +298,7 @@ def test_subspace_agreement():
 
 def test_average_curves_and_their_table():
     """Checkpoints sharing a label average into one curve (mean, sample std, n), in first-seen order."""
+
     def curve(j: float, f: float) -> dict:
         return {"clean": {"miou": j, "fscore": f}, "0": {"miou": j / 2, "fscore": f / 2}}
 
@@ -286,14 +332,25 @@ def test_ablation_experiment_is_the_demo_shortened():
     demo = compose_train(["experiment=synth_ms3"])
     ablation = compose_train(["experiment=ablation_synth_ms3", "model/decomposition=vq"])
     validate_config(ablation)
-    plain = {name: flat(OmegaConf.to_container(cfg, resolve=False)) for name, cfg in (("demo", demo), ("ablation", ablation))}
+    plain = {
+        name: flat(OmegaConf.to_container(cfg, resolve=False)) for name, cfg in (("demo", demo), ("ablation", ablation))
+    }
     for name in plain:
         plain[name] = {k: v for k, v in plain[name].items() if not k.startswith(("hydra.", "logger."))}
-    differing = {k for k in set(plain["demo"]) | set(plain["ablation"]) if plain["demo"].get(k) != plain["ablation"].get(k)}
+    differing = {
+        k for k in set(plain["demo"]) | set(plain["ablation"]) if plain["demo"].get(k) != plain["ablation"].get(k)
+    }
     allowed = (
-        "task_name", "trainer.max_epochs", "model.scheduler.milestones", "trainer.enable_progress_bar",
-        "trainer.enable_model_summary", "callbacks.mask_overlays", "model.decomposition.",  # the factor of this row
-        "model.fusion.audio_similarity_dim", "model.fusion.similarity_to_masks", "model.loss.weight_similarity",
+        "task_name",
+        "trainer.max_epochs",
+        "model.scheduler.milestones",
+        "trainer.enable_progress_bar",
+        "trainer.enable_model_summary",
+        "callbacks.mask_overlays",
+        "model.decomposition.",  # the factor of this row
+        "model.fusion.audio_similarity_dim",
+        "model.fusion.similarity_to_masks",
+        "model.loss.weight_similarity",
         "test_ckpt",
     )
     assert [k for k in differing if not k.startswith(allowed)] == []
@@ -355,6 +412,19 @@ def test_collect_clip_codes_pairs_codes_with_sources(ms3_tree, variant, k):
         assert 0 <= row["purity"] <= 1 and row["samples"] in (15, 15 * k)
 
 
+def test_collect_clip_codes_puts_none_features_through_kmeans(ms3_tree):
+    from avseg.data.avsbench import MS3Dataset
+
+    dataset = MS3Dataset(ms3_tree, "test", image_size=48)
+    clips = collect_clip_codes(
+        _untrained("none").net, dataset, load_synth_sources(ms3_tree), batch_size=2, kmeans_size=6
+    )
+    assert [c.video_id for c in clips] == dataset.video_ids
+    local = np.concatenate([c.local_indices for c in clips])
+    assert local.shape == (15, 4) and local.min() >= 0 and local.max() < 6
+    assert all(c.global_indices.shape == (4,) and (c.global_indices < 6).all() for c in clips)
+
+
 def test_collect_clip_codes_refuses_none_and_trees_without_sidecar(ms3_tree, tmp_path):
     from avseg.data.avsbench import MS3Dataset
 
@@ -390,10 +460,24 @@ def test_audio_token_spread_formula():
             self.audio_encoder = Encoder()
 
     dataset = [
-        {"audio": content[:2], "frame_valid": torch.tensor([True, True]), "frames": torch.zeros(2, 3, 4, 4),
-         "masks": torch.zeros(2, 4, 4, dtype=torch.long), "label_valid": torch.ones(2, dtype=torch.bool), "video_id": "a", "index": 0},
-        {"audio": content[2:], "frame_valid": torch.tensor([True, True]), "frames": torch.zeros(2, 3, 4, 4),
-         "masks": torch.zeros(2, 4, 4, dtype=torch.long), "label_valid": torch.ones(2, dtype=torch.bool), "video_id": "b", "index": 1},
+        {
+            "audio": content[:2],
+            "frame_valid": torch.tensor([True, True]),
+            "frames": torch.zeros(2, 3, 4, 4),
+            "masks": torch.zeros(2, 4, 4, dtype=torch.long),
+            "label_valid": torch.ones(2, dtype=torch.bool),
+            "video_id": "a",
+            "index": 0,
+        },
+        {
+            "audio": content[2:],
+            "frame_valid": torch.tensor([True, True]),
+            "frames": torch.zeros(2, 3, 4, 4),
+            "masks": torch.zeros(2, 4, 4, dtype=torch.long),
+            "label_valid": torch.ones(2, dtype=torch.bool),
+            "video_id": "b",
+            "index": 1,
+        },
     ]
     spread = audio_token_spread(Net(), dataset, batch_size=2)
     # variance over seconds: dim 0 values 3,3,3,5 -> 0.75; dim 1 constant; mean squared norm (25*3 + 41) / 4 = 29
@@ -413,7 +497,11 @@ def test_data_baselines_on_a_tiny_tree(ms3_tree, tmp_path, capsys):
     assert 0.0 < rows["all visible objects"]["miou"] <= 1.0
     assert 0.0 <= rows["ideal listener, swap"]["miou"] < 1.0
     # the same from the command line, with the tree named by data overrides
-    overrides = ["data.synth.image_size=48", "data.synth.clips_per_split={train: 3, val: 3, test: 3}", "data.eval_batch_size=2"]
+    overrides = [
+        "data.synth.image_size=48",
+        "data.synth.clips_per_split={train: 3, val: 3, test: 3}",
+        "data.eval_batch_size=2",
+    ]
     assert main(["data-baselines", *overrides, "--out", str(tmp_path)]) == 0
     stored = {r["predictor"]: r for r in json.loads((tmp_path / "data_baselines.json").read_text())["rows"]}
     assert stored["all visible objects"]["miou"] == pytest.approx(rows["all visible objects"]["miou"])
@@ -431,7 +519,11 @@ def test_pixel_selectivity_with_rule_predictors(ms3_tree):
 
     # the clip's own ground truth, whatever the audio: a model that does not listen at all
     truth = run(lambda batch: batch["masks"] > 0)
-    assert (truth["none"]["heard objects"], truth["none"]["unheard objects"], truth["none"]["background"]) == (1.0, 0.0, 0.0)
+    assert (truth["none"]["heard objects"], truth["none"]["unheard objects"], truth["none"]["background"]) == (
+        1.0,
+        0.0,
+        0.0,
+    )
     assert truth["mute"]["heard objects"] is None and truth["mute"]["pixels"]["heard objects"] == 0
     assert 0.0 < truth["mute"]["unheard objects"] < 1.0  # the sounding share of all object pixels
     everything = run(lambda batch: torch.ones_like(batch["masks"], dtype=torch.bool))
@@ -440,9 +532,19 @@ def test_pixel_selectivity_with_rule_predictors(ms3_tree):
     for perturb in ("none", "mute", "swap"):
         assert sum(everything[perturb]["pixels"].values()) == pixels
         objects = everything[perturb]["pixels"]["heard objects"] + everything[perturb]["pixels"]["unheard objects"]
-        assert objects == everything["none"]["pixels"]["heard objects"] + everything["none"]["pixels"]["unheard objects"]
-        assert all(v in (None, 1.0) for k, v in everything[perturb].items() if k in ("heard objects", "unheard objects", "background"))
-        assert all(v in (None, 0.0) for k, v in nothing[perturb].items() if k in ("heard objects", "unheard objects", "background"))
+        assert (
+            objects == everything["none"]["pixels"]["heard objects"] + everything["none"]["pixels"]["unheard objects"]
+        )
+        assert all(
+            v in (None, 1.0)
+            for k, v in everything[perturb].items()
+            if k in ("heard objects", "unheard objects", "background")
+        )
+        assert all(
+            v in (None, 0.0)
+            for k, v in nothing[perturb].items()
+            if k in ("heard objects", "unheard objects", "background")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,8 +615,22 @@ def test_reliance_from_the_command_line(sweep, tmp_path):
     job = sweep["jobs"][("pq", "1")]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "avseg.analysis", "reliance", f"ckpt_path={job['ckpt']}", "--require-drop", "1.0", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "avseg.analysis",
+            "reliance",
+            f"ckpt_path={job['ckpt']}",
+            "--require-drop",
+            "1.0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     payload = json.loads((tmp_path / "reliance.json").read_text())
     rows = {r["perturb"]: r for r in payload["rows"]}
@@ -528,7 +644,12 @@ def test_reliance_from_the_command_line(sweep, tmp_path):
 @pytest.mark.slow
 def test_noise_command(sweep, tmp_path):
     pq, none = sweep["jobs"][("pq", "0")], sweep["jobs"][("none", "0")]
-    assert main(["noise", f"ckpt_path={pq['ckpt']}", f"ckpt_path={none['ckpt']}", "snr=clean,0,-5", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["noise", f"ckpt_path={pq['ckpt']}", f"ckpt_path={none['ckpt']}", "snr=clean,0,-5", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     payload = json.loads((tmp_path / "noise_robustness.json").read_text())
     assert payload["snr_db"] == ["clean", "0", "-5"] and payload["labels"] == ["pq", "none"]
     for label, job in (("pq", pq), ("none", none)):
@@ -575,10 +696,20 @@ def test_decomposition_command(sweep, tmp_path, capsys):
     assert "Per second: local codes" in printed and "| sub-space | samples | codes used | NMI |" in printed
     assert "sub-space agreement" in printed and 0 <= payload["subspace_agreement"]["second"] <= 1
 
+    sources = {r["codes"]: r for r in payload["source_sets"]}
+    assert list(sources)[0] == "model (pq)" and "oracle: mixture code" in sources
+    assert "source-set F1" in printed and sources["oracle: mixture code"]["agreement"] == 1.0
+    for row in sources.values():  # 4 clips: too few for known values (held-out maps), ranges only
+        assert 0 <= row["f1"] <= 1 and 0 <= row["agreement"] <= 1 and row["seconds"] == 4 * 5
+
     none = sweep["jobs"][("none", "0")]
-    assert main(["decomposition", f"ckpt_path={none['ckpt']}", "--out", str(tmp_path / "none")]) == 0
-    assert "not applicable" in capsys.readouterr().out
-    assert json.loads((tmp_path / "none" / "decomposition.json").read_text())["applicable"] is False
+    assert (
+        main(["decomposition", f"ckpt_path={none['ckpt']}", "--permutations", "5", "--out", str(tmp_path / "none")])
+        == 0
+    )
+    assert "k-means codebook" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "none" / "decomposition.json").read_text())
+    assert payload["applicable"] is True and payload["source_sets"][0]["codes"] == "model (none)"
 
 
 @pytest.mark.slow

@@ -177,9 +177,18 @@ def _handmade_wav(samples_int16: np.ndarray, extra_chunk: bytes, sample_rate: in
     fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, sample_rate * 2, 2, 16)
     data = samples_int16.astype("<i2").tobytes()
     padded_extra = extra_chunk + (b"\0" if len(extra_chunk) % 2 else b"")
-    body = (b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"LIST" + struct.pack("<I", len(extra_chunk)) + padded_extra
-            + b"data" + struct.pack("<I", len(data)) + data)
+    body = (
+        b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"LIST"
+        + struct.pack("<I", len(extra_chunk))
+        + padded_extra
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
@@ -304,3 +313,31 @@ def test_sample_rate_without_small_ratio_to_16k_is_refused_before_resampling(tmp
         load_wav(path)
     with pytest.raises(ValueError, match="44101 Hz"):
         log_mel_examples(np.zeros(44101, dtype=np.float32), 44101)
+
+
+@pytest.mark.parametrize("bands", [True, 8, 16])
+def test_log_mel_cnn_band_tokens_give_finer_frequency_bands(bands):
+    """band_tokens true / 8 / 16: that many tokens per second (true = 4), padded seconds zero."""
+    from avseg.models.audio import AudioEncoder
+
+    torch.manual_seed(0)
+    encoder = AudioEncoder(
+        dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, band_tokens=bands
+    ).eval()
+    valid = torch.tensor([[True, True, False]])
+    out = encoder(torch.randn(1, 3, 1, 96, 64), valid)
+    expected = 4 if bands is True else bands
+    assert out.shape == (1, 3, expected, 16) and encoder.num_bands == expected
+    assert torch.all(out[0, 2] == 0) and torch.isfinite(out).all()
+    assert (out[0, 0] - out[0, 0, :1]).abs().max() > 1e-3  # the bands differ
+
+
+@pytest.mark.parametrize("bands", [3, 32, "yes"])
+def test_log_mel_cnn_band_tokens_errors(bands):
+    from avseg.errors import ConfigError
+    from avseg.models.audio import AudioEncoder
+
+    with pytest.raises(ConfigError, match="band_tokens"):
+        AudioEncoder(
+            dim=16, input="log_mel", network="log_mel_cnn", random_init=True, freeze_vggish=False, band_tokens=bands
+        )

@@ -14,7 +14,9 @@ Commands (docs/ANALYSIS.md):
   quantised code indices (``quant["local_indices"]`` [B, T, K] per second, ``quant["global_indices"]``
   [B, K] per clip) against the true sounding classes of ``synth_sources.json``: normalised mutual
   information, purity and the number of codes used, per sub-space, pooled over sub-spaces and for
-  the joint K-tuple. ``pq``, ``pq_split`` and ``vq``; "not applicable" for ``none``.
+  the joint K-tuple; per second, the sub-space agreement, the held-out source-set F1 and the
+  multi-source recall, beside oracle codes for scale. ``pq``, ``pq_split`` and ``vq``; ``none``
+  through a k-means codebook of its unquantised features.
 - ``data-baselines [ckpt_path=PATH | data overrides]``: on a binary SynthAVS split, the M_J / M_F
   of rule-based predictors: every visible object (the best a model ignoring the audio can do), and
   an ideal listener with clean, muted and swapped audio (what the data allows mute / swap to cost).
@@ -50,7 +52,9 @@ from avseg.analysis.codes import (
     collect_clip_codes,
     decomposition_tables,
     format_decomposition_tables,
+    oracle_codes,
     run_decomposition,
+    source_set_rows,
     subspace_agreement,
 )
 from avseg.analysis.common import AnalysisInputs, analysis_dataset, load_analysis_inputs, load_synth_sources
@@ -58,13 +62,22 @@ from avseg.analysis.measures import (
     chance_nmi,
     contingency_table,
     entropy,
+    fit_code_classes,
+    kmeans_codes,
     mutual_information,
     normalized_mutual_information,
     purity,
     source_label,
+    source_set_scores,
 )
 from avseg.analysis.noise import average_curves, noise_table_markdown, parse_snr_list, plot_noise_curves, run_noise
-from avseg.analysis.reliance import audio_token_spread, format_reliance_table, reliance_rows, reliance_verdict, run_reliance
+from avseg.analysis.reliance import (
+    audio_token_spread,
+    format_reliance_table,
+    reliance_rows,
+    reliance_verdict,
+    run_reliance,
+)
 from avseg.analysis.selectivity import pixel_selectivity, run_selectivity
 from avseg.analysis.sweeps import format_summary_markdown, run_ablation_summary, split_overrides, summarise_sweeps
 
@@ -77,6 +90,11 @@ __all__ = [
     "purity",
     "chance_nmi",
     "source_label",
+    "source_set_scores",
+    "fit_code_classes",
+    "kmeans_codes",
+    "oracle_codes",
+    "source_set_rows",
     "load_synth_sources",
     "ClipCodes",
     "collect_clip_codes",

@@ -15,15 +15,35 @@ import numpy as np
 import torch
 
 from avseg.analysis.common import (
-    SIDECAR_NAME, fmt, load_analysis_inputs, markdown_table, write_bytes_atomic, write_json,
+    SIDECAR_NAME,
+    fmt,
+    load_analysis_inputs,
+    markdown_table,
+    write_bytes_atomic,
+    write_json,
 )
-from avseg.analysis.measures import chance_nmi, normalized_mutual_information, purity, source_label
+from avseg.analysis.measures import (
+    chance_nmi,
+    kmeans_codes,
+    normalized_mutual_information,
+    purity,
+    source_label,
+    source_set_scores,
+)
 from avseg.errors import ConfigError, DataError
 from avseg.inference import evaluation_loader, load_model
 
 __all__ = [
-    "ClipCodes", "audio_features", "collect_clip_codes", "decomposition_tables", "subspace_agreement",
-    "format_decomposition_tables", "run_decomposition",
+    "ClipCodes",
+    "audio_features",
+    "collect_clip_codes",
+    "decomposition_tables",
+    "subspace_agreement",
+    "format_decomposition_tables",
+    "run_decomposition",
+    "oracle_codes",
+    "source_set_rows",
+    "format_source_set_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,7 +76,9 @@ class ClipCodes:
         return frozenset().union(*self.sounding) if self.sounding else frozenset()
 
 
-def audio_features(net: Any, audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, attention: bool = False) -> dict[str, torch.Tensor]:
+def audio_features(
+    net: Any, audio: torch.Tensor, frame_valid: torch.Tensor | None = None, *, attention: bool = False
+) -> dict[str, torch.Tensor]:
     """The audio path of a QDFormer alone (as in its forward): ``entangled`` audio tokens F_a
     [B, T, C], the decomposition dict (``local_codes`` [B, T, K, C], indices, ...) and, with
     ``attention`` (not ``pq_split``), ``attention`` [B, K, T] from `AudioDecomposition.attention_maps`."""
@@ -69,16 +91,30 @@ def audio_features(net: Any, audio: torch.Tensor, frame_valid: torch.Tensor | No
     return out
 
 
-def collect_clip_codes(net: Any, dataset: Any, sidecar: Mapping[str, Any], *, batch_size: int = 4, device: torch.device | str = "cpu") -> list[ClipCodes]:
+def collect_clip_codes(
+    net: Any,
+    dataset: Any,
+    sidecar: Mapping[str, Any],
+    *,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    kmeans_size: int | None = None,
+) -> list[ClipCodes]:
     """Runs the audio path of ``net`` over ``dataset`` and pairs each clip's code indices with its
-    sounding classes from ``sidecar`` (padded frames dropped)."""
+    sounding classes from ``sidecar`` (padded frames dropped).
+
+    ``model/decomposition=none`` has no quantiser: with ``kmeans_size`` its unquantised sub-space
+    features (per second and per clip) are put through a k-means codebook of that size fitted on
+    all of them (:func:`avseg.analysis.measures.kmeans_codes`, seed 0; no labels used), and those
+    indices are analysed; without it, it raises ConfigError."""
     variant = getattr(net.decomposition, "variant", None)
-    if variant == "none":
+    if variant == "none" and kmeans_size is None:
         raise ConfigError("model/decomposition=none has no quantiser: code analysis is not applicable")
     where = Path(getattr(dataset, "root", ".")) / SIDECAR_NAME
     loader = evaluation_loader(dataset, batch_size=batch_size)
     net = net.eval().to(device)
     clips: list[ClipCodes] = []
+    features: list[tuple[np.ndarray, np.ndarray]] = []  # (global [K, C], local [T_real, K, C]) for "none"
     for batch in loader:
         frame_valid = batch["frame_valid"].to(device)
         quant = audio_features(net, batch["audio"].to(device), frame_valid)
@@ -89,6 +125,13 @@ def collect_clip_codes(net: Any, dataset: Any, sidecar: Mapping[str, Any], *, ba
             num_real = int(valid[row].sum())
             if not valid[row, :num_real].all():
                 raise DataError(where, f"clip {video_id!r}: a padded frame comes before a real one")
+            if variant == "none":
+                features.append(
+                    (
+                        quant["global_codes"][row].float().cpu().numpy(),
+                        quant["local_codes"][row, :num_real].float().cpu().numpy(),
+                    )
+                )
             clips.append(
                 ClipCodes(
                     video_id=str(video_id),
@@ -97,12 +140,26 @@ def collect_clip_codes(net: Any, dataset: Any, sidecar: Mapping[str, Any], *, ba
                     sounding=_sounding_per_second(sidecar, str(video_id), num_real, where),
                 )
             )
+    if variant == "none":
+        assert kmeans_size is not None
+        k = features[0][0].shape[0]
+        width = features[0][0].shape[-1]
+        local = kmeans_codes(np.concatenate([f[1].reshape(-1, width) for f in features]), kmeans_size)
+        glob = kmeans_codes(np.concatenate([f[0] for f in features]), kmeans_size)
+        start = 0
+        for i, (clip, (_, loc)) in enumerate(zip(clips, features)):
+            n = loc.shape[0] * k
+            clip.local_indices = local[start : start + n].reshape(loc.shape[0], k)
+            clip.global_indices = glob[i * k : (i + 1) * k]
+            start += n
     if any((c.global_indices < 0).any() or (c.local_indices < 0).any() for c in clips):
         raise ConfigError("the model returned code index -1 (no quantiser): code analysis is not applicable")
     return clips
 
 
-def _code_rows(codes_per_sub: Sequence[Sequence[int]], label_sets: Sequence[frozenset[str]], *, permutations: int, seed: int) -> list[dict[str, Any]]:
+def _code_rows(
+    codes_per_sub: Sequence[Sequence[int]], label_sets: Sequence[frozenset[str]], *, permutations: int, seed: int
+) -> list[dict[str, Any]]:
     """Rows per sub-space, pooled and joint for one level (per-second or per-clip samples)."""
     k = len(codes_per_sub)
     labels = [source_label(s) for s in label_sets]
@@ -112,7 +169,9 @@ def _code_rows(codes_per_sub: Sequence[Sequence[int]], label_sets: Sequence[froz
         # one label value (or none): nothing for a code to explain, so no NMI (not the 1.0 convention)
         return normalized_mutual_information(codes, names) if len(set(names)) >= 2 else float("nan")
 
-    def row(name: str, codes: Sequence[Hashable], sets: Sequence[frozenset[str]], single_idx: Sequence[int]) -> dict[str, Any]:
+    def row(
+        name: str, codes: Sequence[Hashable], sets: Sequence[frozenset[str]], single_idx: Sequence[int]
+    ) -> dict[str, Any]:
         names = [source_label(s) for s in sets]
         single_codes = [codes[i] for i in single_idx]
         single_labels = [names[i] for i in single_idx]
@@ -140,7 +199,9 @@ def _code_rows(codes_per_sub: Sequence[Sequence[int]], label_sets: Sequence[froz
     return rows
 
 
-def decomposition_tables(clips: Sequence[ClipCodes], *, permutations: int = 50, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def decomposition_tables(
+    clips: Sequence[ClipCodes], *, permutations: int = 50, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
     """``{"second": rows, "clip": rows}``: per real second, the local codes [T, K] against the
     classes sounding in that second; per clip, the global codes [K] against the classes sounding at
     any time in the clip. Each row: sub-space (1..K, ``pooled`` over sub-spaces, ``joint`` K-tuple),
@@ -176,6 +237,90 @@ def subspace_agreement(indices: np.ndarray) -> float:
     return float((indices[:, rows] == indices[:, cols]).mean())
 
 
+ORACLES = ("mixture", "decomposition")
+
+
+def oracle_codes(
+    label_sets: Sequence[frozenset[str]],
+    k: int,
+    *,
+    kind: str,
+    noise: float = 0.0,
+    codebook_size: int = 64,
+    seed: int = 0,
+) -> np.ndarray:
+    """Reference codes [n, K] built from the true sounding sets, to give the source-set scores a scale.
+
+    - ``mixture``: one codeword per set of sounding classes, copied into all K sub-spaces (a
+      perfect mixture code: what a decomposition that does not decompose can reach at best);
+    - ``decomposition``: sub-space i holds the codeword of the i-th sounding class (sorted by
+      name), the remaining sub-spaces a silence codeword (a perfect decomposition, up to K classes).
+
+    ``noise``: share of the n * K codes replaced by codewords drawn uniformly from
+    ``codebook_size`` (seeded)."""
+    if kind not in ORACLES:
+        raise ValueError(f"oracle_codes: kind {kind!r} not in {ORACLES}")
+    classes = sorted({c for s in label_sets for c in s})
+    class_code = {name: i + 1 for i, name in enumerate(classes)}  # 0 = silence
+    set_code: dict[frozenset[str], int] = {}
+    codes = np.zeros((len(label_sets), k), dtype=np.int64)
+    for row, sounding in enumerate(label_sets):
+        if kind == "mixture":
+            codes[row] = set_code.setdefault(frozenset(sounding), len(set_code))
+        else:
+            names = sorted(sounding)[:k]
+            codes[row, : len(names)] = [class_code[n] for n in names]
+    if noise > 0:
+        rng = np.random.default_rng(seed)
+        replace = rng.random(codes.shape) < noise
+        codes[replace] = rng.integers(0, max(codebook_size, int(codes.max()) + 1), size=int(replace.sum()))
+    return codes
+
+
+def source_set_rows(clips: Sequence[ClipCodes], *, name: str, codebook_size: int = 64) -> list[dict[str, Any]]:
+    """Per second, the source-set scores (:func:`avseg.analysis.measures.source_set_scores`) and
+    the sub-space agreement of the clips' local codes (row ``name``), then of the oracle codes
+    (:func:`oracle_codes`) for scale."""
+    if not clips:
+        raise ValueError("source_set_rows: no clips")
+    k = int(clips[0].local_indices.shape[1])
+    sets = [s for clip in clips for s in clip.sounding]
+    groups = [clip.video_id for clip in clips for _ in clip.sounding]
+    candidates = [(name, np.concatenate([c.local_indices for c in clips]))]
+    if k > 1:
+        candidates += [
+            ("oracle: mixture code", oracle_codes(sets, k, kind="mixture")),
+            ("oracle: decomposition", oracle_codes(sets, k, kind="decomposition")),
+            (
+                "oracle: decomposition, 10 % random codes",
+                oracle_codes(sets, k, kind="decomposition", noise=0.1, codebook_size=codebook_size),
+            ),
+        ]
+    rows = []
+    for label, codes in candidates:
+        rows.append({"codes": label, "agreement": subspace_agreement(codes), **source_set_scores(codes, sets, groups)})
+    return rows
+
+
+def format_source_set_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ("codes", "agreement", "source-set F1", "precision", "recall", "multi-source recall (seconds)")
+    body = [
+        (
+            r["codes"],
+            fmt(r["agreement"]),
+            fmt(r["f1"]),
+            fmt(r["precision"]),
+            fmt(r["recall"]),
+            f"{fmt(r['multi_recall'])} ({r['multi_seconds']})",
+        )
+        for r in rows
+    ]
+    return (
+        f"Per second ({rows[0]['seconds']} seconds): codeword -> class fitted on one half of the clips, scored on the "
+        f"other (both ways); predicted set = union of the K codes' classes\n\n{markdown_table(header, body)}"
+    )
+
+
 def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     header = ("sub-space", "samples", "codes used", "NMI", "NMI chance", "NMI 1-source (n)", "purity")
     parts = []
@@ -186,8 +331,13 @@ def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]
     for level, rows in tables.items():
         body = [
             (
-                r["subspace"], str(r["samples"]), str(r["codes_used"]), fmt(r["nmi"]), fmt(r["nmi_chance"]),
-                f"{fmt(r['nmi_single'])} ({r['single_samples']})", fmt(r["purity"]),
+                r["subspace"],
+                str(r["samples"]),
+                str(r["codes_used"]),
+                fmt(r["nmi"]),
+                fmt(r["nmi_chance"]),
+                f"{fmt(r['nmi_single'])} ({r['single_samples']})",
+                fmt(r["purity"]),
             )
             for r in rows
         ]
@@ -198,8 +348,9 @@ def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]
 def run_decomposition(
     ckpt_path: str, overrides: Sequence[str], *, output_dir: Path, clips: str = "multi", permutations: int = 50
 ) -> dict[str, Any]:
-    """The code / source table of a checkpoint on its SynthAVS data; writes ``decomposition.md`` and
-    ``decomposition.json`` in ``output_dir``. For ``none`` reports and records "not applicable"."""
+    """The code / source tables of a checkpoint on its SynthAVS data; writes ``decomposition.md``
+    and ``decomposition.json`` in ``output_dir``. For ``none`` (no quantiser) its sub-space
+    features go through a k-means codebook of the configured ``codebook_size`` (labelled so)."""
     if clips not in ("multi", "all"):
         raise ConfigError(f"clips={clips!r}: allowed values are multi | all")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -207,43 +358,70 @@ def run_decomposition(
     variant = str(getattr(probe.net.decomposition, "variant", "unknown"))
     decomposition_cfg = dict(probe.hparams.get("decomposition") or {})
     del probe
-    header = f"Decomposition analysis of {ckpt_path} (model/decomposition={variant})"
-    payload: dict[str, Any] = {"ckpt_path": str(ckpt_path), "variant": variant}
-    if variant == "none":
-        text = f"{header}\n\nnot applicable: model/decomposition=none has no quantiser (its code indices are -1)\n"
-        payload["applicable"] = False
-    else:
-        inputs = load_analysis_inputs(ckpt_path, overrides)
-        assert inputs.sidecar is not None
-        assignments = collect_clip_codes(inputs.module.net, inputs.dataset, inputs.sidecar, batch_size=inputs.batch_size, device=inputs.device)
-        if clips == "multi":
-            assignments = [c for c in assignments if len(c.clip_sources) > 1]
-            if not assignments:
-                raise DataError(inputs.dataset.root, f"no multi-source clip in the {inputs.split} split (an S4-style tree?); use clips=all")
-        tables = decomposition_tables(assignments, permutations=permutations)
-        k = int(assignments[0].global_indices.shape[0])
-        agreement = {
-            "second": subspace_agreement(np.concatenate([c.local_indices for c in assignments])),
-            "clip": subspace_agreement(np.stack([c.global_indices for c in assignments])),
+    codebook_size = int(decomposition_cfg.get("codebook_size") or 64)
+    codes_from = (
+        f"k-means codebook of {codebook_size} on the unquantised features"
+        if variant == "none"
+        else "the model's codebook"
+    )
+    header = f"Decomposition analysis of {ckpt_path} (model/decomposition={variant}; codes: {codes_from})"
+    payload: dict[str, Any] = {
+        "ckpt_path": str(ckpt_path),
+        "variant": variant,
+        "applicable": True,
+        "codes_from": codes_from,
+    }
+    inputs = load_analysis_inputs(ckpt_path, overrides)
+    assert inputs.sidecar is not None
+    assignments = collect_clip_codes(
+        inputs.module.net,
+        inputs.dataset,
+        inputs.sidecar,
+        batch_size=inputs.batch_size,
+        device=inputs.device,
+        kmeans_size=codebook_size if variant == "none" else None,
+    )
+    if clips == "multi":
+        assignments = [c for c in assignments if len(c.clip_sources) > 1]
+        if not assignments:
+            raise DataError(
+                inputs.dataset.root,
+                f"no multi-source clip in the {inputs.split} split (an S4-style tree?); use clips=all",
+            )
+    tables = decomposition_tables(assignments, permutations=permutations)
+    k = int(assignments[0].global_indices.shape[0])
+    agreement = {
+        "second": subspace_agreement(np.concatenate([c.local_indices for c in assignments])),
+        "clip": subspace_agreement(np.stack([c.global_indices for c in assignments])),
+    }
+    source_sets = source_set_rows(assignments, name=f"model ({variant})", codebook_size=codebook_size)
+    classes = sorted({c for clip in assignments for c in clip.clip_sources})
+    text = (
+        f"{header}\n{inputs.datamodule.subset} {inputs.split}, {len(assignments)} "
+        f"{'multi-source ' if clips == 'multi' else ''}clips, "
+        f"K = {k}, codebook size N = {decomposition_cfg.get('codebook_size', 'n/a')}, "
+        f"local calibration {'on' if decomposition_cfg.get('local_calibration', True) else 'off'}, "
+        f"{len(classes)} sounding classes; NMI chance = mean NMI over {permutations} label permutations\n\n"
+        f"{format_decomposition_tables(tables)}\n\n"
+        f"sub-space agreement (share of sub-space pairs on the same codeword; 1 = the K codes are copies): "
+        f"per second {fmt(agreement['second'])}, per clip {fmt(agreement['clip'])}\n\n"
+        f"{format_source_set_rows(source_sets)}\n"
+    )
+    payload.update(
+        {
+            "num_clips": len(assignments),
+            "clips": clips,
+            "num_subspaces": k,
+            "codebook_size": decomposition_cfg.get("codebook_size"),
+            "classes": classes,
+            "tables": tables,
+            "subspace_agreement": agreement,
+            "source_sets": source_sets,
+            "data_subset": inputs.datamodule.subset,
+            "split": inputs.split,
+            "data_config": inputs.data_source,
         }
-        classes = sorted({c for clip in assignments for c in clip.clip_sources})
-        text = (
-            f"{header}\n{inputs.datamodule.subset} {inputs.split}, {len(assignments)} {'multi-source ' if clips == 'multi' else ''}clips, "
-            f"K = {k}, codebook size N = {decomposition_cfg.get('codebook_size', 'n/a')}, "
-            f"local calibration {'on' if decomposition_cfg.get('local_calibration', True) else 'off'}, "
-            f"{len(classes)} sounding classes; NMI chance = mean NMI over {permutations} label permutations\n\n"
-            f"{format_decomposition_tables(tables)}\n\n"
-            f"sub-space agreement (share of sub-space pairs on the same codeword; 1 = the K codes are copies): "
-            f"per second {fmt(agreement['second'])}, per clip {fmt(agreement['clip'])}\n"
-        )
-        payload.update(
-            {
-                "applicable": True, "num_clips": len(assignments), "clips": clips, "num_subspaces": k,
-                "codebook_size": decomposition_cfg.get("codebook_size"), "classes": classes, "tables": tables,
-                "subspace_agreement": agreement,
-                "data_subset": inputs.datamodule.subset, "split": inputs.split, "data_config": inputs.data_source,
-            }
-        )
+    )
     write_bytes_atomic(output_dir / "decomposition.md", text.encode())
     write_json(output_dir / "decomposition.json", payload)
     log.info(text + f"\noutputs: {output_dir}")

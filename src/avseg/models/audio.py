@@ -109,8 +109,8 @@ class VGGish(nn.Module):
         dim = VGGISH_EMBEDDING_DIM
         if tuple(vectors.shape) != (dim, dim) or tuple(means.shape) != (dim,):
             raise CheckpointError(
-                path, f"bad PCA shapes {tuple(vectors.shape)} / {tuple(means.shape)}, expected "
-                f"({dim}, {dim}) / ({dim},)"
+                path,
+                f"bad PCA shapes {tuple(vectors.shape)} / {tuple(means.shape)}, expected ({dim}, {dim}) / ({dim},)",
             )
         device = self.features[0].weight.device
         self.pca_eigen_vectors = vectors.to(device)
@@ -158,6 +158,22 @@ LOG_MEL_NETWORKS = ("vggish", "log_mel_cnn")
 LOG_MEL_CNN_CHANNELS = (16, 32, 64, 128)  # the default width of the four conv blocks
 
 
+BAND_COUNTS = (4, 8, 16)
+
+
+def band_count(band_tokens: bool | int) -> int:
+    """``audio_encoder.band_tokens`` -> number of band tokens per second (0 = one token per second):
+    false -> 0, true -> 4 (the CNN's final map), or 4 / 8 / 16 (the last blocks then pool over time
+    only, so each band spans 16 / 8 / 4 of the 64 mel bins)."""
+    if band_tokens is False or band_tokens is None:
+        return 0
+    if band_tokens is True:
+        return 4
+    if isinstance(band_tokens, int) and band_tokens in BAND_COUNTS:
+        return int(band_tokens)
+    raise ConfigError(f"audio_encoder.band_tokens: got {band_tokens!r}; allowed: false | true | 4 | 8 | 16")
+
+
 class LogMelCNN(nn.Module):
     """A small log-mel CNN trained from scratch: examples [N, 1, 96, 64] -> embeddings [N, 128]
     (with ``band_tokens``: [N, 4, 128], one per frequency band of the final map).
@@ -171,24 +187,28 @@ class LogMelCNN(nn.Module):
     embeddings of different sounds differ by more than a small perturbation of a shared vector).
     """
 
-    def __init__(self, *, channels: tuple[int, ...] = LOG_MEL_CNN_CHANNELS, band_tokens: bool = False):
+    def __init__(self, *, channels: tuple[int, ...] = LOG_MEL_CNN_CHANNELS, band_tokens: bool | int = False):
         super().__init__()
-        self.band_tokens = bool(band_tokens)
+        bands = band_count(band_tokens)
+        self.band_tokens = bands > 0
         if len(channels) != 4 or any(int(c) < 1 for c in channels):
             raise ConfigError(f"LogMelCNN channels: got {channels!r}; allowed: four positive integers")
         self.input_norm = nn.BatchNorm2d(1)
         blocks: list[nn.Module] = []
         in_channels = 1
-        for out_channels in channels:
+        # 8 or 16 band tokens: the last one or two blocks pool over time only (finer frequency)
+        time_only = {8: 1, 16: 2}.get(bands, 0)
+        for index, out_channels in enumerate(channels):
+            pool = (2, 1) if index >= len(channels) - time_only else (2, 2)
             blocks += [
                 nn.Conv2d(in_channels, int(out_channels), kernel_size=3, padding=1, bias=False),
                 nn.BatchNorm2d(int(out_channels)),
                 nn.ReLU(inplace=True),
-                nn.MaxPool2d(kernel_size=2, stride=2),
+                nn.MaxPool2d(kernel_size=pool, stride=pool),
             ]
             in_channels = int(out_channels)
         self.features = nn.Sequential(*blocks)
-        frequency_bands = 64 // 2 ** len(channels)
+        frequency_bands = 64 // 2 ** (len(channels) - time_only)
         self.num_bands = frequency_bands
         # band_tokens: one embedding per frequency band (shared Linear), so that sounds of different
         # pitch that play in the same second land in different tokens; else one per second
@@ -204,9 +224,9 @@ class LogMelCNN(nn.Module):
         """[N, 1, 96, 64] -> [N, 128]."""
         if examples.ndim != 4 or tuple(examples.shape[1:]) != (1, 96, 64):
             raise ValueError(f"LogMelCNN expects [N, 1, 96, 64], got {tuple(examples.shape)}")
-        feature_map = self.features(self.input_norm(examples))  # [N, C, 6 time, 4 mel]
-        pooled = torch.cat([feature_map.mean(dim=2), feature_map.amax(dim=2)], dim=1)  # [N, 2C, 4]
-        if self.band_tokens:  # [N, 4, 128]: one token per frequency band
+        feature_map = self.features(self.input_norm(examples))  # [N, C, 6 time, M mel bands]
+        pooled = torch.cat([feature_map.mean(dim=2), feature_map.amax(dim=2)], dim=1)  # [N, 2C, M]
+        if self.band_tokens:  # [N, M, 128]: one token per frequency band
             tokens = self.embedding(rearrange(pooled, "n c f -> (n f) c"))
             return rearrange(self.output_norm(tokens), "(n f) d -> n f d", n=examples.shape[0])
         return self.output_norm(self.embedding(rearrange(pooled, "n c f -> n (c f)")))
@@ -237,7 +257,7 @@ class AudioEncoder(nn.Module):
         random_init: bool = False,
         freeze_vggish: bool = True,
         dropout: float = 0.1,
-        band_tokens: bool = False,
+        band_tokens: bool | int = False,
         cnn_channels: Sequence[int] | None = None,
     ):
         super().__init__()
@@ -248,11 +268,9 @@ class AudioEncoder(nn.Module):
         self.input = input
         self.freeze_vggish = freeze_vggish
         if network not in LOG_MEL_NETWORKS:
-            raise ConfigError(
-                f"audio_encoder.network must be one of {' | '.join(LOG_MEL_NETWORKS)}, got {network!r}"
-            )
+            raise ConfigError(f"audio_encoder.network must be one of {' | '.join(LOG_MEL_NETWORKS)}, got {network!r}")
         self.network = network
-        if band_tokens and (input != "log_mel" or network != "log_mel_cnn"):
+        if band_count(band_tokens) and (input != "log_mel" or network != "log_mel_cnn"):
             raise ConfigError(
                 "audio_encoder.band_tokens=true needs input=log_mel and network=log_mel_cnn (VGGish and "
                 "precomputed embeddings give one vector per second)"
@@ -278,9 +296,7 @@ class AudioEncoder(nn.Module):
             self.log_mel_cnn = LogMelCNN(channels=widths, band_tokens=band_tokens)
         elif input == "log_mel":
             if random_init and vggish_weights is not None:
-                raise ConfigError(
-                    "audio_encoder: random_init=true and vggish_weights are both set; choose one"
-                )
+                raise ConfigError("audio_encoder: random_init=true and vggish_weights are both set; choose one")
             if random_init:
                 self.vggish = VGGish()
             elif vggish_weights is None:
@@ -294,7 +310,7 @@ class AudioEncoder(nn.Module):
             if freeze_vggish:
                 self.vggish.requires_grad_(False)
                 self.vggish.eval()
-        self.band_tokens = bool(band_tokens)
+        self.band_tokens = band_count(band_tokens) > 0
         self.num_bands = self.log_mel_cnn.num_bands if self.band_tokens else 1
         # which band a token comes from (added like the time code; learnt)
         self.band_embed = nn.Parameter(torch.zeros(self.num_bands, dim)) if self.band_tokens else None
@@ -319,14 +335,10 @@ class AudioEncoder(nn.Module):
         """
         if self.input == "embeddings":
             if audio.ndim != 3 or audio.shape[-1] != VGGISH_EMBEDDING_DIM:
-                raise ValueError(
-                    f"AudioEncoder(input='embeddings') expects [B, T, 128], got {tuple(audio.shape)}"
-                )
+                raise ValueError(f"AudioEncoder(input='embeddings') expects [B, T, 128], got {tuple(audio.shape)}")
             return audio
         if audio.ndim != 5:
-            raise ValueError(
-                f"AudioEncoder(input='log_mel') expects [B, T, 1, 96, 64], got {tuple(audio.shape)}"
-            )
+            raise ValueError(f"AudioEncoder(input='log_mel') expects [B, T, 1, 96, 64], got {tuple(audio.shape)}")
         network = self.vggish if self.vggish is not None else self.log_mel_cnn
         if network is None:
             raise RuntimeError("AudioEncoder(input='log_mel') has no log-mel network")
@@ -353,9 +365,7 @@ class AudioEncoder(nn.Module):
         time code of its second plus a learnt band embedding)."""
         batch, length = audio.shape[:2]
         if frame_valid is not None and tuple(frame_valid.shape) != (batch, length):
-            raise ValueError(
-                f"frame_valid must be [B, T] = {(batch, length)}, got {tuple(frame_valid.shape)}"
-            )
+            raise ValueError(f"frame_valid must be [B, T] = {(batch, length)}, got {tuple(frame_valid.shape)}")
         embedding = self.embed(audio, frame_valid).to(self.proj.weight.dtype)
         if frame_valid is not None:
             keep = frame_valid.to(embedding.dtype).reshape(batch, length, *([1] * (embedding.ndim - 2)))

@@ -14,6 +14,13 @@ Variants (config group ``model/decomposition``):
 - ``none``: the ``pq`` prototype features without a quantiser (ablation baseline): zero VQ and
   distillation losses, indices -1.
 
+Readings of the prototype decoder (switches, default off = the reading measured before issue 13;
+docs/MODEL.md "Decomposition readings"): ``prototype_role`` "content" (the prototypes are the
+queries' starting content) or "position" (DETR style: content starts at zero, the prototypes are
+added to the queries at every attention); ``competition`` "none" or "slots" (softmax over the K
+prototypes for each audio token); ``subspace_values`` (one value / output projection per
+sub-space in the cross-attention).
+
 Local calibration (global-to-local): the SAME prototypes and decoder attend, for every frame t,
 to the audio tokens of frames t-w..t+w (``local_window`` = w, invalid frames masked), giving
 l_{t,1..K}; these are quantised with the same codebook, detached in this branch (the codebook is
@@ -32,11 +39,13 @@ from einops import rearrange, repeat
 from torch import nn
 
 from avseg.errors import ConfigError
+from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAttention
 from avseg.models.quantizer import CODEBOOK_INITS, CODEBOOK_UPDATES, VectorQuantizer
 
 __all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
 
 VARIANTS = ("pq", "pq_split", "vq", "none")
+PROTOTYPE_ROLES = ("content", "position")
 DISTILL_LOSSES = ("mse", "ce")
 _KEY = "model.decomposition"
 
@@ -44,10 +53,31 @@ _KEY = "model.decomposition"
 class PrototypeDecoderLayer(nn.Module):
     """Pre-norm transformer decoder layer: self-attention among queries, cross-attention, FFN."""
 
-    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.0,
+        num_queries: int = 1,
+        competition: str = "none",
+        subspace_values: bool = False,
+    ) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        # the default keeps torch's attention (and its state-dict keys); the switches need the own block
+        self.custom_cross = competition != "none" or bool(subspace_values)
+        if self.custom_cross:
+            self.cross_attn = SubspaceCrossAttention(
+                dim=dim,
+                num_heads=num_heads,
+                num_queries=num_queries,
+                competition=competition,
+                subspace_values=subspace_values,
+            )
+        else:
+            self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
         self.norm_cross = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
@@ -62,18 +92,26 @@ class PrototypeDecoderLayer(nn.Module):
         memory: torch.Tensor,
         memory_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        query_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """queries [N, K, C], memory [N, S, C], memory_padding_mask [N, S] (True = ignore).
+        """queries [N, K, C], memory [N, S, C], memory_padding_mask [N, S] (True = ignore),
+        query_pos [N, K, C] | None (added to the queries and self-attention keys, DETR style).
 
         Returns the updated queries [N, K, C] and, with ``need_weights``, the head-averaged
         cross-attention weights [N, K, S].
         """
         q = self.norm_self(queries)
-        queries = queries + self.dropout(self.self_attn(q, q, q, need_weights=False)[0])
+        qk = q if query_pos is None else q + query_pos
+        queries = queries + self.dropout(self.self_attn(qk, qk, q, need_weights=False)[0])
         q = self.norm_cross(queries)
-        attended, weights = self.cross_attn(
-            q, memory, memory, key_padding_mask=memory_padding_mask, need_weights=need_weights
-        )
+        if self.custom_cross:
+            attended, weights = self.cross_attn(q, memory, memory_padding_mask, query_pos=query_pos)
+            weights = weights if need_weights else None
+        else:
+            qc = q if query_pos is None else q + query_pos
+            attended, weights = self.cross_attn(
+                qc, memory, memory, key_padding_mask=memory_padding_mask, need_weights=need_weights
+            )
         queries = queries + self.dropout(attended)
         queries = queries + self.dropout(self.ffn(self.norm_ffn(queries)))
         return queries, weights
@@ -82,10 +120,29 @@ class PrototypeDecoderLayer(nn.Module):
 class PrototypeDecoder(nn.Module):
     """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs)."""
 
-    def __init__(self, *, dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.0,
+        num_queries: int = 1,
+        competition: str = "none",
+        subspace_values: bool = False,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            PrototypeDecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout)
+            PrototypeDecoderLayer(
+                dim=dim,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                num_queries=num_queries,
+                competition=competition,
+                subspace_values=subspace_values,
+            )
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
@@ -96,17 +153,19 @@ class PrototypeDecoder(nn.Module):
         memory: torch.Tensor,
         memory_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        query_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """queries [N, K, C], memory [N, S, C] -> ([N, K, C], last layer's weights [N, K, S] | None)."""
+        """queries [N, K, C], memory [N, S, C], query_pos [N, K, C] | None -> ([N, K, C], last
+        layer's weights [N, K, S] | None)."""
         weights = None
         for layer in self.layers:
-            queries, weights = layer(queries, memory, memory_padding_mask, need_weights=need_weights)
+            queries, weights = layer(
+                queries, memory, memory_padding_mask, need_weights=need_weights, query_pos=query_pos
+            )
         return self.norm(queries), weights
 
 
-def frame_windows(
-    tokens: torch.Tensor, frame_valid: torch.Tensor, radius: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_windows(tokens: torch.Tensor, frame_valid: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens of frames t-radius..t+radius for every frame t.
 
     tokens [B, T, C], frame_valid [B, T] -> windows [B, T, 2*radius+1, C] and window_valid
@@ -175,6 +234,9 @@ class AudioDecomposition(nn.Module):
         codebook_update: str = "loss",
         codebook_ema_decay: float = 0.8,
         vq_loss_form: str = "vqvae",
+        prototype_role: str = "content",
+        competition: str = "none",
+        subspace_values: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -219,6 +281,12 @@ class AudioDecomposition(nn.Module):
             raise _config_error("codebook_init", codebook_init, " | ".join(CODEBOOK_INITS))
         if not 0 <= usage_ema_decay < 1:
             raise _config_error("usage_ema_decay", usage_ema_decay, "0 <= decay < 1")
+        if prototype_role not in PROTOTYPE_ROLES:
+            raise _config_error("prototype_role", prototype_role, " | ".join(PROTOTYPE_ROLES))
+        if competition not in COMPETITIONS:
+            raise _config_error("competition", competition, " | ".join(COMPETITIONS))
+        if not isinstance(subspace_values, bool):
+            raise _config_error("subspace_values", subspace_values, "true | false")
 
         self.dim = dim
         self.variant = variant
@@ -228,6 +296,7 @@ class AudioDecomposition(nn.Module):
         self.local_window = local_window
         self.distill_loss_kind = distill_loss
         self.distill_temperature = float(distill_temperature)
+        self.prototype_role = prototype_role
 
         if variant == "pq_split":
             self.chunk_dim = dim // num_tokens
@@ -249,6 +318,9 @@ class AudioDecomposition(nn.Module):
                 num_heads=num_heads,
                 ffn_dim=ffn_dim if ffn_dim is not None else 4 * dim,
                 dropout=dropout,
+                num_queries=num_tokens,
+                competition=competition,
+                subspace_values=subspace_values,
             )
             code_dim = dim
         if variant == "none":
@@ -293,12 +365,18 @@ class AudioDecomposition(nn.Module):
         self, memory: torch.Tensor, memory_valid: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prototypes attend over memory [N, S, C] (valid [N, S]) -> ([N, K, C], weights)."""
-        queries = repeat(self.prototypes, "k c -> n k c", n=memory.shape[0])
+        prototypes = repeat(self.prototypes, "k c -> n k c", n=memory.shape[0]).to(memory.dtype)
         padding = ~memory_valid
         # A row with no valid key (a padded frame far from any real frame) would give NaN (also in
         # backward, through the softmax); let it attend everywhere, its output is replaced later.
         padding = padding & ~padding.all(dim=-1, keepdim=True)
-        return self.decoder(queries.to(memory.dtype), memory, padding, need_weights=need_weights)
+        if self.prototype_role == "position":
+            # DETR reading: the prototypes are query positions added at every attention; the
+            # content starts at zero, so g_i holds only what the attention read from the audio
+            return self.decoder(
+                torch.zeros_like(prototypes), memory, padding, need_weights=need_weights, query_pos=prototypes
+            )
+        return self.decoder(prototypes, memory, padding, need_weights=need_weights)
 
     def _global_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
         """[B, T, C] or [B, T, M, C] -> clip-level features [B, K, C] (pq_split: K chunks [B, K, C/K]).
@@ -378,9 +456,7 @@ class AudioDecomposition(nn.Module):
             local_codes, local_indices, distill = broadcast_codes, broadcast_indices, zero
         else:
             local_valid = repeat(frame_valid, "b t -> b t k", k=k)
-            local_q = self.quantizer(
-                local_features, valid_mask=local_valid, detach_codebook=True, update_stats=False
-            )
+            local_q = self.quantizer(local_features, valid_mask=local_valid, detach_codebook=True, update_stats=False)
             vq_loss = vq_loss + local_q["loss"]  # the commitment term only: the codebook is detached
             local_codes = torch.where(frame_mask[..., None], self._to_tokens(local_q["quantized"]), broadcast_codes)
             local_indices = torch.where(frame_mask, local_q["indices"], broadcast_indices)

@@ -74,8 +74,9 @@ class VectorQuantizer(nn.Module):
     - ``distances`` float32 [..., N]: squared distances to every codeword (differentiable w.r.t.
       the inputs; w.r.t. the codebook only when it is not detached),
     - ``loss``, ``codebook_loss``, ``commitment_loss``: scalars (``loss`` = codebook + beta *
-      commitment, or commitment + beta * codebook with ``loss_form="taming_legacy"``; with ``detach_codebook=True`` the codebook term is zero and the codebook gets no
-      gradient from anything this call returns),
+      commitment, or commitment + beta * codebook with ``loss_form="taming_legacy"``; with
+      ``detach_codebook=True`` the codebook term is zero and the codebook gets no gradient from
+      anything this call returns),
     - ``counts`` float [N]: how often each code was chosen at valid positions (summed over
       processes when the statistics are being updated under ``torch.distributed``),
     - ``perplexity`` scalar: exp(entropy) of ``counts`` (1 = one code used, N = uniform use),
@@ -165,7 +166,9 @@ class VectorQuantizer(nn.Module):
         self._recent_count = 0
         self._recent_next = 0
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -335,7 +338,9 @@ class VectorQuantizer(nn.Module):
         # An empty histogram leaves the EMA unchanged (decay 1), without a host-device sync.
         total = counts.sum()
         share = (counts / total.clamp_min(1e-12)).to(self.usage_ema.dtype)
-        decay = torch.where(total > 0, torch.tensor(self.usage_ema_decay, device=total.device), torch.ones((), device=total.device))
+        decay = torch.where(
+            total > 0, torch.tensor(self.usage_ema_decay, device=total.device), torch.ones((), device=total.device)
+        )
         self.usage_ema.copy_(decay * self.usage_ema + (1.0 - decay) * share)
 
     # ------------------------------------------------------------------ forward
@@ -348,15 +353,14 @@ class VectorQuantizer(nn.Module):
         update_stats: bool = True,
     ) -> dict[str, torch.Tensor]:
         if inputs.shape[-1] != self.code_dim:
-            raise ValueError(
-                f"VectorQuantizer: inputs have {inputs.shape[-1]} channels, the codebook {self.code_dim}"
-            )
+            raise ValueError(f"VectorQuantizer: inputs have {inputs.shape[-1]} channels, the codebook {self.code_dim}")
         lead_shape = inputs.shape[:-1]
         if valid_mask is None:
             valid_mask = torch.ones(lead_shape, dtype=torch.bool, device=inputs.device)
         elif valid_mask.shape != lead_shape:
             raise ValueError(
-                f"VectorQuantizer: valid_mask shape {tuple(valid_mask.shape)} != inputs' leading shape {tuple(lead_shape)}"
+                f"VectorQuantizer: valid_mask shape {tuple(valid_mask.shape)} "
+                f"!= inputs' leading shape {tuple(lead_shape)}"
             )
         tracking = self.training and update_stats
         flat = rearrange(inputs, "... d -> (...) d")
