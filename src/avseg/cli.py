@@ -25,14 +25,20 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from avseg.errors import AvsegError, ConfigError
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 __all__ = [
     "EXIT_ERROR",
+    "EXIT_USAGE",
     "avseg_cause",
+    "compose_command",
     "console_log",
     "error_lines",
     "guarded",
@@ -43,6 +49,9 @@ __all__ = [
 ]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -129,6 +138,42 @@ def key_value(arg: str, *, usage: str = "") -> tuple[str, str]:
         raise ConfigError(f"argument {arg!r}: expected key=value" + (f" ({usage})" if usage else ""))
     key, value = arg.split("=", 1)
     return key, value
+
+
+def compose_command(config_name: str, argv: Sequence[str] | None = None, *, usage: str = "") -> DictConfig:
+    """The config of a data command (``avseg.data.check``, ``.synth``, ``.embeddings``):
+    ``conf/<config_name>.yaml`` with the command line's ``key=value`` arguments applied in Hydra's
+    override grammar, as for train / eval / predict (``argv`` defaults to ``sys.argv[1:]``).
+
+    Composed with Hydra's compose API, not ``@hydra.main``: these commands write into folders the
+    user names, so they get no run directory, no ``.hydra/`` and no log file, and they can be called
+    in-process with their exit code returned. A malformed argument, a key the config does not
+    have, or a required key (``???``) left unset is a `ConfigError` naming it (and ``usage``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    hint = f" ({usage})" if usage else ""
+    parser = OverridesParser.create()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+        allowed = [key for key in compose(config_name=config_name) if key != "hydra"]
+        for arg in args:
+            try:
+                (override,) = parser.parse_overrides([arg])
+            except HydraException as err:
+                raise ConfigError(f"argument {arg!r}: expected key=value{hint}: {err}") from None
+            if override.key_or_group.split(".")[0] not in allowed:
+                raise ConfigError(f"unknown argument {arg!r}; expected key=value with key in {allowed}")
+        try:
+            cfg = compose(config_name=config_name, overrides=args)
+        except HydraException as err:
+            raise ConfigError(f"arguments {args}: {err}{hint}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required{hint}")
+    return cfg
 
 
 @contextlib.contextmanager

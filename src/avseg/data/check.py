@@ -411,53 +411,39 @@ def check_tree(
     return sorted(set(problems))
 
 
-def _parse_args(argv: Sequence[str]) -> dict[str, str]:
-    from avseg.cli import key_value
-
-    args: dict[str, str] = {}
-    for arg in argv:
-        key, value = key_value(arg, usage="root=PATH subset=s4|ms3|avss [image_size=N]")
-        if key not in ("root", "subset", "image_size", "workers"):
-            raise ConfigError(f"{key}: unknown key; allowed: root, subset, image_size, workers")
-        args[key] = value
-    for key in ("root", "subset"):
-        if key not in args:
-            raise ConfigError(f"{key}: required (root=PATH subset=s4|ms3|avss [image_size=N])")
-    return args
-
-
-def _positive_int(key: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise ConfigError(f"{key}: expected a positive integer, got {text!r}") from err
-    if value <= 0:
-        raise ConfigError(f"{key}: expected a positive integer, got {text!r}")
-    return value
+def _positive_int(key: str, given: object) -> int | None:
+    if given is None:
+        return None
+    if isinstance(given, bool) or not isinstance(given, int) or given <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {given!r}")
+    return given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Log one line per problem (`<path>: <message>`, on stdout); exit 1 if there is any, 2 on bad
-    usage. The summary goes to stderr (logger ``avseg.data.check.status``)."""
-    from avseg.cli import console_log
+    """``python -m avseg.data.check root=PATH subset=s4|ms3|avss [image_size=N] [workers=N]``
+    (config ``conf/check.yaml``, Hydra's override grammar). Log one line per problem
+    (`<path>: <message>`, on stdout); exit 1 if there is any, 2 on bad usage. The summary goes to
+    stderr (logger ``avseg.data.check.status``)."""
+    from avseg.cli import compose_command, console_log
 
     report = logging.getLogger("avseg.data.check")
     status = logging.getLogger("avseg.data.check.status")
     with console_log("avseg.data.check", status=status.name):
         try:
-            args = _parse_args(sys.argv[1:] if argv is None else argv)
-            image_size = _positive_int("image_size", args["image_size"]) if "image_size" in args else None
-            workers = _positive_int("workers", args["workers"]) if "workers" in args else None
-            problems = check_tree(args["root"], args["subset"], image_size=image_size, workers=workers)
+            args = compose_command("check", argv, usage="root=PATH subset=s4|ms3|avss [image_size=N]")
+            image_size = _positive_int("image_size", args.image_size)
+            workers = _positive_int("workers", args.workers)
+            args.root = str(args.root)
+            problems = check_tree(args.root, str(args.subset), image_size=image_size, workers=workers)
         except ConfigError as err:
             status.error("avseg.data.check: %s", err)
             return 2
         for problem in problems:
             report.info("%s", problem)
         if problems:
-            status.error("avseg.data.check: %d problem(s) in %s", len(problems), args["root"])
+            status.error("avseg.data.check: %d problem(s) in %s", len(problems), args.root)
             return 1
-        status.info("avseg.data.check: %s tree at %s is clean", args["subset"], args["root"])
+        status.info("avseg.data.check: %s tree at %s is clean", args.subset, args.root)
         return 0
 
 
