@@ -140,7 +140,9 @@ def key_value(arg: str, *, usage: str = "") -> tuple[str, str]:
     return key, value
 
 
-def compose_command(config_name: str, argv: Sequence[str] | None = None, *, usage: str = "") -> DictConfig:
+def compose_command(
+    config_name: str, argv: Sequence[str] | None = None, *, required: Sequence[str] = (), usage: str = ""
+) -> DictConfig:
     """The config of a data command (``avseg.data.check``, ``.synth``, ``.embeddings``):
     ``conf/<config_name>.yaml`` with the command line's ``key=value`` arguments applied in Hydra's
     override grammar, as for train / eval / predict (``argv`` defaults to ``sys.argv[1:]``).
@@ -148,17 +150,18 @@ def compose_command(config_name: str, argv: Sequence[str] | None = None, *, usag
     Composed with Hydra's compose API, not ``@hydra.main``: these commands write into folders the
     user names, so they get no run directory, no ``.hydra/`` and no log file, and they can be called
     in-process with their exit code returned. A malformed argument, a key the config does not
-    have, or a required key (``???``) left unset is a `ConfigError` naming it (and ``usage``)."""
+    have, or a ``required`` key left null is a `ConfigError` naming it (and ``usage``). The
+    ``paths`` and ``task_name`` keys every top-level config has are not the command's arguments."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import open_dict
 
     args = list(sys.argv[1:] if argv is None else argv)
     hint = f" ({usage})" if usage else ""
     parser = OverridesParser.create()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        allowed = [key for key in compose(config_name=config_name) if key != "hydra"]
+        allowed = [key for key in compose(config_name=config_name) if key not in ("hydra", "paths", "task_name")]
         for arg in args:
             try:
                 (override,) = parser.parse_overrides([arg])
@@ -170,9 +173,12 @@ def compose_command(config_name: str, argv: Sequence[str] | None = None, *, usag
             cfg = compose(config_name=config_name, overrides=args)
         except HydraException as err:
             raise ConfigError(f"arguments {args}: {err}{hint}") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]}: required{hint}")
+    for key in required:
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key}: required{hint}")
+    with open_dict(cfg):
+        for key in ("paths", "task_name"):
+            cfg.pop(key)
     return cfg
 
 

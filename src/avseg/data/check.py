@@ -430,7 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = logging.getLogger("avseg.data.check.status")
     with console_log("avseg.data.check", status=status.name):
         try:
-            args = compose_command("check", argv, usage="root=PATH subset=s4|ms3|avss [image_size=N]")
+            args = compose_command(
+                "check", argv, required=("root", "subset"), usage="root=PATH subset=s4|ms3|avss [image_size=N]"
+            )
             image_size = _positive_int("image_size", args.image_size)
             workers = _positive_int("workers", args.workers)
             args.root = str(args.root)
