@@ -7,46 +7,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from avseg.cli import key_value
+from avseg.cli import compose_command
 from avseg.data.synth.options import DEFAULT_CLIPS, SUBSETS, default_cache_dir
 from avseg.data.synth.tree import ensure_synth_tree, generate
 from avseg.errors import ConfigError, DataError
 
 
-def _parse_value(key: str, text: str) -> Any:
-    import yaml  # PyYAML comes with hydra-core / omegaconf
-
-    if key == "snr_db" and "," in text and not text.strip().startswith("["):
-        text = f"[{text}]"
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse {text!r}: {err}") from err
-
-
-def _parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    parsed: dict[str, Any] = {}
-    for arg in argv:
-        key, text = key_value(arg)
-        value = text if key in ("out", "cache", "subset") else _parse_value(key, text)
-        if key.startswith("clips_per_split."):
-            split = key.split(".", 1)[1]
-            clips = parsed.setdefault("clips_per_split", {})
-            if not isinstance(clips, dict):
-                raise ConfigError("clips_per_split: give either the mapping or per-split keys")
-            clips[split] = value
-        else:
-            parsed[key] = value
-    return parsed
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m avseg.data.synth [out=PATH] [subset=s4|ms3|avss] [cache=PATH] [key=value ...]`."""
+    """`python -m avseg.data.synth [out=PATH] [subset=s4|ms3|avss] [cache=PATH] [key=value ...]`
+    (config ``conf/synth.yaml``, Hydra's override grammar)."""
+    from omegaconf import OmegaConf
+
     try:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
-        out = args.pop("out", None)
-        cache = args.pop("cache", None)
-        subset = args.pop("subset", None)
+        cfg = compose_command("synth", argv, usage="[out=PATH | cache=PATH] [subset=s4|ms3|avss] [key=value ...]")
+        given = OmegaConf.to_container(cfg, resolve=True)
+        out, cache, subset = (given.pop(key) for key in ("out", "cache", "subset"))
+        out, cache, subset = (None if value is None else str(value) for value in (out, cache, subset))
+        clips = {split: count for split, count in (given.pop("clips_per_split") or {}).items() if count is not None}
+        # A generation option left null takes the generator's default (one home: synth.options).
+        args: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+        if clips:
+            args["clips_per_split"] = clips
         subsets = list(SUBSETS) if subset is None else [subset]
         if out is not None and cache is not None:
             raise ConfigError("out and cache: give one of them")
