@@ -3,6 +3,8 @@
     python -m avseg.data.embeddings root=PATH subset=s4|ms3|avss out=DIR \
         vggish_weights=PATH [random_init=true seed=0] [overwrite=false] [device=cpu]
 
+(config ``conf/embeddings.yaml``; the arguments are Hydra overrides, as for train / eval / predict.)
+
 Each `<root>/<rel>/<name>.wav` gives `<out>/<rel>/<name>.npy` (`embedding_path`): S4
 `<out>/s4_data/audio_wav/<split>/<category>/<name>.npy`, MS3
 `<out>/ms3_data/audio_wav/<split>/<name>.npy`, AVSS `<out>/<label>/<uid>/audio.npy`.
@@ -21,16 +23,20 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from avseg.cli import console_log
+from avseg.cli import compose_command, console_log, run_main
 from avseg.data.audio import FitMode, fit_examples, load_wav, log_mel_examples
 from avseg.data.layout import LAYOUTS
 from avseg.errors import ConfigError, DataError
 from avseg.io import write_npy_atomic
 from avseg.models.audio import VGGish
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("avseg.data.embeddings")  # also when run as __main__ (console_log)
 
@@ -109,49 +115,40 @@ def write_embeddings(
         yield target, True
 
 
-def _parse_overrides(argv: Sequence[str]) -> dict[str, str]:
-    allowed = {"root", "subset", "out", "vggish_weights", "random_init", "overwrite", "device", "seed"}
-    options: dict[str, str] = {}
-    for argument in argv:
-        key, sep, value = argument.partition("=")
-        if not sep or key not in allowed:
-            raise ConfigError(f"unknown argument {argument!r}; expected key=value with key in {sorted(allowed)}")
-        options[key] = value
-    for key in ("root", "subset", "out"):
-        if key not in options:
-            raise ConfigError(f"missing required argument {key}=...")
-    return options
-
-
-def _parse_bool(key: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ConfigError(f"{key} must be true or false, got {value!r}")
+def _flag(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command (config ``conf/embeddings.yaml``, Hydra's override grammar); a bad argument
+    raises `ConfigError` (``python -m`` prints it as one ``error:`` line and exits 1)."""
     with console_log():
-        return _run(_parse_overrides(sys.argv[1:] if argv is None else argv))
+        return _run(
+            compose_command(
+                "embeddings",
+                argv,
+                required=("root", "subset", "out"),
+                usage="root=PATH subset=s4|ms3|avss out=DIR vggish_weights=PATH",
+            )
+        )
 
 
-def _run(options: dict[str, str]) -> int:
-    if options["subset"] not in SUBSET_LAYOUT:
-        raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {options['subset']!r}")
-    random_init = _parse_bool("random_init", options.get("random_init", "false"))
-    overwrite = _parse_bool("overwrite", options.get("overwrite", "false"))
-    weights = options.get("vggish_weights")
+def _run(options: DictConfig) -> int:
+    subset, root, out = str(options.subset), str(options.root), str(options.out)
+    if subset not in SUBSET_LAYOUT:
+        raise ConfigError(f"subset must be one of {sorted(SUBSET_LAYOUT)}, got {subset!r}")
+    random_init = _flag("random_init", options.random_init)
+    overwrite = _flag("overwrite", options.overwrite)
+    weights = None if options.vggish_weights is None else str(options.vggish_weights)
     if random_init and weights:
         raise ConfigError("random_init=true and vggish_weights are both set; choose one")
     if random_init:
         log.warning("warning: random_init=true: embeddings come from an untrained VGGish")
-        try:
-            seed = int(options.get("seed", "0"))
-        except ValueError:
-            raise ConfigError(f"seed must be an integer, got {options['seed']!r}") from None
-        torch.manual_seed(seed)  # a random VGGish is still reproducible
+        if isinstance(options.seed, bool) or not isinstance(options.seed, int):
+            raise ConfigError(f"seed must be an integer, got {options.seed!r}")
+        torch.manual_seed(options.seed)  # a random VGGish is still reproducible
         vggish = VGGish()
     elif weights:
         vggish = VGGish.from_state_dict_file(weights)
@@ -160,21 +157,21 @@ def _run(options: dict[str, str]) -> int:
     start = time.perf_counter()
     written = kept = 0
     for _, was_written in write_embeddings(
-        options["root"],
-        options["subset"],
-        options["out"],
+        root,
+        subset,
+        out,
         vggish=vggish,
         overwrite=overwrite,
-        device=options.get("device", "cpu"),
+        device=str(options.device),
     ):
         written += was_written
         kept += not was_written
     log.info(
-        f"embeddings: {written} written, {kept} kept (already present) under {options['out']} "
+        f"embeddings: {written} written, {kept} kept (already present) under {out} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
