@@ -1,4 +1,6 @@
-"""The top-level error handler of avseg's commands (``avseg.train``, ``avseg.eval``, ``avseg.predict``).
+"""The top-level error handler of avseg's commands (``avseg.train``, ``avseg.eval``, ``avseg.predict``),
+and `compose_command`, the Hydra config of the data commands (``avseg.data.check``, ``.synth``,
+``.embeddings``): every command takes Hydra ``key=value`` overrides of a ``conf/<command>.yaml``.
 
 An `avseg.errors.AvsegError` (bad data, an unusable checkpoint or weights file, a bad config) is an
 expected failure with a message that already names the file or key and the problem: the user
@@ -43,7 +45,6 @@ __all__ = [
     "error_lines",
     "guarded",
     "in_hydra_multirun",
-    "key_value",
     "report_error",
     "run_main",
 ]
@@ -131,15 +132,6 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def key_value(arg: str, *, usage: str = "") -> tuple[str, str]:
-    """A ``key=value`` command-line argument -> ``(key, value)``; anything else is a `ConfigError`
-    naming the argument (and ``usage``, when given)."""
-    if "=" not in arg:
-        raise ConfigError(f"argument {arg!r}: expected key=value" + (f" ({usage})" if usage else ""))
-    key, value = arg.split("=", 1)
-    return key, value
-
-
 def compose_command(
     config_name: str, argv: Sequence[str] | None = None, *, required: Sequence[str] = (), usage: str = ""
 ) -> DictConfig:
@@ -184,7 +176,7 @@ def compose_command(
 
 @contextlib.contextmanager
 def console_log(name: str = "avseg", *, status: str | None = None) -> Iterator[None]:
-    """For the commands that are not Hydra apps (Hydra sets up the run log itself): while inside,
+    """For the commands without a Hydra run (`compose_command`'s; Hydra's run sets up its own log): while inside,
     the INFO records of logger ``name`` are printed on stdout as plain lines (a command's report is
     what the user asked for), warnings and errors on stderr. Records of the logger ``status`` (a
     child of ``name``: the command's progress and summary lines, not its report) go to stderr at
