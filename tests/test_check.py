@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from avseg.data import check, synth
+from avseg.data import check, check_files, synth
 from avseg.data.check import Problem, check_tree
 
 SIZE = 32
@@ -400,7 +400,7 @@ def test_each_file_is_read_once(pristine, subset, monkeypatch):
     from avseg.data import audio, safe_pickle
 
     opened: list[str] = []
-    original_read, original_wav, original_pkl = check._read_bytes, audio.load_wav, safe_pickle.load_tensor_pickle
+    original_read, original_wav, original_pkl = check_files._read_bytes, audio.load_wav, safe_pickle.load_tensor_pickle
     original_open = Image.open
 
     def counting_read(path):
@@ -419,8 +419,8 @@ def test_each_file_is_read_once(pristine, subset, monkeypatch):
         assert not isinstance(source, (str, os.PathLike)), f"{source} opened by path, not from its bytes"
         return original_open(source, *args, **kwargs)
 
-    monkeypatch.setattr(check, "_read_bytes", counting_read)
-    monkeypatch.setattr(check.Image, "open", open_bytes_only)
+    monkeypatch.setattr(check_files, "_read_bytes", counting_read)
+    monkeypatch.setattr(check_files.Image, "open", open_bytes_only)
     monkeypatch.setattr(audio, "load_wav", counting_wav)
     monkeypatch.setattr(safe_pickle, "load_tensor_pickle", counting_pkl)
     assert check_tree(pristine[subset], subset) == []

@@ -76,16 +76,22 @@ def _require_file(path: Path, what: str) -> None:
         raise DataError(path, f"missing {what}")
 
 
-def read_rgb_image(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 [H, W, 3]; truncated or undecodable files raise DataError."""
-    _require_file(path, "frame")
+def _decode_rgb(path: Path, *, missing: str, what: str) -> np.ndarray:
+    """Decode an image file fully to uint8 [H, W, 3]; a missing file raises DataError "missing
+    <missing>", a truncated or undecodable one "cannot decode <what> (...)"."""
+    _require_file(path, missing)
     try:
         with Image.open(path) as image:
             image.load()
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except _IMAGE_ERRORS as error:
-        raise DataError(path, f"cannot decode image ({type(error).__name__}: {error})") from error
+        raise DataError(path, f"cannot decode {what} ({type(error).__name__}: {error})") from error
     return rgb
+
+
+def read_rgb_image(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 [H, W, 3]; truncated or undecodable files raise DataError."""
+    return _decode_rgb(path, missing="frame", what="image")
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
@@ -115,13 +121,7 @@ def read_binary_mask(path: Path) -> np.ndarray:
 
 def read_colour_mask(path: Path, num_classes: int) -> np.ndarray:
     """An AVSS colour mask (VOC palette) -> class indices int64 [H, W]; an unknown colour raises."""
-    _require_file(path, "label mask")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except _IMAGE_ERRORS as error:
-        raise DataError(path, f"cannot decode label mask ({type(error).__name__}: {error})") from error
+    rgb = _decode_rgb(path, missing="label mask", what="label mask")
     indices, unknown = decode_colour_mask(rgb, num_classes)
     if unknown.any():
         ys, xs = np.nonzero(unknown)

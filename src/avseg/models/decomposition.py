@@ -386,9 +386,7 @@ class AudioDecomposition(nn.Module):
         tokens = audio_tokens.flatten(1, 2) if audio_tokens.dim() == 4 else audio_tokens  # [B, T*M, C]
         valid = frame_valid.repeat_interleave(per_second, dim=1)  # [B, T*M]
         if self.variant == "pq_split":
-            weights = valid.to(tokens.dtype)[..., None]
-            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            return rearrange(self.split_in(pooled), "b (k d) -> b k d", k=self.num_tokens)
+            return self._split_features(tokens, valid)
         features, _ = self._prototype_features(tokens, valid)
         return features
 
@@ -401,13 +399,18 @@ class AudioDecomposition(nn.Module):
         windows = rearrange(windows, "b t w (m c) -> b t (w m) c", m=per_second)
         window_valid = window_valid.repeat_interleave(per_second, dim=2)  # [B, T, W*M]
         if self.variant == "pq_split":
-            weights = window_valid.to(audio_tokens.dtype)[..., None]
-            pooled = (windows * weights).sum(2) / weights.sum(2).clamp_min(1.0)  # [B, T, C]
-            return rearrange(self.split_in(pooled), "b t (k d) -> b t k d", k=self.num_tokens)
+            return self._split_features(windows, window_valid)
         memory = rearrange(windows, "b t w c -> (b t) w c")
         memory_valid = rearrange(window_valid, "b t w -> (b t) w")
         features, _ = self._prototype_features(memory, memory_valid)
         return rearrange(features, "(b t) k c -> b t k c", b=batch)
+
+    def _split_features(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """pq_split: the mean of the valid tokens [..., S, C] (valid [..., S]), projected and split
+        into K chunks -> [..., K, C/K]."""
+        weights = valid.to(tokens.dtype)[..., None]
+        pooled = (tokens * weights).sum(-2) / weights.sum(-2).clamp_min(1.0)  # [..., C]
+        return rearrange(self.split_in(pooled), "... (k d) -> ... k d", k=self.num_tokens)
 
     def _to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Quantised features -> model-width tokens (pq_split projects each chunk back to C)."""
@@ -425,35 +428,23 @@ class AudioDecomposition(nn.Module):
         frame_mask = frame_valid[:, :, None]  # [B, T, 1]
 
         if self.quantizer is None:  # variant "none": unquantised prototype features
+            global_q = None
             global_codes = global_features
             global_indices = torch.full((batch, k), -1, dtype=torch.long, device=audio_tokens.device)
-            local_indices = repeat(global_indices, "b k -> b t k", t=frames)
-            broadcast = repeat(global_codes, "b k c -> b t k c", t=frames)
-            if local_features is None:
-                local_codes = broadcast
-            else:
-                local_codes = torch.where(frame_mask[..., None], local_features, broadcast)
-            return {
-                "global_codes": global_codes,
-                "local_codes": local_codes,
-                "vq_loss": zero,
-                "distill_loss": zero,
-                "perplexity": zero,
-                "usage": torch.zeros(self.codebook_size, device=audio_tokens.device),
-                "dead_codes": torch.zeros((), dtype=torch.long, device=audio_tokens.device),
-                "global_indices": global_indices,
-                "local_indices": local_indices,
-            }
-
-        global_q = self.quantizer(global_features, update_stats=True)
-        global_codes = self._to_tokens(global_q["quantized"])  # [B, K, C]
-        global_indices = global_q["indices"]  # [B, K]
+            vq_loss = zero
+        else:
+            global_q = self.quantizer(global_features, update_stats=True)
+            global_codes = self._to_tokens(global_q["quantized"])  # [B, K, C]
+            global_indices = global_q["indices"]  # [B, K]
+            vq_loss = global_q["loss"]
         broadcast_codes = repeat(global_codes, "b k c -> b t k c", t=frames)
         broadcast_indices = repeat(global_indices, "b k -> b t k", t=frames)
-        vq_loss = global_q["loss"]
 
         if local_features is None:
             local_codes, local_indices, distill = broadcast_codes, broadcast_indices, zero
+        elif global_q is None:
+            local_codes = torch.where(frame_mask[..., None], local_features, broadcast_codes)
+            local_indices, distill = broadcast_indices, zero
         else:
             local_valid = repeat(frame_valid, "b t -> b t k", k=k)
             local_q = self.quantizer(local_features, valid_mask=local_valid, detach_codebook=True, update_stats=False)
@@ -462,14 +453,19 @@ class AudioDecomposition(nn.Module):
             local_indices = torch.where(frame_mask, local_q["indices"], broadcast_indices)
             distill = self._distillation(local_features, local_q["distances"], global_q, local_valid)
 
+        if global_q is None:
+            perplexity, usage = zero, torch.zeros(self.codebook_size, device=audio_tokens.device)
+            dead_codes = torch.zeros((), dtype=torch.long, device=audio_tokens.device)
+        else:
+            perplexity, usage, dead_codes = global_q["perplexity"], global_q["counts"], global_q["dead_codes"]
         return {
             "global_codes": global_codes,
             "local_codes": local_codes,
             "vq_loss": vq_loss,
             "distill_loss": distill,
-            "perplexity": global_q["perplexity"],
-            "usage": global_q["counts"],
-            "dead_codes": global_q["dead_codes"],
+            "perplexity": perplexity,
+            "usage": usage,
+            "dead_codes": dead_codes,
             "global_indices": global_indices,
             "local_indices": local_indices,
         }

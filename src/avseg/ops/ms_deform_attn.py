@@ -23,6 +23,7 @@ Nothing falls back silently: a backend that cannot run raises.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Literal, NamedTuple
@@ -421,18 +422,6 @@ class _TorchMSDeformAttn(torch.autograd.Function):
         return grad_value, None, None, grad_loc, grad_attn
 
 
-def ms_deform_attn_torch(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The PyTorch path (any device, differentiable). Shapes as in the module docstring."""
-    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _TorchMSDeformAttn.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton backend (autograd wrapper around avseg_kernels)
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +486,10 @@ def ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     return _TorchMSDeformAttn.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# The PyTorch path (any device, differentiable): `ms_deform_attn` with backend="torch".
+ms_deform_attn_torch = functools.partial(ms_deform_attn, backend="torch")
 
 
 # ----------------------------------------------------------------------------------------------
