@@ -8,13 +8,13 @@
 
 What is checked (docs/RELIABILITY.md has the table):
 
-- ``model.decomposition``: ``variant`` in pq | pq_split | vq | none; ``num_subspaces`` (K) an int
-  >= 1; ``codebook_size`` an int >= K (K = 1 for vq); pq_split: ``model.dim`` % K == 0; other
-  variants: ``num_heads`` divides ``model.dim``; ``distill_loss`` in mse | ce; beta >= 0;
-  ``local_window`` >= 0; ``dropout`` in [0, 1); ``distill_temperature`` > 0; ``num_layers`` >= 1.
-- ``model``: ``dim`` an int >= 1; ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70
-  for avss (71 classes with background, which has no logit); ``ms_deform_backend``;
-  ``fusion.fpn_type``; files named by ``init_from``, ``backbone.weights`` and
+- ``model.decomposition``, ``model.fusion``, ``model.decoder``, ``model.loss``: the allowed values
+  each component states once, in its ``check_options`` classmethod (`avseg.models.options`; the
+  section's ``_target_`` class, or the default one), which its constructor runs too; ``model.dim``,
+  ``ms_deform_backend``, ``aux_loss``: `avseg.models.build.check_model_options`.
+- ``model`` across sections: ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70 for
+  avss (71 classes with background, which has no logit); ``loss.weight_similarity`` > 0 needs
+  ``fusion.audio_similarity_dim`` > 0; files named by ``init_from``, ``backbone.weights`` and
   ``audio_encoder.vggish_weights`` exist (the latter only when the encoder reads log-mel and is
   not randomly initialised); ``metric.frames_per_batch`` null or a positive multiple of the clip
   length T (5 for s4 / ms3 / avs, 10 for avss).
@@ -46,7 +46,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avseg.data.layout import LAYOUTS
+from avseg.data.layout import LAYOUTS, SPLITS
+from avseg.data.perturb import PERTURBATIONS
 from avseg.errors import ConfigError
 from avseg.models.build import check_model_options
 from avseg.models.options import Problem, boolean, int_at_least, is_int, is_number, number_in, one_of
@@ -72,18 +73,15 @@ AUDIO_SOURCES = {
     for name, layout in _SUBSET_LAYOUTS.items()
 }
 MASK_SOURCES = ("rgb", "semantic")
-# the model sections whose component states its own allowed values (``check_options``), with the
-# class used when the section names no ``_target_``, and the shared values the builder passes it
+# the model sections whose component states its allowed values (``check_options``): default class
 _COMPONENTS = {
+    "model.audio_encoder": "avseg.models.audio.AudioEncoder",
     "model.decomposition": "avseg.models.decomposition.AudioDecomposition",
     "model.fusion": "avseg.models.fusion.AudioVisualFusion",
     "model.decoder": "avseg.models.decoder.SemanticGuidedDecoder",
     "model.loss": "avseg.models.criterion.SetCriterion",
 }
-AUDIO_INPUTS = ("log_mel", "embeddings")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-EVAL_SPLITS = ("train", "val", "test")
-PERTURBATIONS = ("none", "mute", "swap", "noise")
 
 _ABSENT = object()  # a key the config does not have (as opposed to a key set to null)
 
@@ -96,27 +94,20 @@ class _Reader:
         self.problems: list[str] = []
 
     def get(self, key: str, default: Any = _ABSENT) -> Any:
-        """The resolved value (plain Python containers), ``default`` when absent; ``_ABSENT`` again
-        (with a problem recorded) when it cannot be resolved or is a required ``???``."""
+        """The resolved value (plain Python containers), ``default`` when absent (a required ``???``
+        recorded as a problem); ``_ABSENT`` (with a problem recorded) when it cannot be resolved."""
         try:
             if OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
-                parent, _, leaf = key.rpartition(".")
-                node = OmegaConf.select(self.cfg, parent) if parent else self.cfg
-                if isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):
+                if self._is_missing(key):
                     self.problems.append(f"{key}: required, but not set (???); give {key}=...")
                 return default
             value = OmegaConf.select(self.cfg, key, throw_on_resolution_failure=True)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
         except OmegaConfBaseException as error:
             first_line = str(error).strip().splitlines()[0]
             self.problems.append(f"{key}: cannot be resolved ({first_line})")
             return _ABSENT
-        if isinstance(value, (DictConfig, ListConfig)):
-            try:
-                return OmegaConf.to_container(value, resolve=True)
-            except OmegaConfBaseException as error:
-                first_line = str(error).strip().splitlines()[0]
-                self.problems.append(f"{key}: cannot be resolved ({first_line})")
-                return _ABSENT
         return value
 
     def has(self, key: str) -> bool:
@@ -212,9 +203,9 @@ def _check_component(r: _Reader, key: str, **shared: Any) -> None:
 def _check_model(r: _Reader, subset: str | None) -> None:
     if not r.has("model"):
         return
-    model = {name: r.get(f"model.{name}") for name in ("dim", "num_classes", "ms_deform_backend", "aux_loss")}
+    model = {name: r.get(f"model.{name}") for name in ("dim", "ms_deform_backend", "aux_loss")}
     problems = check_model_options({name: value for name, value in model.items() if value is not _ABSENT})
-    r.problems.extend(problem.line() for problem in problems if not problem.key.startswith("model.num_classes"))
+    r.problems.extend(problem.line() for problem in problems)
     dim = model["dim"]
     dim_ok = not any(problem.key == "model.dim" for problem in problems) and dim is not _ABSENT
     for key in _COMPONENTS:
@@ -253,9 +244,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
             )
     if r.has("model.audio_encoder"):
         audio_input = r.get("model.audio_encoder.input")
-        _one_of(r, "model.audio_encoder.input", audio_input, AUDIO_INPUTS)
         random_init = r.get("model.audio_encoder.random_init", False)
-        _bool(r, "model.audio_encoder.random_init", random_init)
         weights = r.get("model.audio_encoder.vggish_weights")
         if audio_input == "log_mel":
             _existing_file(r, "model.audio_encoder.vggish_weights", weights, "torchvggish state dict (vggish.pth)")
@@ -578,7 +567,7 @@ def _check_top_level(r: _Reader) -> None:
         _int_at_least(r, "callbacks.checkpoint.every_n_train_steps", every, 0, note=" (0: at epoch ends only)")
     # avseg.eval
     if r.has("perturb"):
-        _one_of(r, "split", r.get("split"), EVAL_SPLITS)
+        _one_of(r, "split", r.get("split"), SPLITS)
         _one_of(r, "perturb", r.get("perturb"), PERTURBATIONS)
         _number_in(r, "perturb_snr_db", r.get("perturb_snr_db"), lambda v: True, "a finite number (dB)")
         _int_at_least(r, "batch_size", r.get("batch_size"), 1, nullable=True)
