@@ -52,14 +52,7 @@ from avseg.errors import ConfigError
 from avseg.models.build import check_model_options
 from avseg.models.options import Problem, boolean, int_at_least, is_int, is_number, number_in, one_of
 
-__all__ = [
-    "validate_config",
-    "config_problems",
-    "SUBSETS",
-    "CLIP_LENGTH",
-    "OBJECT_CLASSES",
-    "METADATA_CSV",
-]
+__all__ = ["validate_config", "config_problems", "SUBSETS", "CLIP_LENGTH", "OBJECT_CLASSES", "METADATA_CSV"]
 
 # The AVSBench subsets (avseg.data.layout) and "avs" (S4 + MS3 together, a binary task like S4).
 _SUBSET_LAYOUTS = {**LAYOUTS, "avs": LAYOUTS["s4"]}
