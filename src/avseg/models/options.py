@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from avseg.errors import ConfigError
 
-__all__ = ["Problem", "raise_first", "is_int", "is_number", "one_of", "int_at_least", "number_in", "boolean"]
+__all__ = ["Problem", "raise_first", "is_int", "is_number", "one_of", "int_at_least", "number_in", "boolean", "present"]
 
 
 class Problem(NamedTuple):
@@ -79,7 +79,9 @@ def boolean(key: str, value: Any) -> Problem | None:
     return None if isinstance(value, bool) else Problem(key, value, "true | false")
 
 
-def present(options: Mapping[str, Any], checks: Mapping[str, Callable[[str, Any], Problem | None]], prefix: str):
+def present(
+    options: Mapping[str, Any], checks: Mapping[str, Callable[[str, Any], Problem | None]], prefix: str
+) -> list[Problem]:
     """Run ``checks[name](prefix + name, value)`` for every ``name`` the options hold; the problems found."""
     found = (check(prefix + name, options[name]) for name, check in checks.items() if name in options)
     return [problem for problem in found if problem is not None]
