@@ -14,7 +14,7 @@ from torch import nn
 
 from avseg.errors import CheckpointError, ConfigError
 from avseg.models.layers.position import sine_position_1d
-from avseg.models.options import Problem, boolean, is_int, one_of, present, raise_first
+from avseg.models.options import Problem, boolean, choice, is_int, present, raise_first
 
 VGGISH_EMBEDDING_DIM = 128
 _VGGISH_FEATURE_PLAN: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
@@ -254,8 +254,8 @@ class AudioEncoder(nn.Module):
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``model.audio_encoder`` options ``options`` holds (absent ones are not checked)."""
         checks = {
-            "input": lambda key, value: one_of(key, value, AUDIO_INPUTS),
-            "network": lambda key, value: one_of(key, value, LOG_MEL_NETWORKS),
+            "input": choice(AUDIO_INPUTS),
+            "network": choice(LOG_MEL_NETWORKS),
             "random_init": boolean,
             "band_tokens": lambda key, value: (
                 None

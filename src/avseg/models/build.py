@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from avseg.errors import AvsegError, ConfigError
 from avseg.models.init_from import load_init_from
 from avseg.models.neck import MultiLevelProjection
-from avseg.models.options import Problem, boolean, int_at_least, is_int, one_of, present, raise_first
+from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 from avseg.models.qdformer import QDFormer
 
 MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
@@ -63,8 +63,8 @@ def check_model_options(options: Mapping[str, Any]) -> list[Problem]:
         "dim": lambda key, value: (
             None if is_int(value) and value > 0 and value % 32 == 0 else Problem(key, value, _DIM_ALLOWED)
         ),
-        "num_classes": lambda key, value: int_at_least(key, value, 1),
-        "ms_deform_backend": lambda key, value: one_of(key, value, MS_DEFORM_BACKENDS),
+        "num_classes": at_least(1),
+        "ms_deform_backend": choice(MS_DEFORM_BACKENDS),
         "aux_loss": boolean,
     }
     return present(options, checks, "model.")

@@ -63,7 +63,7 @@ from avseg.models.matcher import (
     predicted_boxes,
     sigmoid_focal_terms,
 )
-from avseg.models.options import Problem, number_in, one_of, present, raise_first
+from avseg.models.options import Problem, choice, non_negative, present, raise_first
 from avseg.precision import full_precision
 
 __all__ = ["SetCriterion", "FrameTargets"]
@@ -137,13 +137,8 @@ class SetCriterion(nn.Module):
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``model.loss`` options ``options`` holds (absent ones are not checked)."""
-        checks: dict[str, Any] = {
-            "mask_resolution": lambda key, value: one_of(key, value, MASK_RESOLUTIONS),
-            "match_level": lambda key, value: one_of(key, value, MATCH_LEVELS),
-        }
-        for name in _WEIGHTS:
-            checks[name] = lambda key, value: number_in(key, value, lambda v: v >= 0, "a number >= 0")
-        return present(options, checks, "model.loss.")
+        checks = {"mask_resolution": choice(MASK_RESOLUTIONS), "match_level": choice(MATCH_LEVELS)}
+        return present(options, {**checks, **dict.fromkeys(_WEIGHTS, non_negative)}, "model.loss.")
 
     def __init__(
         self,

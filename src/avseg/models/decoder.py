@@ -28,7 +28,7 @@ from torch import nn
 
 from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.mlp import MLP
-from avseg.models.options import Problem, one_of, present, raise_first
+from avseg.models.options import Problem, choice, present, raise_first
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -100,8 +100,8 @@ class DynamicMaskHead(nn.Module):
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``model.decoder`` options of the mask head that ``options`` holds."""
         checks = {
-            "controller_layout": lambda key, value: one_of(key, value, CONTROLLER_LAYOUTS),
-            "rel_coords_unit": lambda key, value: one_of(key, value, REL_COORD_UNITS),
+            "controller_layout": choice(CONTROLLER_LAYOUTS),
+            "rel_coords_unit": choice(REL_COORD_UNITS),
         }
         return present(options, checks, "model.decoder.")
 
@@ -235,7 +235,7 @@ class SemanticGuidedDecoder(nn.Module):
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``model.decoder`` options ``options`` holds (absent ones are not checked)."""
-        problems = present(options, {"box_head": lambda key, value: one_of(key, value, BOX_HEADS)}, "model.decoder.")
+        problems = present(options, {"box_head": choice(BOX_HEADS)}, "model.decoder.")
         return problems + DynamicMaskHead.check_options(options)
 
     def __init__(

@@ -42,7 +42,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAttention
-from avseg.models.options import Problem, boolean, int_at_least, is_int, number_in, one_of, present, raise_first
+from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
 from avseg.models.quantizer import VectorQuantizer
 
 __all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
@@ -51,10 +51,6 @@ VARIANTS = ("pq", "pq_split", "vq", "none")
 PROTOTYPE_ROLES = ("content", "position")
 DISTILL_LOSSES = ("mse", "ce")
 _KEY = "model.decomposition"
-
-
-def _at_least(low: int, note: str = ""):
-    return lambda key, value: int_at_least(key, value, low, note=note)
 
 
 class PrototypeDecoderLayer(nn.Module):
@@ -219,7 +215,7 @@ class AudioDecomposition(nn.Module):
         variant, k = options.get("variant"), options.get("num_subspaces")
         problems = present(
             options,
-            {"variant": lambda key, value: one_of(key, value, VARIANTS), "num_subspaces": _at_least(1)},
+            {"variant": choice(VARIANTS), "num_subspaces": at_least(1)},
             f"{_KEY}.",
         )
         variant_ok = "variant" not in options or variant in VARIANTS
@@ -242,16 +238,16 @@ class AudioDecomposition(nn.Module):
             heads = options.get("num_heads")
             if "num_heads" in options and dim_ok and (not is_int(heads) or heads < 1 or dim % heads):
                 problems.append(Problem(f"{_KEY}.num_heads", heads, f"a positive divisor of model.dim={dim}"))
-            problems += present(options, {"num_layers": _at_least(1)}, f"{_KEY}.")
+            problems += present(options, {"num_layers": at_least(1)}, f"{_KEY}.")
         checks = {
-            "distill_loss": lambda key, value: one_of(key, value, DISTILL_LOSSES),
-            "local_window": _at_least(0, note=" (frames each side of t)"),
-            "distill_temperature": lambda key, value: number_in(key, value, lambda v: v > 0, "a number > 0"),
-            "dropout": lambda key, value: number_in(key, value, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-            "prototype_init_std": lambda key, value: number_in(key, value, lambda v: v > 0, "a number > 0"),
+            "distill_loss": choice(DISTILL_LOSSES),
+            "local_window": at_least(0, note=" (frames each side of t)"),
+            "distill_temperature": positive,
+            "dropout": below_one,
+            "prototype_init_std": positive,
             "local_calibration": boolean,
-            "prototype_role": lambda key, value: one_of(key, value, PROTOTYPE_ROLES),
-            "competition": lambda key, value: one_of(key, value, COMPETITIONS),
+            "prototype_role": choice(PROTOTYPE_ROLES),
+            "competition": choice(COMPETITIONS),
             "subspace_values": boolean,
         }
         problems += present(options, checks, f"{_KEY}.")

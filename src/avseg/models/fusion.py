@@ -34,7 +34,7 @@ from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
-from avseg.models.options import Problem, boolean, int_at_least, is_int, one_of, present, raise_first
+from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 
 FPN_TYPES = ("audio_dual", "audio", "none")
 DUAL_FORMS = ("r2vos", "gate")
@@ -244,12 +244,12 @@ class AudioVisualFusion(nn.Module):
         """The problems of the ``model.fusion`` options ``options`` holds (absent ones take the
         constructor's defaults)."""
         checks = {
-            "fpn_type": lambda key, value: one_of(key, value, FPN_TYPES),
-            "dual_stride": lambda key, value: one_of(key, value, tuple(DUAL_STRIDES)),
-            "early_fusion_form": lambda key, value: one_of(key, value, GATE_FORMS),
-            "dual_form": lambda key, value: one_of(key, value, DUAL_FORMS),
-            "num_levels": lambda key, value: one_of(key, value, (4,)),
-            "audio_similarity_dim": lambda key, value: int_at_least(key, value, 0, note=" (0 = off)"),
+            "fpn_type": choice(FPN_TYPES),
+            "dual_stride": choice(tuple(DUAL_STRIDES)),
+            "early_fusion_form": choice(GATE_FORMS),
+            "dual_form": choice(DUAL_FORMS),
+            "num_levels": choice((4,)),
+            "audio_similarity_dim": at_least(0, note=" (0 = off)"),
             "similarity_to_masks": boolean,
         }
         problems = present(options, checks, f"{_KEY}.")

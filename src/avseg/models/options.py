@@ -16,7 +16,22 @@ from typing import Any, NamedTuple
 
 from avseg.errors import ConfigError
 
-__all__ = ["Problem", "raise_first", "is_int", "is_number", "one_of", "int_at_least", "number_in", "boolean", "present"]
+__all__ = [
+    "Problem",
+    "raise_first",
+    "is_int",
+    "is_number",
+    "one_of",
+    "int_at_least",
+    "number_in",
+    "boolean",
+    "present",
+    "choice",
+    "at_least",
+    "non_negative",
+    "positive",
+    "below_one",
+]
 
 
 class Problem(NamedTuple):
@@ -79,9 +94,32 @@ def boolean(key: str, value: Any) -> Problem | None:
     return None if isinstance(value, bool) else Problem(key, value, "true | false")
 
 
-def present(
-    options: Mapping[str, Any], checks: Mapping[str, Callable[[str, Any], Problem | None]], prefix: str
-) -> list[Problem]:
+Check = Callable[[str, Any], "Problem | None"]
+
+
+def choice(allowed: Sequence[Any]) -> Check:
+    """A check: the value is one of ``allowed``."""
+    return lambda key, value: one_of(key, value, allowed)
+
+
+def at_least(low: int, note: str = "") -> Check:
+    """A check: the value is an integer >= ``low``."""
+    return lambda key, value: int_at_least(key, value, low, note=note)
+
+
+def non_negative(key: str, value: Any) -> Problem | None:
+    return number_in(key, value, lambda v: v >= 0, "a number >= 0")
+
+
+def positive(key: str, value: Any) -> Problem | None:
+    return number_in(key, value, lambda v: v > 0, "a number > 0")
+
+
+def below_one(key: str, value: Any) -> Problem | None:
+    return number_in(key, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def present(options: Mapping[str, Any], checks: Mapping[str, Check], prefix: str) -> list[Problem]:
     """Run ``checks[name](prefix + name, value)`` for every ``name`` the options hold; the problems found."""
     found = (check(prefix + name, options[name]) for name, check in checks.items() if name in options)
     return [problem for problem in found if problem is not None]

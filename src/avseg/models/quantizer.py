@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from avseg.models.options import Problem, boolean, int_at_least, number_in, one_of, present, raise_first
+from avseg.models.options import Problem, at_least, below_one, boolean, choice, non_negative, present, raise_first
 
 __all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES"]
 
@@ -95,17 +95,17 @@ class VectorQuantizer(nn.Module):
         spells them (``codebook_size`` for ``num_codes``, ``vq_loss_form`` for ``loss_form``),
         each key prefixed with ``prefix``."""
         checks = {
-            "vq_loss_form": lambda key, value: one_of(key, value, LOSS_FORMS),
-            "codebook_size": lambda key, value: int_at_least(key, value, 1),
-            "code_dim": lambda key, value: int_at_least(key, value, 1),
-            "beta": lambda key, value: number_in(key, value, lambda v: v >= 0, "a number >= 0"),
-            "usage_ema_decay": lambda key, value: number_in(key, value, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-            "dead_code_threshold": lambda key, value: number_in(key, value, lambda v: v >= 0, "a number >= 0"),
+            "vq_loss_form": choice(LOSS_FORMS),
+            "codebook_size": at_least(1),
+            "code_dim": at_least(1),
+            "beta": non_negative,
+            "usage_ema_decay": below_one,
+            "dead_code_threshold": non_negative,
             "reseed_dead_codes": boolean,
-            "reseed_buffer_size": lambda key, value: int_at_least(key, value, 1),
-            "codebook_init": lambda key, value: one_of(key, value, CODEBOOK_INITS),
-            "codebook_update": lambda key, value: one_of(key, value, CODEBOOK_UPDATES),
-            "codebook_ema_decay": lambda key, value: number_in(key, value, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            "reseed_buffer_size": at_least(1),
+            "codebook_init": choice(CODEBOOK_INITS),
+            "codebook_update": choice(CODEBOOK_UPDATES),
+            "codebook_ema_decay": below_one,
         }
         return present(options, checks, prefix)
 
