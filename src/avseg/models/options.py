@@ -94,7 +94,7 @@ def boolean(key: str, value: Any) -> Problem | None:
     return None if isinstance(value, bool) else Problem(key, value, "true | false")
 
 
-Check = Callable[[str, Any], "Problem | None"]
+Check = Callable[[str, Any], Problem | None]
 
 
 def choice(allowed: Sequence[Any]) -> Check:
