@@ -477,3 +477,59 @@ def test_test_ckpt_is_best_or_last(configs):
     assert cfg.test_ckpt == "last"  # the demo's choice (conf/experiment/synth_ms3.yaml)
     cfg.test_ckpt = "newest"
     assert "best" in _only_problem(cfg, "test_ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# each component's allowed values are stated once (its check_options) and read twice
+
+
+def _constructors():
+    from avseg.models.audio import AudioEncoder
+    from avseg.models.criterion import SetCriterion
+    from avseg.models.decoder import SemanticGuidedDecoder
+    from avseg.models.decomposition import AudioDecomposition
+    from avseg.models.fusion import AudioVisualFusion
+
+    return {
+        "model.audio_encoder": lambda **kw: AudioEncoder(dim=64, **kw),
+        "model.decomposition": lambda **kw: AudioDecomposition(dim=64, **kw),
+        "model.fusion": lambda **kw: AudioVisualFusion(dim=64, res2_channels=64, **kw),
+        "model.decoder": lambda **kw: SemanticGuidedDecoder(dim=64, num_classes=1, mask_dim=8, **kw),
+        "model.loss": lambda **kw: SetCriterion(num_classes=1, semantic=False, **kw),
+    }
+
+
+@pytest.mark.parametrize(
+    ("section", "option", "value", "allowed"),
+    [
+        ("model.audio_encoder", "network", "wavenet", "vggish | log_mel_cnn"),
+        ("model.decomposition", "prototype_role", "key", "content | position"),
+        ("model.decomposition", "codebook_update", "adam", "loss | ema"),
+        ("model.decomposition", "vq_loss_form", "l2", "vqvae | taming_legacy"),
+        ("model.fusion", "dual_form", "concat", "r2vos | gate"),
+        ("model.decoder", "box_head", "none", "per_layer | shared"),
+        ("model.loss", "mask_resolution", "full", "pred | target"),
+    ],
+)
+def test_start_up_and_constructor_read_the_same_rule(configs, section, option, value, allowed):
+    key = f"{section}.{option}"
+    cfg = _copy(configs, "train")
+    OmegaConf.update(cfg, key, value, force_add=True)
+    line = _only_problem(cfg, key)
+    assert line == f"{key}={value!r}: allowed values are {allowed}"
+    with pytest.raises(ConfigError) as raised:
+        _constructors()[section](**{option: value})
+    assert str(raised.value) == f"{key}: got {value!r}; allowed: {allowed}"
+
+
+def test_model_width_is_a_multiple_of_32_at_start_up(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.dim = 48
+    assert "multiple of 32" in _only_problem(cfg, "model.dim")
+
+
+def test_a_section_whose_target_states_no_rules_is_left_to_it(configs):
+    cfg = _copy(configs, "train")
+    cfg.model.decomposition._target_ = "torch.nn.Identity"  # no check_options: its own rules apply
+    cfg.model.decomposition.variant = "anything"
+    assert config_problems(cfg) == []

@@ -8,13 +8,13 @@
 
 What is checked (docs/RELIABILITY.md has the table):
 
-- ``model.decomposition``: ``variant`` in pq | pq_split | vq | none; ``num_subspaces`` (K) an int
-  >= 1; ``codebook_size`` an int >= K (K = 1 for vq); pq_split: ``model.dim`` % K == 0; other
-  variants: ``num_heads`` divides ``model.dim``; ``distill_loss`` in mse | ce; beta >= 0;
-  ``local_window`` >= 0; ``dropout`` in [0, 1); ``distill_temperature`` > 0; ``num_layers`` >= 1.
-- ``model``: ``dim`` an int >= 1; ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70
-  for avss (71 classes with background, which has no logit); ``ms_deform_backend``;
-  ``fusion.fpn_type``; files named by ``init_from``, ``backbone.weights`` and
+- ``model.decomposition``, ``model.fusion``, ``model.decoder``, ``model.loss``: the allowed values
+  each component states once, in its ``check_options`` classmethod (`avseg.models.options`; the
+  section's ``_target_`` class, or the default one), which its constructor runs too; ``model.dim``,
+  ``ms_deform_backend``, ``aux_loss``: `avseg.models.build.check_model_options`.
+- ``model`` across sections: ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70 for
+  avss (71 classes with background, which has no logit); ``loss.weight_similarity`` > 0 needs
+  ``fusion.audio_similarity_dim`` > 0; files named by ``init_from``, ``backbone.weights`` and
   ``audio_encoder.vggish_weights`` exist (the latter only when the encoder reads log-mel and is
   not randomly initialised); ``metric.frames_per_batch`` null or a positive multiple of the clip
   length T (5 for s4 / ms3 / avs, 10 for avss).
@@ -38,7 +38,6 @@ data is read.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,22 +46,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avseg.data.layout import LAYOUTS
+from avseg.data.layout import LAYOUTS, SPLITS
+from avseg.data.perturb import PERTURBATIONS
 from avseg.errors import ConfigError
+from avseg.models.build import check_model_options
+from avseg.models.options import Problem, boolean, int_at_least, is_int, is_number, number_in, one_of
 
-__all__ = [
-    "validate_config",
-    "config_problems",
-    "DECOMPOSITION_VARIANTS",
-    "DISTILL_LOSSES",
-    "SUBSETS",
-    "CLIP_LENGTH",
-    "OBJECT_CLASSES",
-    "METADATA_CSV",
-]
+__all__ = ["validate_config", "config_problems", "SUBSETS", "CLIP_LENGTH", "OBJECT_CLASSES", "METADATA_CSV"]
 
-DECOMPOSITION_VARIANTS = ("pq", "pq_split", "vq", "none")
-DISTILL_LOSSES = ("mse", "ce")
 # The AVSBench subsets (avseg.data.layout) and "avs" (S4 + MS3 together, a binary task like S4).
 _SUBSET_LAYOUTS = {**LAYOUTS, "avs": LAYOUTS["s4"]}
 SUBSETS = tuple(_SUBSET_LAYOUTS)
@@ -75,23 +66,15 @@ AUDIO_SOURCES = {
     for name, layout in _SUBSET_LAYOUTS.items()
 }
 MASK_SOURCES = ("rgb", "semantic")
-MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
-FPN_TYPES = ("audio_dual", "audio", "none")
-DUAL_STRIDES = (8, 16, 32)
-GATE_FORMS = ("product", "residual_product", "sum")
-# the paper-fidelity switches (docs/MODEL.md, "Paper setup vs its ancestors")
-FIDELITY_SWITCHES = {
-    "model.fusion.dual_form": ("r2vos", "gate"),
-    "model.decoder.box_head": ("per_layer", "shared"),
-    "model.decoder.controller_layout": ("referformer", "interleaved"),
-    "model.decoder.rel_coords_unit": ("pixels", "unit"),
-    "model.loss.match_level": ("clip", "frame"),
-    "model.decomposition.vq_loss_form": ("vqvae", "taming_legacy"),
+# the model sections whose component states its allowed values (``check_options``): default class
+_COMPONENTS = {
+    "model.audio_encoder": "avseg.models.audio.AudioEncoder",
+    "model.decomposition": "avseg.models.decomposition.AudioDecomposition",
+    "model.fusion": "avseg.models.fusion.AudioVisualFusion",
+    "model.decoder": "avseg.models.decoder.SemanticGuidedDecoder",
+    "model.loss": "avseg.models.criterion.SetCriterion",
 }
-AUDIO_INPUTS = ("log_mel", "embeddings")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-EVAL_SPLITS = ("train", "val", "test")
-PERTURBATIONS = ("none", "mute", "swap", "noise")
 
 _ABSENT = object()  # a key the config does not have (as opposed to a key set to null)
 
@@ -104,27 +87,20 @@ class _Reader:
         self.problems: list[str] = []
 
     def get(self, key: str, default: Any = _ABSENT) -> Any:
-        """The resolved value (plain Python containers), ``default`` when absent; ``_ABSENT`` again
-        (with a problem recorded) when it cannot be resolved or is a required ``???``."""
+        """The resolved value (plain Python containers), ``default`` when absent (a required ``???``
+        recorded as a problem); ``_ABSENT`` (with a problem recorded) when it cannot be resolved."""
         try:
             if OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
-                parent, _, leaf = key.rpartition(".")
-                node = OmegaConf.select(self.cfg, parent) if parent else self.cfg
-                if isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):
+                if self._is_missing(key):
                     self.problems.append(f"{key}: required, but not set (???); give {key}=...")
                 return default
             value = OmegaConf.select(self.cfg, key, throw_on_resolution_failure=True)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
         except OmegaConfBaseException as error:
             first_line = str(error).strip().splitlines()[0]
             self.problems.append(f"{key}: cannot be resolved ({first_line})")
             return _ABSENT
-        if isinstance(value, (DictConfig, ListConfig)):
-            try:
-                return OmegaConf.to_container(value, resolve=True)
-            except OmegaConfBaseException as error:
-                first_line = str(error).strip().splitlines()[0]
-                self.problems.append(f"{key}: cannot be resolved ({first_line})")
-                return _ABSENT
         return value
 
     def has(self, key: str) -> bool:
@@ -145,44 +121,30 @@ class _Reader:
 # value predicates
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _report(r: _Reader, problem: Problem | None) -> bool:
+    if problem is not None:
+        r.problems.append(problem.line())
+    return problem is None
 
 
 def _int_at_least(r: _Reader, key: str, value: Any, low: int, *, nullable: bool = False, note: str = "") -> bool:
-    if value is _ABSENT or (nullable and value is None):
-        return True
-    if _is_int(value) and value >= low:
-        return True
-    r.add(key, value, f"{'null or ' if nullable else ''}an integer >= {low}{note}")
-    return False
+    return value is _ABSENT or _report(r, int_at_least(key, value, low, nullable=nullable, note=note))
 
 
 def _number_in(
     r: _Reader, key: str, value: Any, check: Callable[[float], bool], allowed: str, *, nullable: bool = False
 ) -> None:
-    if value is _ABSENT or (nullable and value is None):
-        return
-    if not (_is_number(value) and check(float(value))):
-        r.add(key, value, f"{'null or ' if nullable else ''}{allowed}")
+    if value is not _ABSENT:
+        _report(r, number_in(key, value, check, allowed, nullable=nullable))
 
 
 def _one_of(r: _Reader, key: str, value: Any, allowed: Sequence[Any]) -> bool:
-    if value is _ABSENT:
-        return True
-    if value in allowed and not isinstance(value, bool):
-        return True
-    r.problems.append(f"{key}={value!r}: allowed values are {' | '.join(str(a) for a in allowed)}")
-    return False
+    return value is _ABSENT or _report(r, one_of(key, value, allowed))
 
 
 def _bool(r: _Reader, key: str, value: Any) -> None:
-    if value is not _ABSENT and not isinstance(value, bool):
-        r.add(key, value, "true | false")
+    if value is not _ABSENT:
+        _report(r, boolean(key, value))
 
 
 def _expand(path: Any) -> Path:
@@ -207,58 +169,41 @@ def _subset(r: _Reader) -> str | None:
     return subset if _one_of(r, "data.subset", subset, SUBSETS) else None
 
 
-def _check_decomposition(r: _Reader, dim: Any) -> None:
-    base = "model.decomposition"
-    if not r.has(base):
+def _options(r: _Reader, key: str) -> dict[str, Any]:
+    """The keys of the section ``key``, each resolved on its own (unresolvable ones reported)."""
+    node = OmegaConf.select(r.cfg, key, throw_on_resolution_failure=False)
+    if not isinstance(node, DictConfig):
+        return {}
+    options = {name: r.get(f"{key}.{name}") for name in node.keys()}
+    return {name: value for name, value in options.items() if value is not _ABSENT}
+
+
+def _check_component(r: _Reader, key: str, **shared: Any) -> None:
+    """The component's own ``check_options`` on the section ``key`` (its ``_target_``, or the
+    default class of `_COMPONENTS`); a target that does not import is left to the builder."""
+    options = _options(r, key)
+    target = options.pop("_target_", _COMPONENTS[key])
+    try:
+        from hydra.utils import get_class
+
+        check = getattr(get_class(str(target)), "check_options", None)
+    except Exception:  # noqa: BLE001 - hydra wraps import failures in several types; the builder names them
         return
-    variant = r.get(f"{base}.variant")
-    variant_ok = _one_of(r, f"{base}.variant", variant, DECOMPOSITION_VARIANTS)
-    k = r.get(f"{base}.num_subspaces")
-    k_ok = _int_at_least(r, f"{base}.num_subspaces", k, 1)
-    num_tokens = 1 if variant == "vq" else k
-    codebook = r.get(f"{base}.codebook_size")
-    if codebook is not _ABSENT:
-        if not _is_int(codebook) or codebook < 1:
-            r.add(f"{base}.codebook_size", codebook, f"an integer >= num_subspaces (K = {num_tokens if k_ok else '?'})")
-        elif k_ok and _is_int(num_tokens) and codebook < num_tokens:
-            r.problems.append(
-                f"{base}.codebook_size={codebook!r}: must be >= num_subspaces ({num_tokens}); "
-                f"allowed: an integer >= K = {num_tokens}, or a lower num_subspaces"
-            )
-    if variant_ok and k_ok and _is_int(k) and _is_int(dim) and dim >= 1:
-        if variant == "pq_split" and dim % k != 0:
-            divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-            r.add(
-                f"{base}.num_subspaces",
-                k,
-                f"a divisor of model.dim={dim} for pq_split (dim is split into K equal chunks): {divisors}",
-            )
-    if variant_ok and variant != "pq_split":
-        heads = r.get(f"{base}.num_heads")
-        if heads is not _ABSENT and _is_int(dim) and dim >= 1 and (not _is_int(heads) or heads < 1 or dim % heads):
-            r.add(f"{base}.num_heads", heads, f"a positive divisor of model.dim={dim}")
-        _int_at_least(r, f"{base}.num_layers", r.get(f"{base}.num_layers"), 1)
-    _one_of(r, f"{base}.distill_loss", r.get(f"{base}.distill_loss"), DISTILL_LOSSES)
-    _number_in(r, f"{base}.beta", r.get(f"{base}.beta"), lambda v: v >= 0, "a number >= 0")
-    _int_at_least(r, f"{base}.local_window", r.get(f"{base}.local_window"), 0, note=" (frames each side of t)")
-    _number_in(r, f"{base}.distill_temperature", r.get(f"{base}.distill_temperature"), lambda v: v > 0, "a number > 0")
-    _number_in(r, f"{base}.dropout", r.get(f"{base}.dropout"), lambda v: 0 <= v < 1, "a number in [0, 1)")
-    _number_in(
-        r, f"{base}.dead_code_threshold", r.get(f"{base}.dead_code_threshold"), lambda v: v >= 0, "a number >= 0"
-    )
-    _number_in(
-        r, f"{base}.usage_ema_decay", r.get(f"{base}.usage_ema_decay"), lambda v: 0 <= v < 1, "a number in [0, 1)"
-    )
-    _bool(r, f"{base}.local_calibration", r.get(f"{base}.local_calibration"))
-    _bool(r, f"{base}.reseed_dead_codes", r.get(f"{base}.reseed_dead_codes"))
+    if check is not None:
+        r.problems.extend(problem.line() for problem in check(options, **shared))
 
 
 def _check_model(r: _Reader, subset: str | None) -> None:
     if not r.has("model"):
         return
-    dim = r.get("model.dim")
-    dim_ok = _int_at_least(r, "model.dim", dim, 1)
-    _check_decomposition(r, dim if dim_ok else None)
+    model = {name: r.get(f"model.{name}") for name in ("dim", "ms_deform_backend", "aux_loss")}
+    problems = check_model_options({name: value for name, value in model.items() if value is not _ABSENT})
+    r.problems.extend(problem.line() for problem in problems)
+    dim = model["dim"]
+    dim_ok = not any(problem.key == "model.dim" for problem in problems) and dim is not _ABSENT
+    for key in _COMPONENTS:
+        if r.has(key):
+            _check_component(r, key, **({"dim": dim if dim_ok else None} if key == "model.decomposition" else {}))
 
     num_classes = r.get("model.num_classes")
     if num_classes is not _ABSENT:
@@ -270,39 +215,14 @@ def _check_model(r: _Reader, subset: str | None) -> None:
         elif num_classes not in (1, 70) or isinstance(num_classes, bool):
             r.add("model.num_classes", num_classes, "1 (binary: s4, ms3, avs) | 70 (semantic: avss)")
 
-    _one_of(r, "model.ms_deform_backend", r.get("model.ms_deform_backend"), MS_DEFORM_BACKENDS)
-    _one_of(r, "model.fusion.fpn_type", r.get("model.fusion.fpn_type"), FPN_TYPES)
-    _one_of(r, "model.fusion.dual_stride", r.get("model.fusion.dual_stride"), DUAL_STRIDES)
-    _one_of(r, "model.fusion.early_fusion_form", r.get("model.fusion.early_fusion_form"), GATE_FORMS)
-    for key, allowed in FIDELITY_SWITCHES.items():
-        _one_of(r, key, r.get(key), allowed)
-    similarity = r.get("model.fusion.audio_similarity_dim")
-    if similarity is not _ABSENT and _int_at_least(
-        r, "model.fusion.audio_similarity_dim", similarity, 0, note=" (0 = off)"
-    ):
-        if similarity > 0 and r.get("model.fusion.fpn_type") == "none":
-            r.add(
-                "model.fusion.audio_similarity_dim",
-                similarity,
-                "0 while model.fusion.fpn_type=none (no audio in the pixel path)",
-            )
-    to_masks = r.get("model.fusion.similarity_to_masks")
-    _bool(r, "model.fusion.similarity_to_masks", to_masks)
-    if to_masks is True and not (_is_int(similarity) and similarity > 0):
-        r.add(
-            "model.fusion.similarity_to_masks",
-            to_masks,
-            "false unless model.fusion.audio_similarity_dim > 0 (it adds that map to the masks)",
-        )
+    similarity = r.get("model.fusion.audio_similarity_dim", 0)
     weight_similarity = r.get("model.loss.weight_similarity")
-    _number_in(r, "model.loss.weight_similarity", weight_similarity, lambda v: v >= 0, "a number >= 0")
-    if _is_number(weight_similarity) and weight_similarity > 0 and not (_is_int(similarity) and similarity > 0):
+    if is_number(weight_similarity) and weight_similarity > 0 and not (is_int(similarity) and similarity > 0):
         r.add(
             "model.loss.weight_similarity",
             weight_similarity,
             "0 unless model.fusion.audio_similarity_dim > 0 (the loss supervises that similarity map)",
         )
-    _bool(r, "model.aux_loss", r.get("model.aux_loss"))
     _existing_file(r, "model.init_from", r.get("model.init_from"), "checkpoint (the ReferFormer-family weights)")
 
     if r.has("model.backbone"):
@@ -317,9 +237,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
             )
     if r.has("model.audio_encoder"):
         audio_input = r.get("model.audio_encoder.input")
-        _one_of(r, "model.audio_encoder.input", audio_input, AUDIO_INPUTS)
         random_init = r.get("model.audio_encoder.random_init", False)
-        _bool(r, "model.audio_encoder.random_init", random_init)
         weights = r.get("model.audio_encoder.vggish_weights")
         if audio_input == "log_mel":
             _existing_file(r, "model.audio_encoder.vggish_weights", weights, "torchvggish state dict (vggish.pth)")
@@ -337,7 +255,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     fpb = r.get("model.metric.frames_per_batch")
     if fpb is not _ABSENT and fpb is not None:
         frames = CLIP_LENGTH.get(subset) if subset else None
-        if not _is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
+        if not is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
             allowed = (
                 f"a positive multiple of the clip length T={frames}"
                 if frames
@@ -389,7 +307,7 @@ def _check_data(r: _Reader, subset: str | None) -> None:
             _int_at_least(r, "data.synth.num_classes", synth.get("num_classes", _ABSENT), 1)
             clips = synth.get("clips_per_split", _ABSENT)
             if clips is not _ABSENT and not (
-                isinstance(clips, Mapping) and all(_is_int(v) and v >= 1 for v in clips.values())
+                isinstance(clips, Mapping) and all(is_int(v) and v >= 1 for v in clips.values())
             ):
                 r.add("data.synth.clips_per_split", clips, "a mapping train/val/test -> an integer >= 1")
         if root not in (_ABSENT, None) or roots not in (_ABSENT, None):
@@ -449,7 +367,7 @@ def _check_data(r: _Reader, subset: str | None) -> None:
     if repeats not in (_ABSENT, None):
         if (
             not isinstance(repeats, Mapping)
-            or not all(_is_int(v) and v >= 0 for v in repeats.values())
+            or not all(is_int(v) and v >= 0 for v in repeats.values())
             or not any(repeats.values())
         ):
             r.add("data.repeats", repeats, "null or a mapping subset -> an integer >= 0, not all 0")
@@ -478,7 +396,7 @@ def _lightning_names() -> tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...
 
 
 def _valid_devices(value: Any) -> bool:
-    if _is_int(value):
+    if is_int(value):
         return value >= 1 or value == -1
     if isinstance(value, str):
         text = value.strip()
@@ -491,14 +409,14 @@ def _valid_devices(value: Any) -> bool:
             and (len(parts) > 1 or text.endswith(",") or int(parts[0]) >= 1)
         )
     if isinstance(value, list):
-        return bool(value) and all(_is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value)
+        return bool(value) and all(is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value)
     return False
 
 
 def _limit_batches(r: _Reader, key: str, value: Any) -> None:
     if value is _ABSENT or value is None:
         return
-    if _is_int(value) and value >= 0:
+    if is_int(value) and value >= 0:
         return
     if isinstance(value, float) and 0.0 <= value <= 1.0:
         return
@@ -549,10 +467,10 @@ def _check_trainer(r: _Reader) -> None:
     max_epochs = r.get("trainer.max_epochs", None)
     min_epochs = r.get("trainer.min_epochs", None)
     max_steps = r.get("trainer.max_steps", -1)
-    epochs_ok = max_epochs in (_ABSENT, None) or (_is_int(max_epochs) and (max_epochs >= 1 or max_epochs == -1))
+    epochs_ok = max_epochs in (_ABSENT, None) or (is_int(max_epochs) and (max_epochs >= 1 or max_epochs == -1))
     if not epochs_ok:
         r.add("trainer.max_epochs", max_epochs, "null, -1 (no epoch limit) or an integer >= 1")
-    steps_ok = max_steps in (_ABSENT, None) or (_is_int(max_steps) and (max_steps >= 1 or max_steps == -1))
+    steps_ok = max_steps in (_ABSENT, None) or (is_int(max_steps) and (max_steps >= 1 or max_steps == -1))
     if not steps_ok:
         r.add("trainer.max_steps", max_steps, "-1 (no step limit) or an integer >= 1")
     if epochs_ok and steps_ok and max_epochs == -1 and max_steps in (-1, None, _ABSENT):
@@ -561,9 +479,9 @@ def _check_trainer(r: _Reader) -> None:
             "stop)"
         )
     if min_epochs not in (_ABSENT, None):
-        if not _is_int(min_epochs) or min_epochs < 0:
+        if not is_int(min_epochs) or min_epochs < 0:
             r.add("trainer.min_epochs", min_epochs, "null or an integer >= 0")
-        elif _is_int(max_epochs) and max_epochs >= 1 and min_epochs > max_epochs:
+        elif is_int(max_epochs) and max_epochs >= 1 and min_epochs > max_epochs:
             r.add("trainer.min_epochs", min_epochs, f"an integer <= trainer.max_epochs={max_epochs}")
 
     _number_in(
@@ -593,7 +511,7 @@ def _check_trainer(r: _Reader) -> None:
         r.add("trainer.deterministic", deterministic, "true | false | warn | null")
     fast_dev_run = r.get("trainer.fast_dev_run")
     if fast_dev_run is not _ABSENT and not (
-        isinstance(fast_dev_run, bool) or (_is_int(fast_dev_run) and fast_dev_run >= 0)
+        isinstance(fast_dev_run, bool) or (is_int(fast_dev_run) and fast_dev_run >= 0)
     ):
         r.add("trainer.fast_dev_run", fast_dev_run, "true | false | an integer >= 0 (batches)")
 
@@ -625,7 +543,7 @@ def _check_strategy_target(r: _Reader, strategy: Mapping[str, Any], accelerator:
 
 def _check_top_level(r: _Reader) -> None:
     seed = r.get("seed")
-    if seed is not _ABSENT and not _is_int(seed):
+    if seed is not _ABSENT and not is_int(seed):
         r.add("seed", seed, "an integer")
     _bool(r, "skip_nonfinite", r.get("skip_nonfinite"))
     _bool(r, "test", r.get("test"))
@@ -642,7 +560,7 @@ def _check_top_level(r: _Reader) -> None:
         _int_at_least(r, "callbacks.checkpoint.every_n_train_steps", every, 0, note=" (0: at epoch ends only)")
     # avseg.eval
     if r.has("perturb"):
-        _one_of(r, "split", r.get("split"), EVAL_SPLITS)
+        _one_of(r, "split", r.get("split"), SPLITS)
         _one_of(r, "perturb", r.get("perturb"), PERTURBATIONS)
         _number_in(r, "perturb_snr_db", r.get("perturb_snr_db"), lambda v: True, "a finite number (dB)")
         _int_at_least(r, "batch_size", r.get("batch_size"), 1, nullable=True)

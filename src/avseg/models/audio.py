@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -14,6 +14,7 @@ from torch import nn
 
 from avseg.errors import CheckpointError, ConfigError
 from avseg.models.layers.position import sine_position_1d
+from avseg.models.options import Problem, boolean, choice, is_int, present, raise_first
 
 VGGISH_EMBEDDING_DIM = 128
 _VGGISH_FEATURE_PLAN: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
@@ -154,11 +155,13 @@ class VGGish(nn.Module):
         return model
 
 
+AUDIO_INPUTS = ("log_mel", "embeddings")
 LOG_MEL_NETWORKS = ("vggish", "log_mel_cnn")
 LOG_MEL_CNN_CHANNELS = (16, 32, 64, 128)  # the default width of the four conv blocks
 
 
 BAND_COUNTS = (4, 8, 16)
+_BAND_TOKENS_ALLOWED = "false | true | 4 | 8 | 16"
 
 
 def band_count(band_tokens: bool | int) -> int:
@@ -171,7 +174,7 @@ def band_count(band_tokens: bool | int) -> int:
         return 4
     if isinstance(band_tokens, int) and band_tokens in BAND_COUNTS:
         return int(band_tokens)
-    raise ConfigError(f"audio_encoder.band_tokens: got {band_tokens!r}; allowed: false | true | 4 | 8 | 16")
+    raise ConfigError(f"audio_encoder.band_tokens: got {band_tokens!r}; allowed: {_BAND_TOKENS_ALLOWED}")
 
 
 class LogMelCNN(nn.Module):
@@ -247,6 +250,21 @@ class AudioEncoder(nn.Module):
     the audio features) and in the output.
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.audio_encoder`` options ``options`` holds (absent ones are not checked)."""
+        checks = {
+            "input": choice(AUDIO_INPUTS),
+            "network": choice(LOG_MEL_NETWORKS),
+            "random_init": boolean,
+            "band_tokens": lambda key, value: (
+                None
+                if value is None or isinstance(value, bool) or (is_int(value) and value in BAND_COUNTS)
+                else Problem(key, value, _BAND_TOKENS_ALLOWED)
+            ),
+        }
+        return present(options, checks, "model.audio_encoder.")
+
     def __init__(
         self,
         *,
@@ -261,14 +279,12 @@ class AudioEncoder(nn.Module):
         cnn_channels: Sequence[int] | None = None,
     ):
         super().__init__()
-        if input not in ("log_mel", "embeddings"):
-            raise ConfigError(f"audio_encoder.input must be 'log_mel' or 'embeddings', got {input!r}")
+        options = {"input": input, "network": network, "random_init": random_init, "band_tokens": band_tokens}
+        raise_first(self.check_options(options))
         if dim <= 0 or dim % 2:
             raise ConfigError(f"audio_encoder dim must be a positive even number (sine code), got {dim}")
         self.input = input
         self.freeze_vggish = freeze_vggish
-        if network not in LOG_MEL_NETWORKS:
-            raise ConfigError(f"audio_encoder.network must be one of {' | '.join(LOG_MEL_NETWORKS)}, got {network!r}")
         self.network = network
         if band_count(band_tokens) and (input != "log_mel" or network != "log_mel_cnn"):
             raise ConfigError(

@@ -16,6 +16,7 @@ the optimiser settings of the LightningModule, are ignored here):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import hydra.utils
 from hydra.errors import InstantiationException
@@ -24,8 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from avseg.errors import AvsegError, ConfigError
 from avseg.models.init_from import load_init_from
 from avseg.models.neck import MultiLevelProjection
+from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 from avseg.models.qdformer import QDFormer
 
+MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
+_DIM_ALLOWED = "a positive multiple of 32 (GroupNorm(32) layers)"
 REQUIRED_KEYS = ("dim", "num_classes", "backbone", "audio_encoder", "decomposition", "fusion", "decoder")
 
 
@@ -53,21 +57,29 @@ def _instantiate(name: str, sub: Mapping, shared: Mapping) -> object:
         raise
 
 
+def check_model_options(options: Mapping[str, Any]) -> list[Problem]:
+    """The problems of the ``model`` keys the builder reads itself that ``options`` holds."""
+    checks = {
+        "dim": lambda key, value: (
+            None if is_int(value) and value > 0 and value % 32 == 0 else Problem(key, value, _DIM_ALLOWED)
+        ),
+        "num_classes": at_least(1),
+        "ms_deform_backend": choice(MS_DEFORM_BACKENDS),
+        "aux_loss": boolean,
+    }
+    return present(options, checks, "model.")
+
+
 def build_qdformer(model_cfg: Mapping) -> QDFormer:
     """``model`` config (plain dict or DictConfig) -> ``QDFormer`` (see the module docstring)."""
     cfg = _plain(model_cfg)
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ConfigError(f"model: missing keys {missing} (need {list(REQUIRED_KEYS)})")
+    raise_first(check_model_options(cfg))
     dim = int(cfg["dim"])
     num_classes = int(cfg["num_classes"])
-    if dim <= 0 or dim % 32 != 0:
-        raise ConfigError(f"model.dim: {dim} must be a positive multiple of 32 (GroupNorm(32) layers)")
-    if num_classes < 1:
-        raise ConfigError(f"model.num_classes: {num_classes} must be >= 1")
     backend = cfg.get("ms_deform_backend", "auto")
-    if backend not in ("auto", "torch", "triton"):
-        raise ConfigError(f"model.ms_deform_backend: {backend!r} is not one of auto | torch | triton")
 
     backbone = _instantiate("backbone", cfg["backbone"], {})
     audio_encoder = _instantiate("audio_encoder", cfg["audio_encoder"], {"dim": dim})
@@ -104,4 +116,4 @@ def build_qdformer(model_cfg: Mapping) -> QDFormer:
     return net
 
 
-__all__ = ["build_qdformer", "load_init_from"]
+__all__ = ["build_qdformer", "check_model_options", "load_init_from", "MS_DEFORM_BACKENDS"]

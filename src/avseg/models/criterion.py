@@ -63,12 +63,14 @@ from avseg.models.matcher import (
     predicted_boxes,
     sigmoid_focal_terms,
 )
+from avseg.models.options import Problem, choice, non_negative, present, raise_first
 from avseg.precision import full_precision
 
 __all__ = ["SetCriterion", "FrameTargets"]
 
 _SEGMENTATION_TERMS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 MATCH_LEVELS = ("clip", "frame")
+_WEIGHTS = tuple(f"weight_{term}" for term in ("class", "bbox", "giou", "mask", "dice", "vq", "distill", "similarity"))
 
 
 class FrameTargets:
@@ -132,6 +134,12 @@ class SetCriterion(nn.Module):
     with the same keys) and ``quant`` (a dict with ``vq_loss`` and ``distill_loss`` scalars).
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.loss`` options ``options`` holds (absent ones are not checked)."""
+        checks = {"mask_resolution": choice(MASK_RESOLUTIONS), "match_level": choice(MATCH_LEVELS)}
+        return present(options, {**checks, **dict.fromkeys(_WEIGHTS, non_negative)}, "model.loss.")
+
     def __init__(
         self,
         *,
@@ -175,10 +183,6 @@ class SetCriterion(nn.Module):
                 f"criterion.num_classes={num_classes}: binary AVS has exactly one object class (use 1), "
                 "or set semantic=true"
             )
-        if mask_resolution not in MASK_RESOLUTIONS:
-            raise ConfigError(f"criterion.mask_resolution={mask_resolution!r}: allowed values are {MASK_RESOLUTIONS}")
-        if match_level not in MATCH_LEVELS:
-            raise ConfigError(f"criterion.match_level={match_level!r}: allowed values are {MATCH_LEVELS}")
         weights = {
             "loss_class": weight_class,
             "loss_bbox": weight_bbox,
@@ -189,9 +193,8 @@ class SetCriterion(nn.Module):
             "loss_distill": weight_distill,
             "loss_similarity": weight_similarity,
         }
-        for name, value in weights.items():
-            if value < 0:
-                raise ConfigError(f"criterion.weight_{name.removeprefix('loss_')}={value}: must be >= 0")
+        options = {f"weight_{name.removeprefix('loss_')}": value for name, value in weights.items()}
+        raise_first(self.check_options({**options, "mask_resolution": mask_resolution, "match_level": match_level}))
         if matcher is None or isinstance(matcher, Mapping):
             matcher = build_matcher(
                 matcher,

@@ -19,14 +19,16 @@ post-norm). Heads on every layer (one per layer, or shared: ``box_head``):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avseg.errors import ConfigError
 from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.mlp import MLP
+from avseg.models.options import Problem, choice, present, raise_first
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -94,6 +96,15 @@ class DynamicMaskHead(nn.Module):
     the order of the image size; ``"unit"``: the same difference in [0, 1] image coordinates.
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.decoder`` options of the mask head that ``options`` holds."""
+        checks = {
+            "controller_layout": choice(CONTROLLER_LAYOUTS),
+            "rel_coords_unit": choice(REL_COORD_UNITS),
+        }
+        return present(options, checks, "model.decoder.")
+
     def __init__(
         self,
         *,
@@ -109,12 +120,7 @@ class DynamicMaskHead(nn.Module):
         super().__init__()
         if num_layers < 2:
             raise ValueError(f"dynamic mask head needs >= 2 layers, got {num_layers}")
-        if controller_layout not in CONTROLLER_LAYOUTS:
-            raise ConfigError(
-                f"model.decoder.controller_layout: {controller_layout!r} is not one of {CONTROLLER_LAYOUTS}"
-            )
-        if rel_coords_unit not in REL_COORD_UNITS:
-            raise ConfigError(f"model.decoder.rel_coords_unit: {rel_coords_unit!r} is not one of {REL_COORD_UNITS}")
+        raise_first(self.check_options({"controller_layout": controller_layout, "rel_coords_unit": rel_coords_unit}))
         self.rel_coords = rel_coords
         self.controller_layout = controller_layout
         self.rel_coords_unit = rel_coords_unit
@@ -226,6 +232,12 @@ class SemanticGuidedDecoder(nn.Module):
       head's centre is the (non-detached) predicted box centre.
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.decoder`` options ``options`` holds (absent ones are not checked)."""
+        problems = present(options, {"box_head": choice(BOX_HEADS)}, "model.decoder.")
+        return problems + DynamicMaskHead.check_options(options)
+
     def __init__(
         self,
         *,
@@ -251,8 +263,8 @@ class SemanticGuidedDecoder(nn.Module):
         ms_deform_backend: str = "auto",
     ) -> None:
         super().__init__()
-        if box_head not in BOX_HEADS:
-            raise ConfigError(f"model.decoder.box_head: {box_head!r} is not one of {BOX_HEADS}")
+        options = {"box_head": box_head, "controller_layout": controller_layout, "rel_coords_unit": rel_coords_unit}
+        raise_first(self.check_options(options))
         self.num_levels = num_levels
         self.max_queries = max_queries
         self.box_refine = box_refine

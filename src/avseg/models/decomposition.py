@@ -33,14 +33,17 @@ the clip's global codes as their local codes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from avseg.errors import ConfigError
 from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAttention
-from avseg.models.quantizer import CODEBOOK_INITS, CODEBOOK_UPDATES, VectorQuantizer
+from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
+from avseg.models.quantizer import VectorQuantizer
 
 __all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
 
@@ -185,10 +188,6 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _config_error(key: str, got: object, allowed: str) -> ConfigError:
-    return ConfigError(f"{_KEY}.{key}: got {got!r}; allowed: {allowed}")
-
-
 class AudioDecomposition(nn.Module):
     """Decompose a clip's audio tokens into K quantised sub-space codes (global and per frame).
 
@@ -208,6 +207,52 @@ class AudioDecomposition(nn.Module):
     K is ``self.num_tokens`` (``num_subspaces``, or 1 for ``vq``). Every variant accepts every key;
     the keys a variant does not use are ignored (so one Hydra sweep can cross variants).
     """
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], *, dim: int | None) -> list[Problem]:
+        """The problems of the ``model.decomposition`` options ``options`` holds (absent ones are
+        not checked); ``dim``: the model width C (None: not known, the checks on it are skipped)."""
+        variant, k = options.get("variant"), options.get("num_subspaces")
+        problems = present(
+            options,
+            {"variant": choice(VARIANTS), "num_subspaces": at_least(1)},
+            f"{_KEY}.",
+        )
+        variant_ok = "variant" not in options or variant in VARIANTS
+        k_ok = is_int(k) and k >= 1
+        num_tokens = 1 if variant == "vq" else k
+        codebook = options.get("codebook_size")
+        if "codebook_size" in options and (not is_int(codebook) or codebook < 1):
+            allowed = f"an integer >= num_subspaces (K = {num_tokens if k_ok else '?'})"
+            problems.append(Problem(f"{_KEY}.codebook_size", codebook, allowed))
+        elif "codebook_size" in options and k_ok and codebook < num_tokens:
+            allowed = f"an integer >= K = {num_tokens}, or a lower num_subspaces"
+            reason = f"must be >= num_subspaces ({num_tokens})"
+            problems.append(Problem(f"{_KEY}.codebook_size", codebook, allowed, reason=reason))
+        dim_ok = is_int(dim) and dim >= 1
+        if variant_ok and variant == "pq_split" and k_ok and dim_ok and dim % k != 0:
+            divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+            allowed = f"a divisor of model.dim={dim} for pq_split (dim is split into K equal chunks): {divisors}"
+            problems.append(Problem(f"{_KEY}.num_subspaces", k, allowed))
+        if variant_ok and variant != "pq_split":
+            heads = options.get("num_heads")
+            if "num_heads" in options and dim_ok and (not is_int(heads) or heads < 1 or dim % heads):
+                problems.append(Problem(f"{_KEY}.num_heads", heads, f"a positive divisor of model.dim={dim}"))
+            problems += present(options, {"num_layers": at_least(1)}, f"{_KEY}.")
+        checks = {
+            "distill_loss": choice(DISTILL_LOSSES),
+            "local_window": at_least(0, note=" (frames each side of t)"),
+            "distill_temperature": positive,
+            "dropout": below_one,
+            "prototype_init_std": positive,
+            "local_calibration": boolean,
+            "prototype_role": choice(PROTOTYPE_ROLES),
+            "competition": choice(COMPETITIONS),
+            "subspace_values": boolean,
+        }
+        problems += present(options, checks, f"{_KEY}.")
+        quantizer = {name: value for name, value in options.items() if name not in ("codebook_size",)}
+        return problems + VectorQuantizer.check_options(quantizer, prefix=f"{_KEY}.")
 
     def __init__(
         self,
@@ -239,54 +284,11 @@ class AudioDecomposition(nn.Module):
         subspace_values: bool = False,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise _config_error("variant", variant, " | ".join(VARIANTS))
-        if not isinstance(num_subspaces, int) or num_subspaces < 1:
-            raise _config_error("num_subspaces", num_subspaces, "an integer >= 1")
-        if not isinstance(dim, int) or dim < 1:
-            raise _config_error("dim", dim, "an integer >= 1")
+        options = {name: value for name, value in locals().items() if name not in ("self", "dim", "__class__")}
+        if not is_int(dim) or dim < 1:
+            raise Problem(f"{_KEY}.dim", dim, "an integer >= 1").error()
+        raise_first(self.check_options(options, dim=dim))
         num_tokens = 1 if variant == "vq" else num_subspaces
-        if not isinstance(codebook_size, int) or codebook_size < num_tokens:
-            raise _config_error(
-                "codebook_size", codebook_size, f"an integer >= the number of sub-spaces K = {num_tokens}"
-            )
-        if variant == "pq_split" and dim % num_tokens != 0:
-            raise _config_error(
-                "num_subspaces", num_subspaces, f"a divisor of dim = {dim} (pq_split splits dim into K chunks)"
-            )
-        if not beta >= 0:
-            raise _config_error("beta", beta, "a number >= 0")
-        if not isinstance(local_window, int) or local_window < 0:
-            raise _config_error("local_window", local_window, "an integer >= 0 (frames each side of t)")
-        if distill_loss not in DISTILL_LOSSES:
-            raise _config_error("distill_loss", distill_loss, " | ".join(DISTILL_LOSSES))
-        if not distill_temperature > 0:
-            raise _config_error("distill_temperature", distill_temperature, "a number > 0")
-        if variant != "pq_split":
-            if not isinstance(num_layers, int) or num_layers < 1:
-                raise _config_error("num_layers", num_layers, "an integer >= 1")
-            if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads != 0:
-                raise _config_error("num_heads", num_heads, f"a positive divisor of dim = {dim}")
-        if not 0 <= dropout < 1:
-            raise _config_error("dropout", dropout, "0 <= dropout < 1")
-        if not dead_code_threshold >= 0:
-            raise _config_error("dead_code_threshold", dead_code_threshold, "a number >= 0")
-        if not prototype_init_std > 0:
-            raise _config_error("prototype_init_std", prototype_init_std, "a number > 0")
-        if codebook_update not in CODEBOOK_UPDATES:
-            raise _config_error("codebook_update", codebook_update, " | ".join(CODEBOOK_UPDATES))
-        if not 0 <= codebook_ema_decay < 1:
-            raise _config_error("codebook_ema_decay", codebook_ema_decay, "0 <= decay < 1")
-        if codebook_init not in CODEBOOK_INITS:
-            raise _config_error("codebook_init", codebook_init, " | ".join(CODEBOOK_INITS))
-        if not 0 <= usage_ema_decay < 1:
-            raise _config_error("usage_ema_decay", usage_ema_decay, "0 <= decay < 1")
-        if prototype_role not in PROTOTYPE_ROLES:
-            raise _config_error("prototype_role", prototype_role, " | ".join(PROTOTYPE_ROLES))
-        if competition not in COMPETITIONS:
-            raise _config_error("competition", competition, " | ".join(COMPETITIONS))
-        if not isinstance(subspace_values, bool):
-            raise _config_error("subspace_values", subspace_values, "true | false")
 
         self.dim = dim
         self.variant = variant

@@ -21,22 +21,24 @@ the pixel path at all: steps 1 and 3 skipped; the ablation baseline).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from avseg.errors import ConfigError
 from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
 from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
+from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 
 FPN_TYPES = ("audio_dual", "audio", "none")
 DUAL_FORMS = ("r2vos", "gate")
+_KEY = "model.fusion"
 # stride of the encoder output the dual block works on -> index among the FPN maps (strides 8, 16, 32)
 DUAL_STRIDES = {8: 0, 16: 1, 32: 2}
 
@@ -237,6 +239,30 @@ class AudioVisualFusion(nn.Module):
     last channel of ``mask_features``, when ``audio_similarity_dim`` is on; else None).
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.fusion`` options ``options`` holds (absent ones take the
+        constructor's defaults)."""
+        checks = {
+            "fpn_type": choice(FPN_TYPES),
+            "dual_stride": choice(tuple(DUAL_STRIDES)),
+            "early_fusion_form": choice(GATE_FORMS),
+            "dual_form": choice(DUAL_FORMS),
+            "num_levels": choice((4,)),
+            "audio_similarity_dim": at_least(0, note=" (0 = off)"),
+            "similarity_to_masks": boolean,
+        }
+        problems = present(options, checks, f"{_KEY}.")
+        similarity = options.get("audio_similarity_dim", 0)
+        similarity_on = is_int(similarity) and similarity > 0
+        if similarity_on and options.get("fpn_type") == "none":
+            allowed = f"0 while {_KEY}.fpn_type=none (no audio in the pixel path)"
+            problems.append(Problem(f"{_KEY}.audio_similarity_dim", similarity, allowed))
+        if options.get("similarity_to_masks") is True and not similarity_on:
+            allowed = f"false unless {_KEY}.audio_similarity_dim > 0 (it adds that map to the masks)"
+            problems.append(Problem(f"{_KEY}.similarity_to_masks", True, allowed))
+        return problems
+
     def __init__(
         self,
         *,
@@ -261,29 +287,17 @@ class AudioVisualFusion(nn.Module):
         dual_pool_size: int = 3,
     ) -> None:
         super().__init__()
-        if fpn_type not in FPN_TYPES:
-            raise ConfigError(f"model.fusion.fpn_type: {fpn_type!r} is not one of {FPN_TYPES}")
-        if dual_form not in DUAL_FORMS:
-            raise ConfigError(f"model.fusion.dual_form: {dual_form!r} is not one of {DUAL_FORMS}")
-        if early_fusion_form not in GATE_FORMS:
-            raise ConfigError(f"model.fusion.early_fusion_form: {early_fusion_form!r} is not one of {GATE_FORMS}")
-        if dual_stride not in DUAL_STRIDES:
-            raise ConfigError(f"model.fusion.dual_stride: {dual_stride!r} is not one of {tuple(DUAL_STRIDES)}")
+        options = {
+            "fpn_type": fpn_type,
+            "dual_form": dual_form,
+            "early_fusion_form": early_fusion_form,
+            "dual_stride": dual_stride,
+            "num_levels": num_levels,
+            "audio_similarity_dim": audio_similarity_dim,
+            "similarity_to_masks": similarity_to_masks,
+        }
+        raise_first(self.check_options(options))
         self.dual_level = DUAL_STRIDES[dual_stride]
-        if num_levels != 4:
-            raise ConfigError(f"model.fusion.num_levels: the neck gives 4 levels (strides 8..64), got {num_levels}")
-        if not isinstance(audio_similarity_dim, int) or audio_similarity_dim < 0:
-            raise ConfigError(
-                f"model.fusion.audio_similarity_dim: {audio_similarity_dim!r} is not an integer >= 0 (0 = off)"
-            )
-        if audio_similarity_dim and fpn_type == "none":
-            raise ConfigError("model.fusion.audio_similarity_dim needs audio in the pixel path: fpn_type is 'none'")
-        if not isinstance(similarity_to_masks, bool):
-            raise ConfigError(f"model.fusion.similarity_to_masks: {similarity_to_masks!r} is not true | false")
-        if similarity_to_masks and not audio_similarity_dim:
-            raise ConfigError(
-                "model.fusion.similarity_to_masks needs the similarity map: set model.fusion.audio_similarity_dim > 0"
-            )
         # read by QDFormer: add the similarity map to every query's mask logits (an audio gate on the masks)
         self.similarity_to_masks = similarity_to_masks
         self.fpn_type = fpn_type

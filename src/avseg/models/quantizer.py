@@ -27,13 +27,16 @@ broadcast so every process holds the same codebook.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from avseg.errors import ConfigError
+from avseg.models.options import Problem, at_least, below_one, boolean, choice, non_negative, present, raise_first
 
 __all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES"]
 
@@ -86,6 +89,26 @@ class VectorQuantizer(nn.Module):
     ``update_stats=True``; evaluation never changes the module's state.
     """
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], prefix: str = "") -> list[Problem]:
+        """The problems of the options ``options`` holds, named as `AudioDecomposition`'s config
+        spells them (``codebook_size`` for ``num_codes``, ``vq_loss_form`` for ``loss_form``),
+        each key prefixed with ``prefix``."""
+        checks = {
+            "vq_loss_form": choice(LOSS_FORMS),
+            "codebook_size": at_least(1),
+            "code_dim": at_least(1),
+            "beta": non_negative,
+            "usage_ema_decay": below_one,
+            "dead_code_threshold": non_negative,
+            "reseed_dead_codes": boolean,
+            "reseed_buffer_size": at_least(1),
+            "codebook_init": choice(CODEBOOK_INITS),
+            "codebook_update": choice(CODEBOOK_UPDATES),
+            "codebook_ema_decay": below_one,
+        }
+        return present(options, checks, prefix)
+
     def __init__(
         self,
         *,
@@ -103,27 +126,21 @@ class VectorQuantizer(nn.Module):
         loss_form: str = "vqvae",
     ) -> None:
         super().__init__()
-        if loss_form not in LOSS_FORMS:
-            raise ConfigError(f"vq_loss_form: got {loss_form!r}; allowed: {' | '.join(LOSS_FORMS)}")
+        options = {
+            "codebook_size": num_codes,
+            "code_dim": code_dim,
+            "beta": beta,
+            "usage_ema_decay": usage_ema_decay,
+            "dead_code_threshold": dead_code_threshold,
+            "reseed_dead_codes": reseed_dead_codes,
+            "reseed_buffer_size": reseed_buffer_size,
+            "codebook_init": codebook_init,
+            "codebook_update": codebook_update,
+            "codebook_ema_decay": codebook_ema_decay,
+            "vq_loss_form": loss_form,
+        }
+        raise_first(self.check_options(options))
         self.loss_form = loss_form
-        if int(num_codes) < 1:
-            raise ConfigError(f"codebook_size: got {num_codes}; allowed: an integer >= 1")
-        if int(code_dim) < 1:
-            raise ConfigError(f"code_dim: got {code_dim}; allowed: an integer >= 1")
-        if not beta >= 0.0:
-            raise ConfigError(f"beta: got {beta}; allowed: a number >= 0")
-        if not 0.0 <= usage_ema_decay < 1.0:
-            raise ConfigError(f"usage_ema_decay: got {usage_ema_decay}; allowed: 0 <= decay < 1")
-        if not dead_code_threshold >= 0.0:
-            raise ConfigError(f"dead_code_threshold: got {dead_code_threshold}; allowed: a number >= 0")
-        if codebook_init not in CODEBOOK_INITS:
-            raise ConfigError(f"codebook_init: got {codebook_init!r}; allowed: {' | '.join(CODEBOOK_INITS)}")
-        if codebook_update not in CODEBOOK_UPDATES:
-            raise ConfigError(f"codebook_update: got {codebook_update!r}; allowed: {' | '.join(CODEBOOK_UPDATES)}")
-        if not 0.0 <= codebook_ema_decay < 1.0:
-            raise ConfigError(f"codebook_ema_decay: got {codebook_ema_decay}; allowed: 0 <= decay < 1")
-        if int(reseed_buffer_size) < 1:
-            raise ConfigError(f"reseed_buffer_size: got {reseed_buffer_size}; allowed: an integer >= 1")
         self.num_codes = int(num_codes)
         self.code_dim = int(code_dim)
         self.beta = float(beta)
