@@ -1,6 +1,6 @@
 """One-call GPU check: do the Triton kernels and the paper setup work on this GPU, and how fast?
 
-    python benchmarks/gpu_check.py [--out REPORT.md]          # about 3-6 minutes on one H100
+    python benchmarks/gpu_check.py [--out gpu_check.md]       # estimated 3-6 minutes on one H100 (not yet run on a GPU)
 
 Prints one Markdown report (and writes it atomically to --out) with three sections:
 

@@ -1,7 +1,7 @@
 """CPU latency, FLOPs and parameters of QDFormer (the s4_r50 model: ResNet-50, C = 256, 5 frames,
 224 px, binary AVS, VGGish on log-mel) against the machine's own matmul throughput.
 
-    python benchmarks/model_latency.py [--repeats 5] [--threads N] [--out REPORT.md]
+    python benchmarks/model_latency.py [--repeats 5] [--threads N] [--out latency.md]
 
 Prints a markdown report (and writes it to --out atomically when given): forward time of the whole model and
 of the ResNet-50 backbone alone, their FLOPs (torch.utils.flop_counter.FlopCounterMode), achieved
