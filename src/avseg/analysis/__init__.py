@@ -44,6 +44,7 @@ config, one `avseg.eval` run, the checkpoint's dataset, the SynthAVS sidecar) an
 
 from __future__ import annotations
 
+from avseg.analysis import measures
 from avseg.analysis.baselines import data_baselines, run_data_baselines
 from avseg.analysis.cli import EXIT_REQUIREMENT, main
 from avseg.analysis.codes import (
@@ -58,18 +59,7 @@ from avseg.analysis.codes import (
     subspace_agreement,
 )
 from avseg.analysis.common import AnalysisInputs, analysis_dataset, load_analysis_inputs, load_synth_sources
-from avseg.analysis.measures import (
-    chance_nmi,
-    contingency_table,
-    entropy,
-    fit_code_classes,
-    kmeans_codes,
-    mutual_information,
-    normalized_mutual_information,
-    purity,
-    source_label,
-    source_set_scores,
-)
+from avseg.analysis.measures import *  # noqa: F403  (the information measures; their list: measures.__all__)
 from avseg.analysis.noise import average_curves, noise_table_markdown, parse_snr_list, plot_noise_curves, run_noise
 from avseg.analysis.reliance import (
     audio_token_spread,
@@ -83,16 +73,7 @@ from avseg.analysis.sweeps import format_summary_markdown, run_ablation_summary,
 
 __all__ = [
     "main",
-    "contingency_table",
-    "entropy",
-    "mutual_information",
-    "normalized_mutual_information",
-    "purity",
-    "chance_nmi",
-    "source_label",
-    "source_set_scores",
-    "fit_code_classes",
-    "kmeans_codes",
+    *measures.__all__,
     "oracle_codes",
     "source_set_rows",
     "load_synth_sources",
