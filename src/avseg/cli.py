@@ -218,6 +218,8 @@ def compose_command(
             except HydraException as err:
                 raise UsageError(f"argument {arg!r}: expected key=value{hint}: {_hydra_message(err)}") from None
             key = override.key_or_group.split(".")[0]
+            if key in allowed and override.is_delete():
+                raise UsageError(f"argument {arg!r}: a command's own key cannot be deleted; give key=value{hint}")
             if key in allowed:
                 own.append(arg)
             elif key in passed_on:
@@ -225,15 +227,16 @@ def compose_command(
             else:
                 also = f", or a conf/{forward}.yaml key in {passed_on}" if forward is not None else ""
                 raise UsageError(f"unknown argument {arg!r}; expected key=value with key in {allowed}{also}")
-        for name, words in ((config_name, own), (forward, forwarded)):
-            if name is None or (name == forward and not words):
-                continue
+
+        def composed(name: str, words: list[str]) -> DictConfig:
             try:
-                composed = compose(config_name=name, overrides=words)
+                return compose(config_name=name, overrides=words)
             except (HydraException, OmegaConfBaseException) as err:
                 raise UsageError(f"arguments {words} (conf/{name}.yaml): {_hydra_message(err)}{hint}") from None
-            if name == config_name:
-                cfg = composed
+
+        cfg = composed(config_name, own)
+        if forward is not None and forwarded:
+            composed(forward, forwarded)
     for key in required:
         value = cfg.get(key)
         if value is None or (not isinstance(value, str) and hasattr(value, "__len__") and len(value) == 0):

@@ -15,6 +15,7 @@ stdout. ``--help`` lists the commands; ``<command> --help`` prints its config fi
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ USAGE = "python -m avseg.analysis {" + ",".join(COMMANDS) + "} key=value ... (co
 
 def _usage_text() -> str:
     lines = [f"usage: {USAGE}", "", "commands:"]
-    lines += [f"  {name:<17} {help}" for name, help in COMMANDS.items()]
+    lines += [f"  {name:<17} {what}" for name, what in COMMANDS.items()]
     lines += ["", "python -m avseg.analysis <command> --help prints the command's keys (its config file)."]
     return "\n".join(lines)
 
@@ -98,8 +99,6 @@ def _output_dir(command: str, out: Any) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``argv`` (default ``sys.argv[1:]``); returns the exit status (0, 1 or 3). A command
     line that cannot be read prints its ``error:`` line and raises ``SystemExit(2)``."""
-    import sys
-
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] in (["-h"], ["--help"]):
         sys.stdout.write(_usage_text() + "\n")
