@@ -740,17 +740,17 @@ def test_cli_arguments_are_hydra_overrides(tmp_path, capsys):
     """Lists in Hydra's grammar; eval keys passed on; an unknown, reserved or malformed key is
     exit status 2 with one line naming it."""
     from avseg.analysis.cli import REQUIRED
-    from avseg.cli import compose_command
+    from avseg.cli import Forward, compose_command
 
-    cfg, forwarded = compose_command(
+    forward = Forward("eval", reserved=("ckpt_path", "perturb"))
+    cfg = compose_command(
         "analysis/noise",
         ["ckpt_paths=[a.ckpt,b/c.ckpt]", "snrs=[clean,20,-5]", "split=val", "data.eval_batch_size=2"],
         required=REQUIRED["noise"],
-        forward="eval",
-        forward_except=("ckpt_path", "perturb"),
+        forward=forward,
     )
     assert list(cfg.ckpt_paths) == ["a.ckpt", "b/c.ckpt"] and parse_snr_list(cfg.snrs) == [None, 20.0, -5.0]
-    assert forwarded == ["split=val", "data.eval_batch_size=2"]
+    assert forward.words == ["split=val", "data.eval_batch_size=2"]
     for words, named in (
         (["reliance", "ckpt_path=x.ckpt", "nope=1"], "'nope=1'"),
         (["reliance", "ckpt_path=x.ckpt", "perturb=mute"], "'perturb=mute'"),

@@ -29,8 +29,9 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from avseg.errors import AvsegError, ConfigError, UsageError
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_ERROR",
     "EXIT_USAGE",
+    "Forward",
     "avseg_cause",
     "compose_command",
     "console_log",
@@ -144,28 +146,16 @@ def _hydra_message(error: BaseException) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
-@overload
-def compose_command(
-    config_name: str,
-    argv: Sequence[str] | None = None,
-    *,
-    required: Sequence[str] = (),
-    usage: str = "",
-    forward: None = None,
-    forward_except: Sequence[str] = (),
-) -> DictConfig: ...
+@dataclass
+class Forward:
+    """The arguments a command passes on to another config (``avseg.analysis`` to ``conf/eval.yaml``):
+    `compose_command` puts there, as written, those whose key is one of ``conf/<config>.yaml``'s
+    (not the command's own, not ``reserved``: the keys the command sets itself), once that config
+    composes with them."""
 
-
-@overload
-def compose_command(
-    config_name: str,
-    argv: Sequence[str] | None = None,
-    *,
-    required: Sequence[str] = (),
-    usage: str = "",
-    forward: str,
-    forward_except: Sequence[str] = (),
-) -> tuple[DictConfig, list[str]]: ...
+    config: str
+    reserved: Sequence[str] = ()
+    words: list[str] = field(default_factory=list)
 
 
 def compose_command(
@@ -174,9 +164,8 @@ def compose_command(
     *,
     required: Sequence[str] = (),
     usage: str = "",
-    forward: str | None = None,
-    forward_except: Sequence[str] = (),
-) -> DictConfig | tuple[DictConfig, list[str]]:
+    forward: Forward | None = None,
+) -> DictConfig:
     """The config of a command without a Hydra run (``avseg.data.check``, ``.synth``,
     ``.embeddings``, ``avseg.analysis <command>``): ``conf/<config_name>.yaml`` (``config_name``
     may name a group's file, e.g. ``analysis/reliance``) with the command line's ``key=value``
@@ -190,10 +179,9 @@ def compose_command(
     `ConfigError` naming it (both with ``usage``). The ``paths`` and ``task_name`` keys of a
     top-level config are not the command's arguments.
 
-    With ``forward`` (another config's name, e.g. ``eval``), the arguments whose key is not the
-    command's own but a key of ``conf/<forward>.yaml`` (other than ``forward_except``) are passed
-    on: they are checked by composing that config with them (a bad one is a `UsageError`) and
-    returned, as written, beside the command's config: ``(cfg, forwarded)``."""
+    With ``forward`` (a `Forward`), the arguments whose key is not the command's own but a key of
+    ``conf/<forward.config>.yaml`` (other than ``forward.reserved``) are passed on: checked by
+    composing that config with them (a bad one is a `UsageError`) and left in ``forward.words``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -208,8 +196,8 @@ def compose_command(
         allowed = [key for key in compose(config_name=config_name) if key not in not_arguments]
         passed_on: list[str] = []
         if forward is not None:
-            skip = {*not_arguments, *allowed, *forward_except}
-            passed_on = [key for key in compose(config_name=forward) if key not in skip]
+            skip = {*not_arguments, *allowed, *forward.reserved}
+            passed_on = [key for key in compose(config_name=forward.config) if key not in skip]
         own: list[str] = []
         forwarded: list[str] = []
         for arg in args:
@@ -225,7 +213,7 @@ def compose_command(
             elif key in passed_on:
                 forwarded.append(arg)
             else:
-                also = f", or a conf/{forward}.yaml key in {passed_on}" if forward is not None else ""
+                also = f", or a conf/{forward.config}.yaml key in {passed_on}" if forward is not None else ""
                 raise UsageError(f"unknown argument {arg!r}; expected key=value with key in {allowed}{also}")
 
         def composed(name: str, words: list[str]) -> DictConfig:
@@ -235,8 +223,10 @@ def compose_command(
                 raise UsageError(f"arguments {words} (conf/{name}.yaml): {_hydra_message(err)}{hint}") from None
 
         cfg = composed(config_name, own)
-        if forward is not None and forwarded:
-            composed(forward, forwarded)
+        if forward is not None:
+            if forwarded:
+                composed(forward.config, forwarded)
+            forward.words = forwarded
     for key in required:
         value = cfg.get(key)
         if value is None or (not isinstance(value, str) and hasattr(value, "__len__") and len(value) == 0):
@@ -244,7 +234,7 @@ def compose_command(
     with open_dict(cfg):
         for key in ("paths", "task_name"):
             cfg.pop(key, None)
-    return cfg if forward is None else (cfg, forwarded)
+    return cfg
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from avseg.analysis.noise import parse_snr_list, run_noise
 from avseg.analysis.reliance import run_reliance
 from avseg.analysis.selectivity import run_selectivity
 from avseg.analysis.sweeps import run_ablation_summary
-from avseg.cli import CONF_DIR, EXIT_USAGE, compose_command, console_log, report_error
+from avseg.cli import CONF_DIR, EXIT_USAGE, Forward, compose_command, console_log, report_error
 from avseg.errors import AvsegError, ConfigError, UsageError
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_REQUIREMENT", "main"]
@@ -134,14 +134,9 @@ def _run(command: str, args: list[str]) -> int:
             reliance=_flag("reliance", cfg.reliance),
         )
         return 0
-    cfg, overrides = compose_command(
-        f"analysis/{command}",
-        args,
-        required=REQUIRED[command],
-        usage=usage,
-        forward="eval",
-        forward_except=EVAL_SET_BY_COMMAND,
-    )
+    to_eval = Forward("eval", reserved=EVAL_SET_BY_COMMAND)
+    cfg = compose_command(f"analysis/{command}", args, required=REQUIRED[command], usage=usage, forward=to_eval)
+    overrides = to_eval.words
     output_dir = _output_dir(command, cfg.out)
     if command == "reliance":
         require_drop = _fraction("require_drop", cfg.require_drop)
