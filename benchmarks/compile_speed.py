@@ -5,7 +5,7 @@
 
 Builds the experiment's LightningModule once, copies it, compiles the copy's backbone, neck,
 fusion and decoder as ``model.compile`` does (`avseg.lit.compilation`), and times optimiser steps
-(forward + loss + backward + clipping + AdamW, ``benchmarks/bench_common.train_step``) on one fixed
+(forward + loss + backward + clipping + AdamW, ``train_step`` of benchmarks/bench_common.py) on one fixed
 random batch of the experiment's shape, the two modules alternating step by step so that load from
 other jobs falls on both alike. The compiled module's first step (tracing + code generation) is
 reported apart. Prints a Markdown table with medians, the ratio and the load average.

@@ -237,7 +237,7 @@ def test_summarise_sweeps_groups_by_overrides_minus_seed(tmp_path):
         summarise_sweeps([tmp_path / "missing"])
 
     out = tmp_path / "report" / "ablation.md"
-    assert main(["ablation-summary", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert main(["ablation-summary", f"sweep_dirs=[{tmp_path / 'a'},{tmp_path / 'b'}]", f"out={out}"]) == 0
     text = out.read_text()
     assert "| `model/decomposition=pq` | 0,1 | 2 / 2 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |" in text
     assert "| `model/decomposition=none` | 0,1 | 1 / 2 | 0.2000 ± n/a | 0.3000 ± n/a |" in text
@@ -364,13 +364,13 @@ def test_ablation_experiment_is_the_demo_shortened():
 
 
 def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys):
-    assert main(["reliance", "split=test", "--out", str(tmp_path)]) == 1
+    assert main(["reliance", "split=test", f"out={tmp_path}"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ckpt_path is required")
-    assert main(["noise", "ckpt_path=x.ckpt", "snr=loud", "--out", str(tmp_path)]) == 1
+    assert main(["noise", "ckpt_paths=[x.ckpt]", "snrs=[loud]", f"out={tmp_path}"]) == 1
     assert "neither 'clean' nor a number" in capsys.readouterr().err
-    assert main(["reliance", f"ckpt_path={tmp_path / 'missing.ckpt'}", "--out", str(tmp_path / "r")]) == 1
+    assert main(["reliance", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'r'}"]) == 1
     assert "missing.ckpt" in capsys.readouterr().err
-    assert main(["ablation-summary", str(tmp_path / "nowhere")]) == 1
+    assert main(["ablation-summary", f"sweep_dirs=[{tmp_path / 'nowhere'}]"]) == 1
     with pytest.raises(SystemExit) as exit_info:
         main(["unknown-command"])
     assert exit_info.value.code == 2
@@ -502,7 +502,7 @@ def test_data_baselines_on_a_tiny_tree(ms3_tree, tmp_path, capsys):
         "data.synth.clips_per_split={train: 3, val: 3, test: 3}",
         "data.eval_batch_size=2",
     ]
-    assert main(["data-baselines", *overrides, "--out", str(tmp_path)]) == 0
+    assert main(["data-baselines", *overrides, f"out={tmp_path}"]) == 0
     stored = {r["predictor"]: r for r in json.loads((tmp_path / "data_baselines.json").read_text())["rows"]}
     assert stored["all visible objects"]["miou"] == pytest.approx(rows["all visible objects"]["miou"])
     assert "| ideal listener, swap |" in capsys.readouterr().out
@@ -577,7 +577,7 @@ def sweep(tmp_path_factory):
 def test_reliance_command(sweep, tmp_path):
     job = sweep["jobs"][("pq", "0")]
     out = tmp_path / "reliance"
-    code = main(["reliance", f"ckpt_path={job['ckpt']}", "--require-drop", "0.5", "--out", str(out)])
+    code = main(["reliance", f"ckpt_path={job['ckpt']}", "require_drop=0.5", f"out={out}"])
     payload = json.loads((out / "reliance.json").read_text())
     rows = {r["perturb"]: r for r in payload["rows"]}
     assert list(rows) == ["none", "mute", "swap"]
@@ -600,7 +600,7 @@ def test_reliance_command(sweep, tmp_path):
 def test_selectivity_command(sweep, tmp_path, capsys):
     job = sweep["jobs"][("pq", "0")]
     out = tmp_path / "selectivity"
-    assert main(["selectivity", f"ckpt_path={job['ckpt']}", "--out", str(out)]) == 0
+    assert main(["selectivity", f"ckpt_path={job['ckpt']}", f"out={out}"]) == 0
     rows = {r["perturb"]: r for r in json.loads((out / "selectivity.json").read_text())["rows"]}
     assert list(rows) == ["none", "mute", "swap"]
     for row in rows.values():
@@ -621,10 +621,8 @@ def test_reliance_from_the_command_line(sweep, tmp_path):
             "avseg.analysis",
             "reliance",
             f"ckpt_path={job['ckpt']}",
-            "--require-drop",
-            "1.0",
-            "--out",
-            str(tmp_path),
+            "require_drop=1.0",
+            f"out={tmp_path}",
         ],
         cwd=REPO,
         env=env,
@@ -644,12 +642,7 @@ def test_reliance_from_the_command_line(sweep, tmp_path):
 @pytest.mark.slow
 def test_noise_command(sweep, tmp_path):
     pq, none = sweep["jobs"][("pq", "0")], sweep["jobs"][("none", "0")]
-    assert (
-        main(
-            ["noise", f"ckpt_path={pq['ckpt']}", f"ckpt_path={none['ckpt']}", "snr=clean,0,-5", "--out", str(tmp_path)]
-        )
-        == 0
-    )
+    assert main(["noise", f"ckpt_paths=[{pq['ckpt']},{none['ckpt']}]", "snrs=[clean,0,-5]", f"out={tmp_path}"]) == 0
     payload = json.loads((tmp_path / "noise_robustness.json").read_text())
     assert payload["snr_db"] == ["clean", "0", "-5"] and payload["labels"] == ["pq", "none"]
     for label, job in (("pq", pq), ("none", none)):
@@ -667,9 +660,9 @@ def test_noise_command(sweep, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     # two seeds per variant, averaged: one curve per variant, mean ± std of the per-seed curves
-    ckpts = [f"ckpt_path={sweep['jobs'][(v, seed)]['ckpt']}" for v in ("pq", "none") for seed in ("0", "1")]
+    ckpts = ",".join(str(sweep["jobs"][(v, seed)]["ckpt"]) for v in ("pq", "none") for seed in ("0", "1"))
     out = tmp_path / "averaged"
-    assert main(["noise", *ckpts, "snr=clean,-5", "--average", "--out", str(out)]) == 0
+    assert main(["noise", f"ckpt_paths=[{ckpts}]", "snrs=[clean,-5]", "average=true", f"out={out}"]) == 0
     averaged = json.loads((out / "noise_robustness.json").read_text())
     assert averaged["average"] is True and set(averaged["curves"]) == {"pq", "none"}
     for variant in ("pq", "none"):
@@ -682,7 +675,7 @@ def test_noise_command(sweep, tmp_path):
 @pytest.mark.slow
 def test_decomposition_command(sweep, tmp_path, capsys):
     pq = sweep["jobs"][("pq", "0")]
-    assert main(["decomposition", f"ckpt_path={pq['ckpt']}", "--permutations", "5", "--out", str(tmp_path / "pq")]) == 0
+    assert main(["decomposition", f"ckpt_path={pq['ckpt']}", "permutations=5", f"out={tmp_path / 'pq'}"]) == 0
     payload = json.loads((tmp_path / "pq" / "decomposition.json").read_text())
     assert payload["applicable"] is True and payload["variant"] == "pq" and payload["num_subspaces"] == 4
     assert payload["num_clips"] == 4  # every MS3 test clip has several sources
@@ -703,10 +696,7 @@ def test_decomposition_command(sweep, tmp_path, capsys):
         assert 0 <= row["f1"] <= 1 and 0 <= row["agreement"] <= 1 and row["seconds"] == 4 * 5
 
     none = sweep["jobs"][("none", "0")]
-    assert (
-        main(["decomposition", f"ckpt_path={none['ckpt']}", "--permutations", "5", "--out", str(tmp_path / "none")])
-        == 0
-    )
+    assert main(["decomposition", f"ckpt_path={none['ckpt']}", "permutations=5", f"out={tmp_path / 'none'}"]) == 0
     assert "k-means codebook" in capsys.readouterr().out
     payload = json.loads((tmp_path / "none" / "decomposition.json").read_text())
     assert payload["applicable"] is True and payload["source_sets"][0]["codes"] == "model (none)"
@@ -715,7 +705,7 @@ def test_decomposition_command(sweep, tmp_path, capsys):
 @pytest.mark.slow
 def test_ablation_summary_on_a_real_sweep(sweep, tmp_path):
     out = tmp_path / "summary.md"
-    assert main(["ablation-summary", str(sweep["dir"]), "--out", str(out), "--reliance"]) == 0
+    assert main(["ablation-summary", f"sweep_dirs=[{sweep['dir']}]", f"out={out}", "reliance=true"]) == 0
     rows = {r[0]: r for r in csv.reader(out.with_suffix(".csv").read_text().splitlines())}
     header = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
     swap_mean = header.index("reliance/swap_drop_mean")
@@ -733,3 +723,51 @@ def test_ablation_summary_on_a_real_sweep(sweep, tmp_path):
         assert row[1] == "0 1" and row[2] == "2" and row[3] == "0"
         assert float(row[4]) == pytest.approx(np.mean(values), abs=1e-5)
         assert float(row[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-5)
+
+
+@pytest.mark.parametrize("command", sorted(p.stem for p in (REPO / "conf" / "analysis").glob("*.yaml")))
+def test_every_analysis_config_composes(command):
+    """Each command's config composes with no argument; its keys are the command's own."""
+    from avseg.analysis.cli import COMMANDS
+    from avseg.cli import compose_command
+
+    assert command in COMMANDS
+    cfg = compose_command(f"analysis/{command}", [])
+    assert "out" in cfg and "paths" not in cfg and "analysis" not in cfg
+
+
+def test_cli_arguments_are_hydra_overrides(tmp_path, capsys):
+    """Lists in Hydra's grammar; eval keys passed on; an unknown, reserved or malformed key is
+    exit status 2 with one line naming it."""
+    from avseg.analysis.cli import REQUIRED
+    from avseg.cli import Forward, compose_command
+
+    forward = Forward("eval", reserved=("ckpt_path", "perturb"))
+    cfg = compose_command(
+        "analysis/noise",
+        ["ckpt_paths=[a.ckpt,b/c.ckpt]", "snrs=[clean,20,-5]", "split=val", "data.eval_batch_size=2"],
+        required=REQUIRED["noise"],
+        forward=forward,
+    )
+    assert list(cfg.ckpt_paths) == ["a.ckpt", "b/c.ckpt"] and parse_snr_list(cfg.snrs) == [None, 20.0, -5.0]
+    assert forward.words == ["split=val", "data.eval_batch_size=2"]
+    for words, named in (
+        (["reliance", "ckpt_path=x.ckpt", "nope=1"], "'nope=1'"),
+        (["reliance", "ckpt_path=x.ckpt", "perturb=mute"], "'perturb=mute'"),
+        (["noise", "ckpt_path=x.ckpt"], "'ckpt_path=x.ckpt'"),
+        (["reliance", "ckpt_path=x.ckpt", "data.nope=1"], "data.nope"),
+        (["reliance", "ckpt_path"], "'ckpt_path'"),
+        (["ablation-summary", "sweep_dirs=[a]", "split=val"], "'split=val'"),
+        ([], "no command"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(words)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and named in err[-1], err
+    assert main(["reliance", f"ckpt_path=[{tmp_path}/a,{tmp_path}/b]"]) == 1
+    assert "takes one value" in capsys.readouterr().err
+    assert main(["reliance", f"ckpt_path={tmp_path}/a", "require_drop=2"]) == 1
+    assert "require_drop=2: a fraction in [0, 1]" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "ablation-summary" in capsys.readouterr().out
+    assert main(["noise", "--help"]) == 0 and "snrs:" in capsys.readouterr().out

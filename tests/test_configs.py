@@ -11,8 +11,15 @@ from omegaconf import OmegaConf
 
 from avseg.errors import ConfigError
 
-# groups whose options are selected from train.yaml (nested groups by their path)
-GROUPS = sorted({str(path.parent.relative_to(CONF)) for path in CONF.rglob("*.yaml") if path.parent != CONF})
+# groups whose options are selected from train.yaml (nested groups by their path); conf/analysis/
+# holds the analysis commands' own configs (composed in tests/test_analysis.py)
+GROUPS = sorted(
+    {
+        str(path.parent.relative_to(CONF))
+        for path in CONF.rglob("*.yaml")
+        if path.parent != CONF and path.parent.relative_to(CONF).parts[0] != "analysis"
+    }
+)
 
 
 def group_options() -> list[tuple[str, str]]:

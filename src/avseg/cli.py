@@ -1,6 +1,7 @@
 """The top-level error handler of avseg's commands (``avseg.train``, ``avseg.eval``, ``avseg.predict``),
-and `compose_command`, the Hydra config of the data commands (``avseg.data.check``, ``.synth``,
-``.embeddings``): every command takes Hydra ``key=value`` overrides of a ``conf/<command>.yaml``.
+and `compose_command`, the Hydra config of the commands without a Hydra run (``avseg.data.check``,
+``.synth``, ``.embeddings``, ``avseg.analysis <command>``): every command takes Hydra ``key=value``
+overrides of a ``conf/<command>.yaml`` (``conf/analysis/<command>.yaml`` for the analysis).
 
 An `avseg.errors.AvsegError` (bad data, an unusable checkpoint or weights file, a bad config) is an
 expected failure with a message that already names the file or key and the problem: the user
@@ -28,10 +29,11 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from avseg.errors import AvsegError, ConfigError
+from avseg.errors import AvsegError, ConfigError, UsageError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_ERROR",
     "EXIT_USAGE",
+    "Forward",
     "avseg_cause",
     "compose_command",
     "console_log",
@@ -132,45 +135,105 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _hydra_message(error: BaseException) -> str:
+    """A Hydra / OmegaConf error on one line: its first paragraph, without the link to the grammar."""
+    lines = []
+    for line in str(error).strip().splitlines():
+        if not line.strip():
+            break
+        if not line.startswith("See https://"):
+            lines.append(line.strip())
+    return "; ".join(lines) or type(error).__name__
+
+
+@dataclass
+class Forward:
+    """The arguments a command passes on to another config (``avseg.analysis`` to ``conf/eval.yaml``):
+    `compose_command` puts there, as written, those whose key is one of ``conf/<config>.yaml``'s
+    (not the command's own, not ``reserved``: the keys the command sets itself), once that config
+    composes with them."""
+
+    config: str
+    reserved: Sequence[str] = ()
+    words: list[str] = field(default_factory=list)
+
+
 def compose_command(
-    config_name: str, argv: Sequence[str] | None = None, *, required: Sequence[str] = (), usage: str = ""
+    config_name: str,
+    argv: Sequence[str] | None = None,
+    *,
+    required: Sequence[str] = (),
+    usage: str = "",
+    forward: Forward | None = None,
 ) -> DictConfig:
-    """The config of a data command (``avseg.data.check``, ``.synth``, ``.embeddings``):
-    ``conf/<config_name>.yaml`` with the command line's ``key=value`` arguments applied in Hydra's
-    override grammar, as for train / eval / predict (``argv`` defaults to ``sys.argv[1:]``).
+    """The config of a command without a Hydra run (``avseg.data.check``, ``.synth``,
+    ``.embeddings``, ``avseg.analysis <command>``): ``conf/<config_name>.yaml`` (``config_name``
+    may name a group's file, e.g. ``analysis/reliance``) with the command line's ``key=value``
+    arguments applied in Hydra's override grammar, as for train / eval / predict (``argv``
+    defaults to ``sys.argv[1:]``).
 
     Composed with Hydra's compose API, not ``@hydra.main``: these commands write into folders the
     user names, so they get no run directory, no ``.hydra/`` and no log file, and they can be called
-    in-process with their exit code returned. A malformed argument, a key the config does not
-    have, or a ``required`` key left null is a `ConfigError` naming it (and ``usage``). The
-    ``paths`` and ``task_name`` keys every top-level config has are not the command's arguments."""
+    in-process with their exit code returned. A malformed argument or a key the config does not
+    have is an `UsageError` naming it; a ``required`` key left null (or an empty list) is a
+    `ConfigError` naming it (both with ``usage``). The ``paths`` and ``task_name`` keys of a
+    top-level config are not the command's arguments.
+
+    With ``forward`` (a `Forward`), the arguments whose key is not the command's own but a key of
+    ``conf/<forward.config>.yaml`` (other than ``forward.reserved``) are passed on: checked by
+    composing that config with them (a bad one is a `UsageError`) and left in ``forward.words``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     args = list(sys.argv[1:] if argv is None else argv)
     hint = f" ({usage})" if usage else ""
     parser = OverridesParser.create()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        allowed = [key for key in compose(config_name=config_name) if key not in ("hydra", "paths", "task_name")]
+    not_arguments = ("hydra", "paths", "task_name")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name.replace("/", "_")):
+        allowed = [key for key in compose(config_name=config_name) if key not in not_arguments]
+        passed_on: list[str] = []
+        if forward is not None:
+            skip = {*not_arguments, *allowed, *forward.reserved}
+            passed_on = [key for key in compose(config_name=forward.config) if key not in skip]
+        own: list[str] = []
+        forwarded: list[str] = []
         for arg in args:
             try:
                 (override,) = parser.parse_overrides([arg])
             except HydraException as err:
-                raise ConfigError(f"argument {arg!r}: expected key=value{hint}: {err}") from None
-            if override.key_or_group.split(".")[0] not in allowed:
-                raise ConfigError(f"unknown argument {arg!r}; expected key=value with key in {allowed}")
-        try:
-            cfg = compose(config_name=config_name, overrides=args)
-        except HydraException as err:
-            raise ConfigError(f"arguments {args}: {err}{hint}") from None
+                raise UsageError(f"argument {arg!r}: expected key=value{hint}: {_hydra_message(err)}") from None
+            key = override.key_or_group.split(".")[0]
+            if key in allowed and override.is_delete():
+                raise UsageError(f"argument {arg!r}: a command's own key cannot be deleted; give key=value{hint}")
+            if key in allowed:
+                own.append(arg)
+            elif key in passed_on:
+                forwarded.append(arg)
+            else:
+                also = f", or a conf/{forward.config}.yaml key in {passed_on}" if forward is not None else ""
+                raise UsageError(f"unknown argument {arg!r}; expected key=value with key in {allowed}{also}")
+
+        def composed(name: str, words: list[str]) -> DictConfig:
+            try:
+                return compose(config_name=name, overrides=words)
+            except (HydraException, OmegaConfBaseException) as err:
+                raise UsageError(f"arguments {words} (conf/{name}.yaml): {_hydra_message(err)}{hint}") from None
+
+        cfg = composed(config_name, own)
+        if forward is not None:
+            if forwarded:
+                composed(forward.config, forwarded)
+            forward.words = forwarded
     for key in required:
-        if cfg.get(key) is None:
-            raise ConfigError(f"{key}: required{hint}")
+        value = cfg.get(key)
+        if value is None or (not isinstance(value, str) and hasattr(value, "__len__") and len(value) == 0):
+            raise ConfigError(f"{key} is required{hint}")
     with open_dict(cfg):
         for key in ("paths", "task_name"):
-            cfg.pop(key)
+            cfg.pop(key, None)
     return cfg
 
 

@@ -37,3 +37,8 @@ class CheckpointError(PathError):
 
 class ConfigError(AvsegError, ValueError):
     """A config value is out of range. The message names the key and the allowed values."""
+
+
+class UsageError(ConfigError):
+    """A command line that cannot be read: a malformed argument, a key the command does not have, no
+    or an unknown subcommand (exit status 2 where a command distinguishes it from other errors)."""

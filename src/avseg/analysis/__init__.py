@@ -3,11 +3,11 @@ the quantised sub-space codes line up with the true sources, and what does an ab
 
 Commands (docs/ANALYSIS.md):
 
-- ``reliance ckpt_path=PATH [eval overrides] [--require-drop 0.5]``: `avseg.eval` with perturb
+- ``reliance ckpt_path=PATH [require_drop=0.5] [eval overrides]``: `avseg.eval` with perturb
   ``none``, ``mute`` and ``swap`` on the checkpoint's data; a table of M_J / M_F and their relative
-  drops. With ``--require-drop D`` the exit status is 3 unless M_J loses at least the fraction D
+  drops. With ``require_drop=D`` the exit status is 3 unless M_J loses at least the fraction D
   under mute AND under swap.
-- ``noise ckpt_path=A [ckpt_path=B ...] [snr=clean,20,10,5,0,-5]``: M_J and M_F against the SNR of
+- ``noise ckpt_paths=[A,B] [snrs=[clean,20,10,5,0,-5]] [average=true]``: M_J and M_F against the SNR of
   white noise added at evaluation (``perturb=noise``) for one or more checkpoints; writes a
   markdown table, a JSON file and a PNG plot (matplotlib, Agg).
 - ``decomposition ckpt_path=PATH [split=test] [clips=multi|all]``: on SynthAVS clips, the
@@ -24,17 +24,18 @@ Commands (docs/ANALYSIS.md):
   objects (whose class sounds in the audio the model is given), of the other objects and of the
   background that the model predicts foreground, with the audio clean, muted and swapped: whether
   the model selects by sound, whatever the relative M_J drops say.
-- ``ablation-summary SWEEP_DIR [SWEEP_DIR ...]``: groups the rows of the sweeps' ``summary.csv``
+- ``ablation-summary sweep_dirs=[DIR,DIR] [reliance=true]``: groups the rows of the sweeps' ``summary.csv``
   by their overrides minus the seed and writes mean +- std per group (markdown and CSV).
 
-Arguments: ``key=value`` words (``ckpt_path``, ``snr``, ``clips`` and any `conf/eval.yaml` key or
-data override, e.g. ``split=val``, ``data.synth.clips_per_split.test=64``, ``device=cpu``) and
-``--flags``. The data config is chosen as `avseg.eval` chooses it: the command line's when it
-names any ``data`` option, else the training run's (``<run dir>/.hydra/config.yaml``).
+Arguments: Hydra overrides of the command's ``conf/analysis/<command>.yaml`` (its own keys, lists
+as ``key=[a,b]``) and, for the commands that evaluate a checkpoint, of any other `conf/eval.yaml`
+key, e.g. ``split=val``, ``data.synth.clips_per_split.test=64``, ``device=cpu`` (`.cli`). The
+data config is chosen as `avseg.eval` chooses it: the command line's when it names any ``data``
+option, else the training run's (``<run dir>/.hydra/config.yaml``).
 
 Exit status: 0 done, 1 a project error (bad data / checkpoint / config; one ``error: ...`` line),
-2 bad arguments, 3 ``--require-drop`` not met. Every output file is written atomically (temp file
-in the same folder + ``os.replace``).
+2 a command line that cannot be read, 3 ``require_drop`` not met. Every output file is written
+atomically (temp file in the same folder + ``os.replace``).
 
 Rooms: `avseg.analysis.reliance`, `.noise`, `.codes` (decomposition), `.selectivity`,
 `.baselines` (data-baselines), `.sweeps` (ablation-summary), `.measures` (the information measures,
@@ -44,6 +45,7 @@ config, one `avseg.eval` run, the checkpoint's dataset, the SynthAVS sidecar) an
 
 from __future__ import annotations
 
+from avseg.analysis import measures
 from avseg.analysis.baselines import data_baselines, run_data_baselines
 from avseg.analysis.cli import EXIT_REQUIREMENT, main
 from avseg.analysis.codes import (
@@ -58,18 +60,7 @@ from avseg.analysis.codes import (
     subspace_agreement,
 )
 from avseg.analysis.common import AnalysisInputs, analysis_dataset, load_analysis_inputs, load_synth_sources
-from avseg.analysis.measures import (
-    chance_nmi,
-    contingency_table,
-    entropy,
-    fit_code_classes,
-    kmeans_codes,
-    mutual_information,
-    normalized_mutual_information,
-    purity,
-    source_label,
-    source_set_scores,
-)
+from avseg.analysis.measures import *  # noqa: F403  (the information measures; their list: measures.__all__)
 from avseg.analysis.noise import average_curves, noise_table_markdown, parse_snr_list, plot_noise_curves, run_noise
 from avseg.analysis.reliance import (
     audio_token_spread,
@@ -83,16 +74,7 @@ from avseg.analysis.sweeps import format_summary_markdown, run_ablation_summary,
 
 __all__ = [
     "main",
-    "contingency_table",
-    "entropy",
-    "mutual_information",
-    "normalized_mutual_information",
-    "purity",
-    "chance_nmi",
-    "source_label",
-    "source_set_scores",
-    "fit_code_classes",
-    "kmeans_codes",
+    *measures.__all__,
     "oracle_codes",
     "source_set_rows",
     "load_synth_sources",

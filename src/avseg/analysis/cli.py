@@ -1,182 +1,179 @@
-"""The command line of ``python -m avseg.analysis <command>`` (argparse): ``key=value`` words
-(``ckpt_path``, ``snr``, ``clips`` and any `conf/eval.yaml` key or data override) and ``--flags``.
-Exit status: 0 done, 1 a project error (one ``error: ...`` line), 2 bad arguments, 3
-``--require-drop`` not met. The commands' reports go to the ``avseg`` logger, printed on stdout."""
+"""The command line of ``python -m avseg.analysis <command> key=value ...``.
+
+The first word names the command; every other word is a Hydra override (the grammar of train /
+eval / predict) of ``conf/analysis/<command>.yaml``, composed by `avseg.cli.compose_command`.
+The commands that evaluate a checkpoint pass any other ``conf/eval.yaml`` key on to the
+evaluation (``split=val``, ``data=synth_s4``, ``data.eval_batch_size=2``, ``device=cpu``; not
+``ckpt_path``, ``perturb``, ``perturb_snr_db``, which the command sets). Lists in Hydra's grammar:
+``ckpt_paths=[A,B]``, ``snrs=[clean,20,-5]``.
+
+Exit status: 0 done; 1 a project error (bad data / checkpoint / config, a required key missing, a
+bad value; one ``error: ...`` line); 2 a command line that cannot be read (no or an unknown
+command, a malformed word, a key neither the command nor conf/eval.yaml has; raised as
+``SystemExit(2)``); 3 ``require_drop`` not met. The reports go to the ``avseg`` logger, printed on
+stdout. ``--help`` lists the commands; ``<command> --help`` prints its config file."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from avseg.analysis.baselines import run_data_baselines
 from avseg.analysis.codes import run_decomposition
 from avseg.analysis.common import default_output_dir
-from avseg.analysis.noise import DEFAULT_SNRS, parse_snr_list, run_noise
+from avseg.analysis.noise import parse_snr_list, run_noise
 from avseg.analysis.reliance import run_reliance
 from avseg.analysis.selectivity import run_selectivity
 from avseg.analysis.sweeps import run_ablation_summary
-from avseg.cli import console_log, report_error
-from avseg.errors import AvsegError, ConfigError
+from avseg.cli import CONF_DIR, EXIT_USAGE, Forward, compose_command, console_log, report_error
+from avseg.errors import AvsegError, ConfigError, UsageError
 
-__all__ = ["EXIT_USAGE", "EXIT_REQUIREMENT", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_REQUIREMENT", "main"]
 
-EXIT_USAGE = 2
 EXIT_REQUIREMENT = 3
-DESCRIPTION = (
-    "does the model listen, how robust is it to noise, do the quantised sub-space codes line up with "
-    "the true sources, and what does an ablation sweep say (docs/ANALYSIS.md)"
-)
+# the command -> what it does (its config: conf/analysis/<command>.yaml)
+COMMANDS = {
+    "reliance": "M_J / M_F with the audio clean, muted, swapped",
+    "noise": "M_J / M_F against the SNR of added white noise",
+    "decomposition": "NMI / purity of the sub-space codes against the true sources",
+    "selectivity": "share of heard / unheard object pixels predicted, audio clean, muted, swapped",
+    "data-baselines": "audio-free and ideal-listener M_J / M_F on a SynthAVS split",
+    "ablation-summary": "mean ± std over seeds of multirun sweeps",
+}
+# the commands that evaluate a checkpoint: they pass conf/eval.yaml keys on, except these (theirs)
+EVAL_SET_BY_COMMAND = ("ckpt_path", "perturb", "perturb_snr_db")
+REQUIRED = {
+    "reliance": ("ckpt_path",),
+    "noise": ("ckpt_paths",),
+    "decomposition": ("ckpt_path",),
+    "selectivity": ("ckpt_path",),
+    "data-baselines": (),
+    "ablation-summary": ("sweep_dirs",),
+}
+USAGE = "python -m avseg.analysis {" + ",".join(COMMANDS) + "} key=value ... (conf/analysis/<command>.yaml)"
 
 
-def _split_words(words: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """key=value words -> (values of the analysis' own keys, the remaining eval overrides)."""
-    own: dict[str, list[str]] = {}
-    rest: list[str] = []
-    for word in words:
-        if "=" not in word:
-            raise ConfigError(f"{word!r}: expected key=value (e.g. ckpt_path=PATH)")
-        key, value = word.split("=", 1)
-        if key in ("ckpt_path", "snr", "clips"):
-            own.setdefault(key, []).append(value)
-        else:
-            rest.append(word)
-    return own, rest
+def _usage_text() -> str:
+    lines = [f"usage: {USAGE}", "", "commands:"]
+    lines += [f"  {name:<17} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "python -m avseg.analysis <command> --help prints the command's keys (its config file)."]
+    return "\n".join(lines)
 
 
-def _ckpt_paths(own: Mapping[str, list[str]], *, single: bool) -> list[str]:
-    paths = [p for value in own.get("ckpt_path", []) for p in value.split(",") if p]
-    if not paths:
-        raise ConfigError("ckpt_path is required: ckpt_path=<run dir>/checkpoints/best.ckpt")
-    if single and len(paths) != 1:
-        raise ConfigError(f"this command takes one checkpoint, got {len(paths)}: {paths}")
-    return paths
+def _strings(value: Any) -> list[str]:
+    """A list argument (``key=[a,b]``) as strings; a single value is a list of one, null none."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return [str(value)]
+    return [str(item) for item in value]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avseg.analysis", description=DESCRIPTION)
-    commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: $AVSEG_OUTPUTS/analysis/<command>/<time>)"
-    )
+def _single(key: str, value: Any) -> str:
+    """A one-value argument (a checkpoint path) as a string; a list is an error."""
+    if not isinstance(value, str) and isinstance(value, Sequence):
+        raise ConfigError(f"{key}: this command takes one value, got {list(value)}")
+    return str(value)
 
-    reliance = commands.add_parser("reliance", parents=[common], help="M_J / M_F with the audio clean, muted, swapped")
-    reliance.add_argument("words", nargs="*", help="ckpt_path=PATH and eval overrides (split=..., data....)")
-    reliance.add_argument(
-        "--require-drop",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="exit 3 unless M_J drops by at least FRACTION under mute and swap",
-    )
 
-    noise = commands.add_parser("noise", parents=[common], help="M_J / M_F against the SNR of added white noise")
-    noise.add_argument(
-        "words", nargs="*", help="ckpt_path=A [ckpt_path=B ...] [snr=clean,20,10,5,0,-5] and eval overrides"
-    )
-    noise.add_argument(
-        "--labels", default=None, help="comma-separated curve labels (default: each checkpoint's decomposition variant)"
-    )
-    noise.add_argument("--name", default="noise_robustness", help="base name of the .md / .json / .png files")
-    noise.add_argument(
-        "--average", action="store_true", help="one curve per label (mean ± std over its checkpoints, e.g. seeds)"
-    )
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    return value
 
-    decomposition = commands.add_parser(
-        "decomposition", parents=[common], help="NMI / purity of the sub-space codes against the true sources"
-    )
-    decomposition.add_argument(
-        "words", nargs="*", help="ckpt_path=PATH [clips=multi|all] [split=test] and eval overrides"
-    )
-    decomposition.add_argument(
-        "--permutations", type=int, default=50, help="label permutations for the NMI chance level"
-    )
 
-    selectivity = commands.add_parser(
-        "selectivity",
-        parents=[common],
-        help="share of heard / unheard object pixels predicted, audio clean, muted, swapped",
-    )
-    selectivity.add_argument("words", nargs="*", help="ckpt_path=PATH and eval overrides (split=..., data....)")
+def _fraction(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{key}={value!r}: a fraction in [0, 1]")
+    return float(value)
 
-    baselines = commands.add_parser(
-        "data-baselines", parents=[common], help="audio-free and ideal-listener M_J / M_F on a SynthAVS split"
-    )
-    baselines.add_argument("words", nargs="*", help="[ckpt_path=PATH] (its data) or data overrides, [split=test]")
 
-    ablation = commands.add_parser("ablation-summary", help="mean ± std over seeds of multirun sweeps")
-    ablation.add_argument("sweep_dirs", nargs="+", help="sweep directories holding summary.csv")
-    ablation.add_argument("--metrics", default="test/miou,test/fscore", help="comma-separated metric columns")
-    ablation.add_argument("--drop-keys", default="seed", help="comma-separated override keys ignored when grouping")
-    ablation.add_argument("--out", type=Path, default=None, help="markdown file (a .csv is written beside it)")
-    ablation.add_argument(
-        "--reliance",
-        action="store_true",
-        help="also the M_J drops under mute and swap of every job's best.ckpt (written to <job>/reliance/)",
-    )
-    return parser
+def _output_dir(command: str, out: Any) -> Path:
+    return Path(str(out)) if out is not None else default_output_dir(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``argv`` (default ``sys.argv[1:]``); returns the exit status (0, 1 or 3). A command
+    line that cannot be read prints its ``error:`` line and raises ``SystemExit(2)``."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(_usage_text() + "\n")
+        return 0
     with console_log():
-        return _run(args)
+        try:
+            if not words:
+                raise UsageError(f"no command; usage: {USAGE}")
+            command, *args = words
+            if command not in COMMANDS:
+                raise UsageError(f"unknown command {command!r}; usage: {USAGE}")
+            if args[:1] in (["-h"], ["--help"]):
+                sys.stdout.write((CONF_DIR / "analysis" / f"{command}.yaml").read_text())
+                return 0
+            return _run(command, args)
+        except UsageError as error:
+            report_error(error)
+            raise SystemExit(EXIT_USAGE) from None
+        except AvsegError as error:
+            report_error(error)
+            return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    try:
-        if args.command == "ablation-summary":
-            metrics = [m for m in args.metrics.split(",") if m]
-            drop_keys = [k for k in args.drop_keys.split(",") if k]
-            run_ablation_summary(
-                args.sweep_dirs, metrics=metrics, drop_keys=drop_keys, output=args.out, reliance=args.reliance
-            )
-            return 0
-        own, overrides = _split_words(args.words)
-        output_dir = args.out if args.out is not None else default_output_dir(args.command)
-        if args.command == "reliance":
-            if args.require_drop is not None and not 0.0 <= args.require_drop <= 1.0:
-                raise ConfigError(f"--require-drop {args.require_drop}: a fraction in [0, 1]")
-            payload = run_reliance(
-                _ckpt_paths(own, single=True)[0], overrides, output_dir=output_dir, require_drop=args.require_drop
-            )
-            return EXIT_REQUIREMENT if payload["passed"] is False else 0
-        if args.command == "noise":
-            snrs = parse_snr_list(",".join(own.get("snr", [",".join(DEFAULT_SNRS)])))
-            labels = [label for label in args.labels.split(",")] if args.labels else None
-            run_noise(
-                _ckpt_paths(own, single=False),
-                overrides,
-                snrs=snrs,
-                output_dir=output_dir,
-                labels=labels,
-                name=args.name,
-                average=args.average,
-            )
-            return 0
-        if args.command == "decomposition":
-            clips = own.get("clips", ["multi"])[-1]
-            if args.permutations < 1:
-                raise ConfigError(f"--permutations {args.permutations}: an integer >= 1")
-            run_decomposition(
-                _ckpt_paths(own, single=True)[0],
-                overrides,
-                output_dir=output_dir,
-                clips=clips,
-                permutations=args.permutations,
-            )
-            return 0
-        if args.command == "selectivity":
-            run_selectivity(_ckpt_paths(own, single=True)[0], overrides, output_dir=output_dir)
-            return 0
-        if args.command == "data-baselines":
-            paths = [p for value in own.get("ckpt_path", []) for p in value.split(",") if p]
-            if len(paths) > 1:
-                raise ConfigError(f"data-baselines takes at most one checkpoint, got {paths}")
-            run_data_baselines(paths[0] if paths else None, overrides, output_dir=output_dir)
-            return 0
-        raise ConfigError(f"unknown command {args.command!r}")
-    except AvsegError as error:
-        report_error(error)
-        return 1
+def _run(command: str, args: list[str]) -> int:
+    usage = f"python -m avseg.analysis {command} key=value ...; keys: conf/analysis/{command}.yaml"
+    if command == "ablation-summary":
+        cfg = compose_command(f"analysis/{command}", args, required=REQUIRED[command], usage=usage)
+        run_ablation_summary(
+            _strings(cfg.sweep_dirs),
+            metrics=_strings(cfg.metrics),
+            drop_keys=_strings(cfg.drop_keys),
+            output=None if cfg.out is None else Path(str(cfg.out)),
+            reliance=_flag("reliance", cfg.reliance),
+        )
+        return 0
+    to_eval = Forward("eval", reserved=EVAL_SET_BY_COMMAND)
+    cfg = compose_command(f"analysis/{command}", args, required=REQUIRED[command], usage=usage, forward=to_eval)
+    overrides = to_eval.words
+    output_dir = _output_dir(command, cfg.out)
+    if command == "reliance":
+        require_drop = _fraction("require_drop", cfg.require_drop)
+        payload = run_reliance(
+            _single("ckpt_path", cfg.ckpt_path), overrides, output_dir=output_dir, require_drop=require_drop
+        )
+        return EXIT_REQUIREMENT if payload["passed"] is False else 0
+    if command == "noise":
+        snrs = parse_snr_list(_strings(cfg.snrs))
+        labels = _strings(cfg.labels) or None
+        run_noise(
+            _strings(cfg.ckpt_paths),
+            overrides,
+            snrs=snrs,
+            output_dir=output_dir,
+            labels=labels,
+            name=str(cfg.name),
+            average=_flag("average", cfg.average),
+        )
+        return 0
+    if command == "decomposition":
+        permutations = cfg.permutations
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+            raise ConfigError(f"permutations={permutations!r}: an integer >= 1")
+        run_decomposition(
+            _single("ckpt_path", cfg.ckpt_path),
+            overrides,
+            output_dir=output_dir,
+            clips=str(cfg.clips),
+            permutations=permutations,
+        )
+        return 0
+    if command == "selectivity":
+        run_selectivity(_single("ckpt_path", cfg.ckpt_path), overrides, output_dir=output_dir)
+        return 0
+    assert command == "data-baselines"
+    run_data_baselines(
+        None if cfg.ckpt_path is None else _single("ckpt_path", cfg.ckpt_path), overrides, output_dir=output_dir
+    )
+    return 0

@@ -302,47 +302,36 @@ def source_set_rows(clips: Sequence[ClipCodes], *, name: str, codebook_size: int
     return rows
 
 
+def _table(header: Sequence[str], rows: Sequence[Mapping[str, Any]], cells: Sequence[str | tuple[str, str]]) -> str:
+    """A markdown table of ``rows``, one column per cell: a key (its value: `fmt` for a float or
+    None, else as is) or (key, count key) for ``"<value> (<count>)"``."""
+
+    def cell(row: Mapping[str, Any], spec: str | tuple[str, str]) -> str:
+        key, count = (spec, None) if isinstance(spec, str) else spec
+        value = row[key]
+        text = fmt(value) if value is None or isinstance(value, float) else str(value)
+        return text if count is None else f"{text} ({row[count]})"
+
+    return markdown_table(header, [tuple(cell(row, spec) for spec in cells) for row in rows])
+
+
 def format_source_set_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ("codes", "agreement", "source-set F1", "precision", "recall", "multi-source recall (seconds)")
-    body = [
-        (
-            r["codes"],
-            fmt(r["agreement"]),
-            fmt(r["f1"]),
-            fmt(r["precision"]),
-            fmt(r["recall"]),
-            f"{fmt(r['multi_recall'])} ({r['multi_seconds']})",
-        )
-        for r in rows
-    ]
+    cells = ("codes", "agreement", "f1", "precision", "recall", ("multi_recall", "multi_seconds"))
     return (
         f"Per second ({rows[0]['seconds']} seconds): codeword -> class fitted on one half of the clips, scored on the "
-        f"other (both ways); predicted set = union of the K codes' classes\n\n{markdown_table(header, body)}"
+        f"other (both ways); predicted set = union of the K codes' classes\n\n{_table(header, rows, cells)}"
     )
 
 
 def format_decomposition_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     header = ("sub-space", "samples", "codes used", "NMI", "NMI chance", "NMI 1-source (n)", "purity")
-    parts = []
+    cells = ("subspace", "samples", "codes_used", "nmi", "nmi_chance", ("nmi_single", "single_samples"), "purity")
     titles = {
         "second": "Per second: local codes (quant['local_indices']) vs the classes sounding in that second",
         "clip": "Per clip: global codes (quant['global_indices']) vs the classes sounding in the clip",
     }
-    for level, rows in tables.items():
-        body = [
-            (
-                r["subspace"],
-                str(r["samples"]),
-                str(r["codes_used"]),
-                fmt(r["nmi"]),
-                fmt(r["nmi_chance"]),
-                f"{fmt(r['nmi_single'])} ({r['single_samples']})",
-                fmt(r["purity"]),
-            )
-            for r in rows
-        ]
-        parts.append(f"{titles[level]}\n\n{markdown_table(header, body)}")
-    return "\n\n".join(parts)
+    return "\n\n".join(f"{titles[level]}\n\n{_table(header, rows, cells)}" for level, rows in tables.items())
 
 
 def run_decomposition(

@@ -18,7 +18,6 @@ from avseg.analysis.common import evaluate, fmt, markdown_table, single_metric, 
 from avseg.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_SNRS",
     "parse_snr_list",
     "checkpoint_label",
     "noise_table_markdown",
@@ -29,13 +28,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SNRS = ("clean", "20", "10", "5", "0", "-5")
 
-
-def parse_snr_list(text: str) -> list[float | None]:
-    """``"clean,20,10,-5"`` -> [None, 20.0, 10.0, -5.0] (None = clean audio, perturb=none)."""
+def parse_snr_list(given: str | Sequence[object]) -> list[float | None]:
+    """``"clean,20,10,-5"`` or ``["clean", 20, 10, -5]`` (``snrs=[clean,20,10,-5]``) ->
+    [None, 20.0, 10.0, -5.0] (None = clean audio, perturb=none)."""
+    text = str(given) if isinstance(given, str) else ",".join(str(word) for word in given)
     values: list[float | None] = []
-    for word in str(text).strip("[]() ").split(","):
+    for word in text.strip("[]() ").split(","):
         word = word.strip()
         if not word:
             continue
@@ -45,14 +44,14 @@ def parse_snr_list(text: str) -> list[float | None]:
         try:
             value = float(word)
         except ValueError:
-            raise ConfigError(f"snr={text!r}: {word!r} is neither 'clean' nor a number (dB)") from None
+            raise ConfigError(f"snrs=[{text}]: {word!r} is neither 'clean' nor a number (dB)") from None
         if not math.isfinite(value):
-            raise ConfigError(f"snr={text!r}: {word!r} is not a finite number")
+            raise ConfigError(f"snrs=[{text}]: {word!r} is not a finite number")
         values.append(value)
     if not values:
-        raise ConfigError(f"snr={text!r}: give at least one SNR, e.g. snr=clean,20,10,5,0,-5")
+        raise ConfigError(f"snrs=[{text}]: give at least one SNR, e.g. snrs=[clean,20,10,5,0,-5]")
     if len(set(values)) != len(values):
-        raise ConfigError(f"snr={text!r}: an SNR is listed twice")
+        raise ConfigError(f"snrs=[{text}]: an SNR is listed twice")
     return values
 
 
@@ -158,9 +157,9 @@ def run_noise(
     checkpoints sharing a label (by default their decomposition variant: e.g. three seeds of
     ``pq`` and three of ``none``) become one curve, mean ± std (``average_curves``)."""
     if not ckpt_paths:
-        raise ConfigError("noise: give at least one ckpt_path=...")
+        raise ConfigError("noise: give at least one checkpoint, ckpt_paths=[...]")
     if any(o.split("=", 1)[0].lstrip("+~") in ("perturb", "perturb_snr_db") for o in overrides):
-        raise ConfigError("noise sets perturb / perturb_snr_db itself: use snr=clean,20,10,... instead")
+        raise ConfigError("noise sets perturb / perturb_snr_db itself: use snrs=[clean,20,10,...] instead")
     if labels is None:
         labels = [checkpoint_label(p) for p in ckpt_paths]
         if not average:
@@ -168,7 +167,7 @@ def run_noise(
             labels = [f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
     if len(labels) != len(ckpt_paths) or (not average and len(set(labels)) != len(labels)):
         raise ConfigError(
-            f"--labels {list(labels)}: one label per checkpoint ({len(ckpt_paths)}), distinct unless --average"
+            f"labels={list(labels)}: one label per checkpoint ({len(ckpt_paths)}), distinct unless average=true"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = output_dir / f"{name}_runs"

@@ -1,5 +1,5 @@
 """``python -m avseg.analysis reliance``: does the model listen? M_J / M_F with the audio clean,
-muted and swapped (three `avseg.eval` runs), their relative drops, an optional ``--require-drop``
+muted and swapped (three `avseg.eval` runs), their relative drops, an optional ``require_drop``
 verdict, and how much the audio tokens vary across seconds (`audio_token_spread`)."""
 
 from __future__ import annotations

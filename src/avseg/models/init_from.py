@@ -26,9 +26,10 @@ controller.*              decoder.mask_head.controller.*             copied; the
 Skipped: the text encoder, text resizer, text-visual fusion and text pixel decoder (no counterpart
 in an audio model), ``query_embed`` (ReferFormer's query slots are text-conditioned; avseg's query
 positions index the K audio sub-spaces), ``class_embed`` (starts fresh, as ReferFormer's own
-fine-tuning loader ``tools/load_pretrained_weights.py`` deletes it), ``transformer.decoder.bbox_embed``
-(the same tensors as ``bbox_embed``, stored twice by ReferFormer), box heads when avseg shares one
-(``box_head: shared``), layers beyond this model's depth.
+fine-tuning loader, the ``load_pretrained_weights.py`` script of wjn922/ReferFormer, deletes it),
+``transformer.decoder.bbox_embed`` (the same tensors as ``bbox_embed``, stored twice by
+ReferFormer), box heads when avseg shares one (``box_head: shared``), layers beyond this model's
+depth.
 
 Errors (``CheckpointError`` naming the file): an unknown checkpoint key, a shape mismatch, a mapped
 key this model lacks, or a model key no group provides outside ``REFERFORMER_ALLOWED_MISSING``.
