@@ -100,6 +100,17 @@ def _nan_to_zero(values: Tensor) -> Tensor:
     return torch.where(torch.isnan(values), torch.zeros_like(values), values)
 
 
+def _batch_frame_index(metric: str, logits: Tensor, frame_index: Tensor | None) -> Tensor | None:
+    """The indices [N] of the batch's frames (`_as_frame_index`), None for an empty batch; rejects
+    NaN ``logits`` [N, ...]."""
+    index = _as_frame_index(frame_index, logits.shape[0], logits.device)
+    if logits.shape[0] == 0:
+        return None
+    if bool(torch.isnan(logits).any()):
+        raise ValueError(f"{metric}: logits contain NaN")
+    return index
+
+
 class BinaryAVSMetric(Metric):
     """S4 / MS3 metrics: M_J (``miou``), the per-batch M_F (``fscore``) and ``fscore_global``.
 
@@ -143,12 +154,10 @@ class BinaryAVSMetric(Metric):
             raise ValueError(f"BinaryAVSMetric: target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise ValueError(f"BinaryAVSMetric: logits must be floating point, got {logits.dtype}")
-        num_frames = logits.shape[0]
-        index = _as_frame_index(frame_index, num_frames, logits.device)
-        if num_frames == 0:
+        index = _batch_frame_index(type(self).__name__, logits, frame_index)
+        if index is None:
             return
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("BinaryAVSMetric: logits contain NaN")
+        num_frames = logits.shape[0]
         target = target.to(logits.device)
         if not bool(((target == 0) | (target == 1)).all()):
             raise ValueError("BinaryAVSMetric: target values must be 0 or 1")
@@ -266,12 +275,10 @@ class SemanticAVSMetric(Metric):
             raise ValueError(f"SemanticAVSMetric: logits must be floating point, got {logits.dtype}")
         if target.is_floating_point():
             raise ValueError(f"SemanticAVSMetric: target must hold integer class indices, got {target.dtype}")
-        num_frames = logits.shape[0]
-        index = _as_frame_index(frame_index, num_frames, logits.device)
-        if num_frames == 0:
+        index = _batch_frame_index(type(self).__name__, logits, frame_index)
+        if index is None:
             return
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("SemanticAVSMetric: logits contain NaN")
+        num_frames = logits.shape[0]
         target = target.to(logits.device).long()
         low, high = torch.aminmax(target)
         if int(low) < 0 or int(high) >= self.num_classes:

@@ -48,6 +48,10 @@ from avseg.models.criterion import SetCriterion
 __all__ = ["AVSLitModule", "NonFiniteLossError"]
 
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
+# the arguments that go to `build_qdformer`, and those read here, in the order they are stored
+NETWORK_SECTIONS = ("backbone", "audio_encoder", "decomposition", "fusion", "decoder")
+NETWORK_KEYS = ("dim", "num_classes", "init_from", "ms_deform_backend", "aux_loss", *NETWORK_SECTIONS)
+TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite", "compile")
 
 _DEFAULT_OPTIM = {"lr": 1e-4, "backbone_lr": 5e-5, "weight_decay": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8}
 _DEFAULT_SCHEDULER = {"type": "step", "milestones": [], "gamma": 0.1, "interval": "epoch"}
@@ -119,30 +123,10 @@ class AVSLitModule(LightningModule):
         unknown = sorted(set(hydra_keys) - set(_HYDRA_KEYS))
         if unknown:
             raise TypeError(f"AVSLitModule got unexpected keyword arguments {unknown}")
-        net_cfg = {
-            "dim": dim,
-            "num_classes": num_classes,
-            "init_from": init_from,
-            "ms_deform_backend": ms_deform_backend,
-            "aux_loss": aux_loss,
-            "backbone": backbone,
-            "audio_encoder": audio_encoder,
-            "decomposition": decomposition,
-            "fusion": fusion,
-            "decoder": decoder,
-        }
-        training = {
-            "semantic": semantic,
-            "loss": loss,
-            "matcher": matcher,
-            "optim": optim,
-            "scheduler": scheduler,
-            "metric": metric,
-            "skip_nonfinite": skip_nonfinite,
-            "compile": compile,
-        }
+        arguments = locals()
+        net_cfg = {key: arguments[key] for key in NETWORK_KEYS}
         # plain values only, so that load_from_checkpoint / load_trained rebuild without Hydra
-        self.save_hyperparameters({key: _plain(value) for key, value in {**net_cfg, **training}.items()})
+        self.save_hyperparameters({key: _plain(arguments[key]) for key in (*NETWORK_KEYS, *TRAINING_KEYS)})
         num_classes = int(num_classes)
         self.semantic = bool(num_classes > 1 if semantic is None else semantic)
         if self.semantic and num_classes + 1 != NUM_AVSS_CLASSES:
@@ -294,22 +278,11 @@ class AVSLitModule(LightningModule):
             term = name.removeprefix("loss_")
             self.log(f"train/{term}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         quant = outputs.get("quant") or {}
-        if "perplexity" in quant:
-            self.log(
-                "train/codebook_perplexity",
-                quant["perplexity"].detach().float(),
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch_size,
-            )
-        if "dead_codes" in quant:
-            self.log(
-                "train/codebook_dead",
-                quant["dead_codes"].detach().float(),
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch_size,
-            )
+        for key, name in (("perplexity", "codebook_perplexity"), ("dead_codes", "codebook_dead")):
+            if key in quant:
+                self.log(
+                    f"train/{name}", quant[key].detach().float(), on_step=True, on_epoch=False, batch_size=batch_size
+                )
         usage = quant.get("usage")
         if isinstance(usage, Tensor) and usage.numel() > 0:
             usage = usage.detach().float()
@@ -427,13 +400,12 @@ class AVSLitModule(LightningModule):
             if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape
         ]
         if mismatched or (strict and (missing or unexpected)):
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-            if mismatched:
-                parts.append(f"{len(mismatched)} keys of another shape (e.g. {'; '.join(mismatched[:3])})")
+            groups = (
+                ("missing keys", missing, ", "),
+                ("unexpected keys", unexpected, ", "),
+                ("keys of another shape", mismatched, "; "),
+            )
+            parts = [f"{len(keys)} {what} (e.g. {sep.join(keys[:3])})" for what, keys, sep in groups if keys]
             raise CheckpointError(
                 self.checkpoint_source or "checkpoint",
                 "its weights do not fit this model config (trained with another model config?): " + ", ".join(parts),
