@@ -73,6 +73,7 @@ _COMPONENTS = {
     "model.fusion": "avseg.models.fusion.AudioVisualFusion",
     "model.decoder": "avseg.models.decoder.SemanticGuidedDecoder",
     "model.loss": "avseg.models.criterion.SetCriterion",
+    "data": "avseg.lit.datamodule.AVSDataModule",
 }
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 
@@ -182,15 +183,20 @@ def _check_component(r: _Reader, key: str, **shared: Any) -> None:
     """The component's own ``check_options`` on the section ``key`` (its ``_target_``, or the
     default class of `_COMPONENTS`); a target that does not import is left to the builder."""
     options = _options(r, key)
-    target = options.pop("_target_", _COMPONENTS[key])
+    check = _component_check(options.pop("_target_", _COMPONENTS[key]))
+    r.problems.extend(problem.line() for problem in check(options, **shared))
+
+
+def _component_check(target: Any) -> Callable[..., list[Problem]]:
+    """The ``check_options`` of the class ``target`` names (a `_COMPONENTS` key: its default
+    class); no check when it has none or does not import (left to the builder)."""
     try:
         from hydra.utils import get_class
 
-        check = getattr(get_class(str(target)), "check_options", None)
+        check = getattr(get_class(str(_COMPONENTS.get(target, target))), "check_options", None)
     except Exception:  # noqa: BLE001 - hydra wraps import failures in several types; the builder names them
-        return
-    if check is not None:
-        r.problems.extend(problem.line() for problem in check(options, **shared))
+        check = None
+    return check if check is not None else lambda options, **shared: []
 
 
 def _check_model(r: _Reader, subset: str | None) -> None:
@@ -202,7 +208,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     dim = model["dim"]
     dim_ok = not any(problem.key == "model.dim" for problem in problems) and dim is not _ABSENT
     for key in _COMPONENTS:
-        if r.has(key):
+        if key.startswith("model.") and r.has(key):
             _check_component(r, key, **({"dim": dim if dim_ok else None} if key == "model.decomposition" else {}))
 
     num_classes = r.get("model.num_classes")
@@ -356,21 +362,14 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
-    _int_at_least(r, "data.batch_size", r.get("data.batch_size"), 1)
-    _int_at_least(r, "data.eval_batch_size", r.get("data.eval_batch_size"), 1, nullable=True)
-    _int_at_least(r, "data.num_workers", r.get("data.num_workers"), 0)
+    # the data module's own checks (sizes, repeats read with the subset's members)
+    sizes = {name: r.get(f"data.{name}") for name in ("batch_size", "eval_batch_size", "num_workers", "repeats")}
+    own = {"subset": subset, **{name: value for name, value in sizes.items() if value is not _ABSENT}}
+    r.problems.extend(problem.line() for problem in _component_check(r.get("data._target_", "data"))(own))
     if r.get("data.num_workers", 0) == 0 and r.get("data.persistent_workers", False) is True:
         r.add("data.persistent_workers", True, "false when data.num_workers=0 (there are no workers to keep)")
     if r.get("data.num_workers", 0) == 0 and r.get("data.prefetch_factor", None) not in (None, _ABSENT):
         r.add("data.prefetch_factor", r.get("data.prefetch_factor"), "null when data.num_workers=0")
-    repeats = r.get("data.repeats", None)
-    if repeats not in (_ABSENT, None):
-        if (
-            not isinstance(repeats, Mapping)
-            or not all(is_int(v) and v >= 0 for v in repeats.values())
-            or not any(repeats.values())
-        ):
-            r.add("data.repeats", repeats, "null or a mapping subset -> an integer >= 0, not all 0")
 
 
 _EXTRA_ACCELERATORS = ("auto", "gpu")

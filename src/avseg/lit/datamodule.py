@@ -27,6 +27,7 @@ from avseg.data.avsbench import DATASETS, AudioTransform, AVSBenchDataset
 from avseg.data.collate import collate_clips
 from avseg.errors import ConfigError
 from avseg.lit.sampler import ResumableDataLoader
+from avseg.models.options import Problem, at_least, int_at_least, is_int, present, raise_first
 
 # subset name -> the AVSBench subsets it is made of
 MEMBERS: dict[str, tuple[str, ...]] = {"s4": ("s4",), "ms3": ("ms3",), "avss": ("avss",), "avs": ("s4", "ms3")}
@@ -138,21 +139,12 @@ class AVSDataModule(LightningDataModule):
             if roots is None or set(roots) != set(self.members):
                 raise ConfigError(f"data.roots must have exactly the keys {list(self.members)}, got {roots!r}")
             self._roots = {name: _expand(roots[name]) for name in self.members}
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "num_workers": num_workers}
+        raise_first(self.check_options({"subset": subset, "repeats": repeats, **sizes}))
         repeats = dict(repeats) if repeats is not None else {}
-        unknown = sorted(set(repeats) - set(self.members))
-        if unknown:
-            raise ConfigError(f"data.repeats: unknown subsets {unknown}; allowed {list(self.members)}")
         self.repeats = {name: int(repeats.get(name, 1)) for name in self.members}
-        if any(r < 0 for r in self.repeats.values()) or sum(self.repeats.values()) == 0:
-            raise ConfigError(f"data.repeats must be >= 0 and not all 0, got {self.repeats}")
         self.val_set_names = self._eval_names(val_sets, "val_sets")
         self.test_set_names = self._eval_names(test_sets, "test_sets")
-        if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
-            raise ConfigError(
-                f"data.batch_size / eval_batch_size must be positive, got {batch_size} / {eval_batch_size}"
-            )
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
 
         first = DATASETS[self.members[0]]
         self.num_frames: int = first.num_frames
@@ -183,11 +175,38 @@ class AVSDataModule(LightningDataModule):
         self.test_datasets: dict[str, AVSBenchDataset] = {}
         self.train_dataset: Dataset | None = None
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``data`` options ``options`` holds that concern this module alone
+        (absent ones are not checked): sizes and ``repeats`` (read with the members of ``subset``
+        when it is known; a member not named repeats once). Run by the constructor and, before any
+        data is read, by `avseg.config_validation` (which checks the subset, roots and files)."""
+        checks = {
+            "batch_size": at_least(1),
+            "eval_batch_size": lambda key, value: int_at_least(key, value, 1, nullable=True),
+            "num_workers": at_least(0),
+        }
+        problems = present(options, checks, "data.")
+        repeats = options.get("repeats")
+        if repeats is not None:
+            members = MEMBERS.get(options.get("subset"), ())
+            ok = isinstance(repeats, Mapping) and all(is_int(v) and v >= 0 for v in repeats.values())
+            if ok and members:
+                ok = set(repeats) <= set(members) and any(repeats.get(name, 1) for name in members)
+            if not ok:
+                allowed = "null or a mapping subset -> an integer >= 0, not all 0"
+                problems.append(
+                    Problem("data.repeats", repeats, allowed + (f" (subsets {list(members)})" if members else ""))
+                )
+        return problems
+
     def _eval_names(self, names: Sequence[str] | None, key: str) -> list[str]:
         names = list(_plain(names)) if names is not None else list(self.members)
         unknown = [n for n in names if n not in self.members]
-        if unknown or not names:
-            raise ConfigError(f"data.{key} must be a non-empty list of {list(self.members)}, got {names}")
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"data.{key} must be a non-empty list of distinct names from {list(self.members)}, got {names}"
+            )
         return names
 
     # -- roots ------------------------------------------------------------------------------------

@@ -201,10 +201,8 @@ class AVSLitModule(LightningModule):
         )
 
     def configure_eval_sets(self, *, val: list[str], test: list[str]) -> None:
-        """One metric per validation / test data loader (the data module returns them in this order)."""
-        for key, names in (("val_sets", val), ("test_sets", test)):
-            if len(set(names)) != len(names) or not names:
-                raise ConfigError(f"data.{key}={names}: must be unique and non-empty")
+        """One metric per validation / test data loader (the data module returns them in this order;
+        it checks ``data.val_sets`` / ``data.test_sets``)."""
         self.val_set_names, self.test_set_names = list(val), list(test)
         self.val_metrics = torch.nn.ModuleDict({name: self._new_metric() for name in val}).to(self.device)
         self.test_metrics = torch.nn.ModuleDict({name: self._new_metric() for name in test}).to(self.device)
