@@ -74,6 +74,7 @@ _COMPONENTS = {
     "model.decoder": "avseg.models.decoder.SemanticGuidedDecoder",
     "model.loss": "avseg.models.criterion.SetCriterion",
     "data": "avseg.lit.datamodule.AVSDataModule",
+    "model": "avseg.lit.module.AVSLitModule",
 }
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 
@@ -258,16 +259,13 @@ def _check_model(r: _Reader, subset: str | None) -> None:
         if audio_input == "log_mel" and audio_source == "embeddings":
             r.add("data.audio_source", audio_source, "wav | pkl (model.audio_encoder.input=log_mel)")
 
-    fpb = r.get("model.metric.frames_per_batch")
-    if fpb is not _ABSENT and fpb is not None:
-        frames = CLIP_LENGTH.get(subset) if subset else None
-        if not is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
-            allowed = (
-                f"a positive multiple of the clip length T={frames}"
-                if frames
-                else "a positive multiple of the clip length T"
-            )
-            r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or {allowed}")
+    # the module's own checks (scheduler, metric), then frames_per_batch against the clip length
+    own = {name: r.get(f"model.{name}", None) for name in ("scheduler", "metric")}
+    own_problems = _component_check(r.get("model._target_", "model"))(own)
+    r.problems.extend(problem.line() for problem in own_problems)
+    fpb, frames = (own["metric"] or {}).get("frames_per_batch"), CLIP_LENGTH.get(subset) if subset else None
+    if not own_problems and is_int(fpb) and frames and fpb % frames:
+        r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or a positive multiple of T={frames}")
 
 
 def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:

@@ -44,6 +44,7 @@ from avseg.lit.compilation import compile_network, compile_options
 from avseg.metrics import BinaryAVSMetric, SemanticAVSMetric
 from avseg.models.build import build_qdformer
 from avseg.models.criterion import SetCriterion
+from avseg.models.options import Problem, choice, int_at_least, present
 
 __all__ = ["AVSLitModule", "NonFiniteLossError"]
 
@@ -85,6 +86,21 @@ def _merged(defaults: dict[str, Any], given: Any, key: str) -> dict[str, Any]:
 
 class AVSLitModule(LightningModule):
     """QDFormer + set criterion + official AVSBench metrics. See the module docstring for the keys."""
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.scheduler`` and ``model.metric`` values ``options`` holds
+        (absent ones are not checked); run by the constructor and, at start-up, by
+        `avseg.config_validation` (which adds the clip-length check of ``frames_per_batch``)."""
+        sections = {
+            "scheduler": {"type": choice(("step", "none")), "interval": choice(("epoch", "step"))},
+            "metric": {"frames_per_batch": lambda key, value: int_at_least(key, value, 1, nullable=True)},
+        }
+        problems: list[Problem] = []
+        for name, checks in sections.items():
+            if isinstance(options.get(name), Mapping):
+                problems += present(options[name], checks, f"model.{name}.")
+        return problems
 
     def __init__(
         self,
@@ -136,16 +152,13 @@ class AVSLitModule(LightningModule):
             )
         self.optim_cfg = _merged(_DEFAULT_OPTIM, _plain(optim), "optim")
         self.scheduler_cfg = _merged(_DEFAULT_SCHEDULER, _plain(scheduler), "scheduler")
-        if self.scheduler_cfg["type"] not in ("step", "none"):
-            raise ConfigError(f"model.scheduler.type={self.scheduler_cfg['type']!r}: allowed values are step | none")
-        if self.scheduler_cfg["interval"] not in ("epoch", "step"):
-            raise ConfigError(
-                f"model.scheduler.interval={self.scheduler_cfg['interval']!r}: allowed values are epoch | step"
-            )
+        self.metric_cfg = _merged(_DEFAULT_METRIC, _plain(metric), "metric")
+        problems = self.check_options({"scheduler": self.scheduler_cfg, "metric": self.metric_cfg})
+        if problems:
+            raise ConfigError(problems[0].line())
         for key in ("lr", "backbone_lr"):
             if not float(self.optim_cfg[key]) >= 0:
                 raise ConfigError(f"model.optim.{key}={self.optim_cfg[key]}: must be >= 0")
-        self.metric_cfg = _merged(_DEFAULT_METRIC, _plain(metric), "metric")
         self.skip_nonfinite = bool(skip_nonfinite)
 
         self.net = build_qdformer(net_cfg)
@@ -158,10 +171,6 @@ class AVSLitModule(LightningModule):
         )
 
         fpb = self.metric_cfg["frames_per_batch"]
-        if fpb is not None and (isinstance(fpb, bool) or not isinstance(fpb, int) or fpb < 1):
-            raise ConfigError(
-                f"model.metric.frames_per_batch={fpb!r}: a positive int, or null (eval batch x clip length)"
-            )
         self.frames_per_batch = 20 if fpb is None else int(fpb)
         self.val_set_names: list[str] = ["val"]
         self.test_set_names: list[str] = ["test"]
