@@ -192,6 +192,20 @@ class HungarianMatcher(nn.Module):
             box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
         )
 
+    def mask_terms(self, pred_masks: Tensor, target_masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One frame's masks at the common resolution (`align_masks`), float32, flattened.
+
+        Args:
+            pred_masks: [Nq, h, w] logits. target_masks: [n, H, W] in [0, 1].
+
+        Returns:
+            (focal cost summed over the P pixels [Nq, n], sigmoid of the logits [Nq, P], target [n, P]).
+        """
+        masks_pred, masks_target = align_masks(pred_masks.float(), target_masks.float(), self.mask_resolution)
+        masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
+        pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        return pos @ masks_target.T + neg @ (1 - masks_target).T, masks_pred.sigmoid(), masks_target
+
     @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
     def frame_cost(
         self,
@@ -210,14 +224,8 @@ class HungarianMatcher(nn.Module):
             [Nq, n] float32 (lower is better).
         """
         cost = self.class_box_cost(pred_logits, pred_boxes, target["labels"], target["boxes"])
-
-        masks_pred, masks_target = align_masks(pred_masks.float(), target["masks"].float(), self.mask_resolution)
-        masks_pred = masks_pred.flatten(1)  # [Nq, P]
-        masks_target = masks_target.flatten(1)  # [n, P]
-        num_pixels = masks_pred.shape[1]
-        pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
-        focal = (pos @ masks_target.T + neg @ (1 - masks_target).T) / num_pixels
-        prob = masks_pred.sigmoid()
+        focal_sum, prob, masks_target = self.mask_terms(pred_masks, target["masks"])
+        focal = focal_sum / prob.shape[1]
         numerator = 2 * prob @ masks_target.T
         denominator = prob.sum(-1)[:, None] + masks_target.sum(-1)[None, :]
         dice = 1 - (numerator + 1) / (denominator + 1)
@@ -254,14 +262,9 @@ class HungarianMatcher(nn.Module):
             weight = present[:, f] / frames_present  # [n]
             frame_cost = self.class_box_cost(pred_logits[f], pred_boxes[f], labels, target["boxes"][:, f])
             cost = cost + frame_cost * weight[None, :]
-            masks_pred, masks_target = align_masks(
-                pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution
-            )
-            masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
-            num_pixels += masks_pred.shape[1]
-            pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
-            focal = focal + pos @ masks_target.T + neg @ (1 - masks_target).T
-            prob = masks_pred.sigmoid()
+            frame_focal, prob, masks_target = self.mask_terms(pred_masks[f], target["masks"][:, f])
+            num_pixels += prob.shape[1]
+            focal = focal + frame_focal
             inter = inter + prob @ masks_target.T
             prob_sum = prob_sum + prob.sum(-1)[:, None]
             target_sum = target_sum + masks_target.sum(-1)
