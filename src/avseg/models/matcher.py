@@ -231,17 +231,11 @@ class HungarianMatcher(nn.Module):
         dice = 1 - (numerator + 1) / (denominator + 1)
         return cost + self.cost_mask * focal + self.cost_dice * dice
 
-    def clip_cost(
-        self,
-        pred_logits: Tensor,
-        pred_masks: Tensor,
-        pred_boxes: Tensor,
-        target: dict[str, Tensor],
-    ) -> Tensor:
+    def clip_cost(self, outputs: Mapping[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         """Cost matrix of one clip (its labelled frames only).
 
         Args:
-            pred_logits: [F, Nq, K]. pred_masks: [F, Nq, h, w]. pred_boxes: [F, Nq, 4] cxcywh.
+            outputs: ``pred_logits`` [F, Nq, K], ``pred_masks`` [F, Nq, h, w], ``pred_boxes`` [F, Nq, 4] cxcywh.
             target: ``labels`` [n], ``masks`` [n, F, H, W] (empty where absent), ``boxes`` [n, F, 4],
                 ``present`` [n, F] bool (every object present in at least one frame).
 
@@ -249,6 +243,7 @@ class HungarianMatcher(nn.Module):
             [Nq, n] float32: class and box costs averaged over each object's present frames, mask
             focal cost averaged over all F frames' pixels, dice over the F frames taken together.
         """
+        pred_logits, pred_masks, pred_boxes = outputs["pred_logits"], outputs["pred_masks"], outputs["pred_boxes"]
         labels, present = target["labels"], target["present"].float()  # [n], [n, F]
         frames_present = present.sum(1).clamp_min(1.0)  # [n]
         num_frames, num_queries = pred_logits.shape[:2]
@@ -276,13 +271,8 @@ class HungarianMatcher(nn.Module):
         self, clip_outputs: list[dict[str, Tensor]], clip_targets: list[dict[str, Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
         """One assignment per clip: ``clip_outputs`` / ``clip_targets`` as ``clip_cost``'s
-        arguments (``pred_logits``, ``pred_masks``, ``pred_boxes``); returns per clip
-        ``(query_indices, object_indices)`` sorted by query, on the CPU."""
-        costs = [
-            self.clip_cost(out["pred_logits"], out["pred_masks"], out["pred_boxes"], target)
-            for out, target in zip(clip_outputs, clip_targets)
-        ]
-        return self._assign(costs)
+        arguments; returns per clip ``(query_indices, object_indices)`` sorted by query, on the CPU."""
+        return self._assign([self.clip_cost(out, target) for out, target in zip(clip_outputs, clip_targets)])
 
     @staticmethod
     def _assign(costs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
