@@ -132,18 +132,13 @@ class PrototypeDecoder(nn.Module):
         self.layers = nn.ModuleList(layer() for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(
-        self,
-        queries: torch.Tensor,
-        memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None = None,
-        **options: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """queries [N, K, C], memory [N, S, C], ``options``: the layer's ``need_weights`` and
-        ``query_pos`` [N, K, C] -> ([N, K, C], last layer's weights [N, K, S] | None)."""
+    def forward(self, queries: torch.Tensor, *inputs: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries [N, K, C] through every layer, each given ``inputs`` and ``options`` as
+        `PrototypeDecoderLayer.forward` takes them (memory [N, S, C], its padding mask,
+        ``need_weights``, ``query_pos``) -> ([N, K, C], the last layer's weights [N, K, S] | None)."""
         weights = None
         for layer in self.layers:
-            queries, weights = layer(queries, memory, memory_padding_mask, **options)
+            queries, weights = layer(queries, *inputs, **options)
         return self.norm(queries), weights
 
 
