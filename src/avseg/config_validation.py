@@ -46,7 +46,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avseg.data.layout import LAYOUTS, SPLITS
+from avseg.data.layout import LAYOUTS, SPLITS, SUBSET_MEMBERS
 from avseg.data.perturb import PERTURBATIONS
 from avseg.errors import ConfigError
 from avseg.models.build import check_model_options
@@ -54,8 +54,8 @@ from avseg.models.options import Problem, boolean, int_at_least, is_int, is_numb
 
 __all__ = ["validate_config", "config_problems", "SUBSETS", "CLIP_LENGTH", "OBJECT_CLASSES", "METADATA_CSV"]
 
-# The AVSBench subsets (avseg.data.layout) and "avs" (S4 + MS3 together, a binary task like S4).
-_SUBSET_LAYOUTS = {**LAYOUTS, "avs": LAYOUTS["s4"]}
+# The subsets a data config names (avseg.data.layout), each with the layout of its first tree.
+_SUBSET_LAYOUTS = {name: LAYOUTS[members[0]] for name, members in SUBSET_MEMBERS.items()}
 SUBSETS = tuple(_SUBSET_LAYOUTS)
 # frames per clip (T) and object classes of the class head (no background logit) per subset
 CLIP_LENGTH = {name: layout.num_frames for name, layout in _SUBSET_LAYOUTS.items()}
@@ -165,10 +165,9 @@ def _existing_file(r: _Reader, key: str, value: Any, what: str) -> None:
 
 
 def _subset(r: _Reader) -> str | None:
+    """``data.subset`` when it is one (the data module's check reports it otherwise)."""
     subset = r.get("data.subset")
-    if subset is _ABSENT:
-        return None
-    return subset if _one_of(r, "data.subset", subset, SUBSETS) else None
+    return subset if subset in SUBSETS and isinstance(subset, str) else None
 
 
 def _options(r: _Reader, key: str) -> dict[str, Any]:
@@ -360,9 +359,9 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
-    # the data module's own checks (sizes, repeats read with the subset's members)
+    # the data module's own checks (subset, sizes, repeats read with the subset's members)
     sizes = {name: r.get(f"data.{name}") for name in ("batch_size", "eval_batch_size", "num_workers", "repeats")}
-    own = {"subset": subset, **{name: value for name, value in sizes.items() if value is not _ABSENT}}
+    own = {name: value for name, value in {"subset": r.get("data.subset"), **sizes}.items() if value is not _ABSENT}
     r.problems.extend(problem.line() for problem in _component_check(r.get("data._target_", "data"))(own))
     if r.get("data.num_workers", 0) == 0 and r.get("data.persistent_workers", False) is True:
         r.add("data.persistent_workers", True, "false when data.num_workers=0 (there are no workers to keep)")

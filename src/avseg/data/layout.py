@@ -169,6 +169,9 @@ LAYOUTS: dict[str, SubsetLayout] = {
     ),
 }
 SUBSETS: tuple[str, ...] = tuple(LAYOUTS)
+# the subsets a data config names and the AVSBench trees each reads: every subset alone, and "avs"
+# (S4 and MS3 trained together, a binary task like S4)
+SUBSET_MEMBERS: dict[str, tuple[str, ...]] = {**{name: (name,) for name in LAYOUTS}, "avs": ("s4", "ms3")}
 
 
 def get_layout(subset: str) -> SubsetLayout:

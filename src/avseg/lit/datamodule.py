@@ -25,12 +25,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from avseg.data.avsbench import DATASETS, AudioTransform, AVSBenchDataset
 from avseg.data.collate import collate_clips
+from avseg.data.layout import SUBSET_MEMBERS
 from avseg.errors import ConfigError
 from avseg.lit.sampler import ResumableDataLoader
-from avseg.models.options import Problem, at_least, int_at_least, is_int, present, raise_first
+from avseg.models.options import Problem, at_least, choice, int_at_least, is_int, present, raise_first
 
 # subset name -> the AVSBench subsets it is made of
-MEMBERS: dict[str, tuple[str, ...]] = {"s4": ("s4",), "ms3": ("ms3",), "avss": ("avss",), "avs": ("s4", "ms3")}
+MEMBERS = SUBSET_MEMBERS
 
 
 def _plain(value: Any) -> Any:
@@ -112,11 +113,11 @@ class AVSDataModule(LightningDataModule):
         test_sets: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if subset not in MEMBERS:
-            raise ConfigError(f"data.subset must be one of {list(MEMBERS)}, got {subset!r}")
+        roots, repeats, synth = _plain(roots), _plain(repeats), _plain(synth)
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "num_workers": num_workers}
+        raise_first(self.check_options({"subset": subset, "repeats": repeats, **sizes}))
         self.subset = subset
         self.members: tuple[str, ...] = MEMBERS[subset]
-        roots, repeats, synth = _plain(roots), _plain(repeats), _plain(synth)
         self.synth_options: dict[str, Any] | None = None
         if synth is not None:
             if root is not None or roots is not None:
@@ -139,8 +140,6 @@ class AVSDataModule(LightningDataModule):
             if roots is None or set(roots) != set(self.members):
                 raise ConfigError(f"data.roots must have exactly the keys {list(self.members)}, got {roots!r}")
             self._roots = {name: _expand(roots[name]) for name in self.members}
-        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "num_workers": num_workers}
-        raise_first(self.check_options({"subset": subset, "repeats": repeats, **sizes}))
         repeats = dict(repeats) if repeats is not None else {}
         self.repeats = {name: int(repeats.get(name, 1)) for name in self.members}
         self.val_set_names = self._eval_names(val_sets, "val_sets")
@@ -178,10 +177,11 @@ class AVSDataModule(LightningDataModule):
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``data`` options ``options`` holds that concern this module alone
-        (absent ones are not checked): sizes and ``repeats`` (read with the members of ``subset``
+        (absent ones are not checked): ``subset``, sizes and ``repeats`` (read with the members of ``subset``
         when it is known; a member not named repeats once). Run by the constructor and, before any
         data is read, by `avseg.config_validation` (which checks the subset, roots and files)."""
         checks = {
+            "subset": choice(tuple(MEMBERS)),
             "batch_size": at_least(1),
             "eval_batch_size": lambda key, value: int_at_least(key, value, 1, nullable=True),
             "num_workers": at_least(0),
