@@ -264,7 +264,8 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     r.problems.extend(problem.line() for problem in own_problems)
     fpb, frames = (own["metric"] or {}).get("frames_per_batch"), CLIP_LENGTH.get(subset) if subset else None
     if not own_problems and is_int(fpb) and frames and fpb % frames:
-        r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or a positive multiple of T={frames}")
+        allowed = f"null (eval batch x T) or a positive multiple of the clip length T={frames}"
+        r.add("model.metric.frames_per_batch", fpb, allowed)
 
 
 def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:
@@ -301,11 +302,7 @@ def _check_data(r: _Reader, subset: str | None) -> None:
     root = r.get("data.root", None)
     roots = r.get("data.roots", None)
     if synth not in (_ABSENT, None):
-        if not isinstance(synth, Mapping):
-            r.add("data.synth", synth, "null (real data) or a mapping of SynthAVS options")
-        else:
-            if synth.get("cache_dir") is None:
-                r.problems.append("data.synth.cache_dir=None: allowed: a folder where generated trees are cached")
+        if isinstance(synth, Mapping):
             _int_at_least(r, "data.synth.image_size", synth.get("image_size", _ABSENT), 8)
             _int_at_least(r, "data.synth.num_classes", synth.get("num_classes", _ABSENT), 1)
             clips = synth.get("clips_per_split", _ABSENT)
@@ -313,8 +310,6 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 isinstance(clips, Mapping) and all(is_int(v) and v >= 1 for v in clips.values())
             ):
                 r.add("data.synth.clips_per_split", clips, "a mapping train/val/test -> an integer >= 1")
-        if root not in (_ABSENT, None) or roots not in (_ABSENT, None):
-            r.problems.append("data.root / data.roots: allowed: null when data.synth is set (the tree is generated)")
         pkl_allowed = subset is not None and "pkl" in AUDIO_SOURCES[subset]
         if (
             pkl_allowed
@@ -327,20 +322,15 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 "pkl",
                 "wav | embeddings, or set data.synth.write_pkl=true (SynthAVS writes no .pkl otherwise)",
             )
-    elif subset is not None:
-        if subset == "avs":
-            if root not in (_ABSENT, None):
-                r.add("data.root", root, "null for data.subset=avs (it reads data.roots.s4 and data.roots.ms3)")
-            if not isinstance(roots, Mapping) or set(roots) != {"s4", "ms3"}:
-                r.add("data.roots", roots, "a mapping with exactly the keys s4 and ms3")
-            else:
-                for member in ("s4", "ms3"):
-                    _check_data_root(r, f"data.roots.{member}", roots[member], member)
+    elif subset is not None:  # the named roots exist (which ones the subset needs: the data module's check)
+        members = SUBSET_MEMBERS[subset]
+        if len(members) == 1:
+            named = {"data.root": (root, subset)} if root not in (_ABSENT, None) else {}
         else:
-            if roots not in (_ABSENT, None):
-                r.add("data.roots", roots, f"null for data.subset={subset} (use data.root)")
-            if root is not _ABSENT:
-                _check_data_root(r, "data.root", root, subset)
+            complete = isinstance(roots, Mapping) and set(roots) == set(members)
+            named = {f"data.roots.{m}": (roots[m], m) for m in members} if complete else {}
+        for key, (folder, member) in named.items():
+            _check_data_root(r, key, folder, member)
 
     if subset is not None:
         audio_source = r.get("data.audio_source")
@@ -359,9 +349,10 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
-    # the data module's own checks (subset, sizes, repeats read with the subset's members)
-    sizes = {name: r.get(f"data.{name}") for name in ("batch_size", "eval_batch_size", "num_workers", "repeats")}
-    own = {name: value for name, value in {"subset": r.get("data.subset"), **sizes}.items() if value is not _ABSENT}
+    # the data module's own checks (subset, root / roots / synth, sizes, repeats)
+    keys = ("subset", "batch_size", "eval_batch_size", "num_workers", "repeats")
+    own = {name: r.get(f"data.{name}") for name in keys} | {"root": root, "roots": roots, "synth": synth}
+    own = {name: value for name, value in own.items() if value is not _ABSENT}
     r.problems.extend(problem.line() for problem in _component_check(r.get("data._target_", "data"))(own))
     if r.get("data.num_workers", 0) == 0 and r.get("data.persistent_workers", False) is True:
         r.add("data.persistent_workers", True, "false when data.num_workers=0 (there are no workers to keep)")
