@@ -44,6 +44,7 @@ from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_
 from avseg.precision import full_precision
 
 __all__ = [
+    "COST_TERMS",
     "MASK_RESOLUTIONS",
     "HungarianMatcher",
     "align_masks",
@@ -319,33 +320,20 @@ class HungarianMatcher(nn.Module):
         return self._assign(costs)
 
 
-def build_matcher(
-    costs: Mapping[str, Any] | None,
-    *,
-    weight_class: float,
-    weight_bbox: float,
-    weight_giou: float,
-    weight_mask: float,
-    weight_dice: float,
-    focal_alpha: float,
-    focal_gamma: float,
-    mask_resolution: str,
-) -> HungarianMatcher:
+# the cost terms, each the counterpart of a loss weight (``cost_class`` of ``weight_class``, ...)
+COST_TERMS = ("class", "bbox", "giou", "mask", "dice")
+
+
+def build_matcher(costs: Mapping[str, Any] | None, *, loss: Mapping[str, Any]) -> HungarianMatcher:
     """The matcher of a criterion, from the ``model.matcher`` config: the one place it is built.
 
-    ``costs`` null or empty: the costs equal the loss weights and the matcher shares the loss's
-    focal parameters and mask resolution. Otherwise ``costs`` holds `HungarianMatcher` keywords
-    (unset ones take its defaults) and ``mask_resolution`` defaults to the loss's.
+    ``loss``: the criterion's options ``weight_class`` ... ``weight_dice`` (see `COST_TERMS`),
+    ``focal_alpha``, ``focal_gamma`` and ``mask_resolution``. ``costs`` null or empty: the costs
+    equal the loss weights and the matcher shares the loss's focal parameters and mask resolution.
+    Otherwise ``costs`` holds `HungarianMatcher` keywords (unset ones take its defaults) and
+    ``mask_resolution`` defaults to the loss's.
     """
     if not costs:
-        return HungarianMatcher(
-            cost_class=weight_class,
-            cost_bbox=weight_bbox,
-            cost_giou=weight_giou,
-            cost_mask=weight_mask,
-            cost_dice=weight_dice,
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            mask_resolution=mask_resolution,
-        )
-    return HungarianMatcher(**{"mask_resolution": mask_resolution, **dict(costs)})
+        shared = {key: loss[key] for key in ("focal_alpha", "focal_gamma", "mask_resolution")}
+        return HungarianMatcher(**{f"cost_{term}": loss[f"weight_{term}"] for term in COST_TERMS}, **shared)
+    return HungarianMatcher(**{"mask_resolution": loss["mask_resolution"], **dict(costs)})
