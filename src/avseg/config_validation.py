@@ -46,7 +46,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avseg.data.layout import LAYOUTS, SPLITS
+from avseg.data.layout import LAYOUTS, SPLITS, SUBSET_MEMBERS
 from avseg.data.perturb import PERTURBATIONS
 from avseg.errors import ConfigError
 from avseg.models.build import check_model_options
@@ -54,8 +54,8 @@ from avseg.models.options import Problem, boolean, int_at_least, is_int, is_numb
 
 __all__ = ["validate_config", "config_problems", "SUBSETS", "CLIP_LENGTH", "OBJECT_CLASSES", "METADATA_CSV"]
 
-# The AVSBench subsets (avseg.data.layout) and "avs" (S4 + MS3 together, a binary task like S4).
-_SUBSET_LAYOUTS = {**LAYOUTS, "avs": LAYOUTS["s4"]}
+# The subsets a data config names (avseg.data.layout), each with the layout of its first tree.
+_SUBSET_LAYOUTS = {name: LAYOUTS[members[0]] for name, members in SUBSET_MEMBERS.items()}
 SUBSETS = tuple(_SUBSET_LAYOUTS)
 # frames per clip (T) and object classes of the class head (no background logit) per subset
 CLIP_LENGTH = {name: layout.num_frames for name, layout in _SUBSET_LAYOUTS.items()}
@@ -73,6 +73,8 @@ _COMPONENTS = {
     "model.fusion": "avseg.models.fusion.AudioVisualFusion",
     "model.decoder": "avseg.models.decoder.SemanticGuidedDecoder",
     "model.loss": "avseg.models.criterion.SetCriterion",
+    "data": "avseg.lit.datamodule.AVSDataModule",
+    "model": "avseg.lit.module.AVSLitModule",
 }
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 
@@ -163,10 +165,9 @@ def _existing_file(r: _Reader, key: str, value: Any, what: str) -> None:
 
 
 def _subset(r: _Reader) -> str | None:
+    """``data.subset`` when it is one (the data module's check reports it otherwise)."""
     subset = r.get("data.subset")
-    if subset is _ABSENT:
-        return None
-    return subset if _one_of(r, "data.subset", subset, SUBSETS) else None
+    return subset if subset in SUBSETS and isinstance(subset, str) else None
 
 
 def _options(r: _Reader, key: str) -> dict[str, Any]:
@@ -182,15 +183,20 @@ def _check_component(r: _Reader, key: str, **shared: Any) -> None:
     """The component's own ``check_options`` on the section ``key`` (its ``_target_``, or the
     default class of `_COMPONENTS`); a target that does not import is left to the builder."""
     options = _options(r, key)
-    target = options.pop("_target_", _COMPONENTS[key])
+    check = _component_check(options.pop("_target_", _COMPONENTS[key]))
+    r.problems.extend(problem.line() for problem in check(options, **shared))
+
+
+def _component_check(target: Any) -> Callable[..., list[Problem]]:
+    """The ``check_options`` of the class ``target`` names (a `_COMPONENTS` key: its default
+    class); no check when it has none or does not import (left to the builder)."""
     try:
         from hydra.utils import get_class
 
-        check = getattr(get_class(str(target)), "check_options", None)
+        check = getattr(get_class(str(_COMPONENTS.get(target, target))), "check_options", None)
     except Exception:  # noqa: BLE001 - hydra wraps import failures in several types; the builder names them
-        return
-    if check is not None:
-        r.problems.extend(problem.line() for problem in check(options, **shared))
+        check = None
+    return check if check is not None else lambda options, **shared: []
 
 
 def _check_model(r: _Reader, subset: str | None) -> None:
@@ -202,7 +208,7 @@ def _check_model(r: _Reader, subset: str | None) -> None:
     dim = model["dim"]
     dim_ok = not any(problem.key == "model.dim" for problem in problems) and dim is not _ABSENT
     for key in _COMPONENTS:
-        if r.has(key):
+        if key.startswith("model.") and r.has(key):
             _check_component(r, key, **({"dim": dim if dim_ok else None} if key == "model.decomposition" else {}))
 
     num_classes = r.get("model.num_classes")
@@ -252,16 +258,14 @@ def _check_model(r: _Reader, subset: str | None) -> None:
         if audio_input == "log_mel" and audio_source == "embeddings":
             r.add("data.audio_source", audio_source, "wav | pkl (model.audio_encoder.input=log_mel)")
 
-    fpb = r.get("model.metric.frames_per_batch")
-    if fpb is not _ABSENT and fpb is not None:
-        frames = CLIP_LENGTH.get(subset) if subset else None
-        if not is_int(fpb) or fpb < 1 or (frames is not None and fpb % frames):
-            allowed = (
-                f"a positive multiple of the clip length T={frames}"
-                if frames
-                else "a positive multiple of the clip length T"
-            )
-            r.add("model.metric.frames_per_batch", fpb, f"null (eval batch x T) or {allowed}")
+    # the module's own checks (scheduler, metric), then frames_per_batch against the clip length
+    own = {name: r.get(f"model.{name}", None) for name in ("scheduler", "metric")}
+    own_problems = _component_check(r.get("model._target_", "model"))(own)
+    r.problems.extend(problem.line() for problem in own_problems)
+    fpb, frames = (own["metric"] or {}).get("frames_per_batch"), CLIP_LENGTH.get(subset) if subset else None
+    if not own_problems and is_int(fpb) and frames and fpb % frames:
+        allowed = f"null (eval batch x T) or a positive multiple of the clip length T={frames}"
+        r.add("model.metric.frames_per_batch", fpb, allowed)
 
 
 def _check_data_root(r: _Reader, key: str, root: Any, subset: str) -> None:
@@ -298,11 +302,7 @@ def _check_data(r: _Reader, subset: str | None) -> None:
     root = r.get("data.root", None)
     roots = r.get("data.roots", None)
     if synth not in (_ABSENT, None):
-        if not isinstance(synth, Mapping):
-            r.add("data.synth", synth, "null (real data) or a mapping of SynthAVS options")
-        else:
-            if synth.get("cache_dir") is None:
-                r.problems.append("data.synth.cache_dir=None: allowed: a folder where generated trees are cached")
+        if isinstance(synth, Mapping):
             _int_at_least(r, "data.synth.image_size", synth.get("image_size", _ABSENT), 8)
             _int_at_least(r, "data.synth.num_classes", synth.get("num_classes", _ABSENT), 1)
             clips = synth.get("clips_per_split", _ABSENT)
@@ -310,8 +310,6 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 isinstance(clips, Mapping) and all(is_int(v) and v >= 1 for v in clips.values())
             ):
                 r.add("data.synth.clips_per_split", clips, "a mapping train/val/test -> an integer >= 1")
-        if root not in (_ABSENT, None) or roots not in (_ABSENT, None):
-            r.problems.append("data.root / data.roots: allowed: null when data.synth is set (the tree is generated)")
         pkl_allowed = subset is not None and "pkl" in AUDIO_SOURCES[subset]
         if (
             pkl_allowed
@@ -324,20 +322,15 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 "pkl",
                 "wav | embeddings, or set data.synth.write_pkl=true (SynthAVS writes no .pkl otherwise)",
             )
-    elif subset is not None:
-        if subset == "avs":
-            if root not in (_ABSENT, None):
-                r.add("data.root", root, "null for data.subset=avs (it reads data.roots.s4 and data.roots.ms3)")
-            if not isinstance(roots, Mapping) or set(roots) != {"s4", "ms3"}:
-                r.add("data.roots", roots, "a mapping with exactly the keys s4 and ms3")
-            else:
-                for member in ("s4", "ms3"):
-                    _check_data_root(r, f"data.roots.{member}", roots[member], member)
+    elif subset is not None:  # the named roots exist (which ones the subset needs: the data module's check)
+        members = SUBSET_MEMBERS[subset]
+        if len(members) == 1:
+            named = {"data.root": (root, subset)} if root not in (_ABSENT, None) else {}
         else:
-            if roots not in (_ABSENT, None):
-                r.add("data.roots", roots, f"null for data.subset={subset} (use data.root)")
-            if root is not _ABSENT:
-                _check_data_root(r, "data.root", root, subset)
+            complete = isinstance(roots, Mapping) and set(roots) == set(members)
+            named = {f"data.roots.{m}": (roots[m], m) for m in members} if complete else {}
+        for key, (folder, member) in named.items():
+            _check_data_root(r, key, folder, member)
 
     if subset is not None:
         audio_source = r.get("data.audio_source")
@@ -356,21 +349,15 @@ def _check_data(r: _Reader, subset: str | None) -> None:
                 )
     _one_of(r, "data.mask_source", r.get("data.mask_source"), MASK_SOURCES)
     _int_at_least(r, "data.image_size", r.get("data.image_size"), 8)
-    _int_at_least(r, "data.batch_size", r.get("data.batch_size"), 1)
-    _int_at_least(r, "data.eval_batch_size", r.get("data.eval_batch_size"), 1, nullable=True)
-    _int_at_least(r, "data.num_workers", r.get("data.num_workers"), 0)
+    # the data module's own checks (subset, root / roots / synth, sizes, repeats)
+    keys = ("subset", "batch_size", "eval_batch_size", "num_workers", "repeats")
+    own = {name: r.get(f"data.{name}") for name in keys} | {"root": root, "roots": roots, "synth": synth}
+    own = {name: value for name, value in own.items() if value is not _ABSENT}
+    r.problems.extend(problem.line() for problem in _component_check(r.get("data._target_", "data"))(own))
     if r.get("data.num_workers", 0) == 0 and r.get("data.persistent_workers", False) is True:
         r.add("data.persistent_workers", True, "false when data.num_workers=0 (there are no workers to keep)")
     if r.get("data.num_workers", 0) == 0 and r.get("data.prefetch_factor", None) not in (None, _ABSENT):
         r.add("data.prefetch_factor", r.get("data.prefetch_factor"), "null when data.num_workers=0")
-    repeats = r.get("data.repeats", None)
-    if repeats not in (_ABSENT, None):
-        if (
-            not isinstance(repeats, Mapping)
-            or not all(is_int(v) and v >= 0 for v in repeats.values())
-            or not any(repeats.values())
-        ):
-            r.add("data.repeats", repeats, "null or a mapping subset -> an integer >= 0, not all 0")
 
 
 _EXTRA_ACCELERATORS = ("auto", "gpu")

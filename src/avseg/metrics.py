@@ -27,6 +27,7 @@ scores from integer counts in float64.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -100,7 +101,38 @@ def _nan_to_zero(values: Tensor) -> Tensor:
     return torch.where(torch.isnan(values), torch.zeros_like(values), values)
 
 
-class BinaryAVSMetric(Metric):
+class _FrameMetric(Metric):
+    """What the AVSBench metrics share: frames scored in ``frame_index`` order (see the module
+    docstring), list states concatenated across ranks, and the class flags."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, *, states: Sequence[str], **kwargs: Any) -> None:
+        """``states``: the list states besides ``frame_index``; ``kwargs``: torchmetrics ``Metric`` options."""
+        super().__init__(**kwargs)
+        for name in ("frame_index", *states):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def _batch_frame_index(self, logits: Tensor, frame_index: Tensor | None) -> Tensor | None:
+        """The indices [N] of the batch's frames (`_as_frame_index`), None for an empty batch;
+        rejects NaN ``logits`` [N, ...]."""
+        index = _as_frame_index(frame_index, logits.shape[0], logits.device)
+        if logits.shape[0] == 0:
+            return None
+        if bool(torch.isnan(logits).any()):
+            raise ValueError(f"{type(self).__name__}: logits contain NaN")
+        return index
+
+    def _scoring_order(self) -> Tensor:
+        """`_order_frames` of the gathered ``frame_index``; raises when no frame was given."""
+        if _is_empty(self.frame_index):
+            raise ValueError(f"{type(self).__name__}.compute(): no frames were given to update()")
+        return _order_frames(dim_zero_cat(self.frame_index))
+
+
+class BinaryAVSMetric(_FrameMetric):
     """S4 / MS3 metrics: M_J (``miou``), the per-batch M_F (``fscore``) and ``fscore_global``.
 
     ``update(logits [N, H, W], target [N, H, W] (0 / 1), frame_index [N] long | None)``.
@@ -115,26 +147,17 @@ class BinaryAVSMetric(Metric):
         non-empty ground truth (independent of the batch size; 0 when there are none).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
     def __init__(self, *, frames_per_batch: int = 20, **kwargs: Any) -> None:
         """
         Args:
             frames_per_batch: frames per official test batch (4 clips x 5 frames for S4 / MS3).
             **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
         """
-        super().__init__(**kwargs)
         if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
             raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
+        # true_pos / pred_pos: [N * 255] flattened (1-D keeps DDP gathering uniform, see the module docstring)
+        super().__init__(states=("frame_iou", "gt_pixels", "true_pos", "pred_pos"), **kwargs)
         self.frames_per_batch = frames_per_batch
-        self.add_state("frame_index", default=[], dist_reduce_fx="cat")
-        self.add_state("frame_iou", default=[], dist_reduce_fx="cat")
-        self.add_state("gt_pixels", default=[], dist_reduce_fx="cat")
-        # [N * 255] flattened (1-D keeps DDP gathering uniform, see the module docstring).
-        self.add_state("true_pos", default=[], dist_reduce_fx="cat")
-        self.add_state("pred_pos", default=[], dist_reduce_fx="cat")
 
     def update(self, logits: Tensor, target: Tensor, frame_index: Tensor | None = None) -> None:
         if logits.dim() != 3:
@@ -143,12 +166,10 @@ class BinaryAVSMetric(Metric):
             raise ValueError(f"BinaryAVSMetric: target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise ValueError(f"BinaryAVSMetric: logits must be floating point, got {logits.dtype}")
-        num_frames = logits.shape[0]
-        index = _as_frame_index(frame_index, num_frames, logits.device)
-        if num_frames == 0:
+        index = self._batch_frame_index(logits, frame_index)
+        if index is None:
             return
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("BinaryAVSMetric: logits contain NaN")
+        num_frames = logits.shape[0]
         target = target.to(logits.device)
         if not bool(((target == 0) | (target == 1)).all()):
             raise ValueError("BinaryAVSMetric: target values must be 0 or 1")
@@ -190,10 +211,7 @@ class BinaryAVSMetric(Metric):
         self.pred_pos.append(pred_pos.to(torch.float64).flatten())
 
     def compute(self) -> dict[str, Tensor]:
-        if _is_empty(self.frame_index):
-            raise ValueError("BinaryAVSMetric.compute(): no frames were given to update()")
-        frame_index = dim_zero_cat(self.frame_index)
-        order = _order_frames(frame_index)
+        order = self._scoring_order()
         iou = dim_zero_cat(self.frame_iou)[order]
         gt_pixels = dim_zero_cat(self.gt_pixels)[order]
         true_pos = dim_zero_cat(self.true_pos).view(-1, NUM_FSCORE_THRESHOLDS)[order]
@@ -223,7 +241,7 @@ class BinaryAVSMetric(Metric):
         }
 
 
-class SemanticAVSMetric(Metric):
+class SemanticAVSMetric(_FrameMetric):
     """AVSS metrics: the official per-class mIoU (``miou``) and F-score (``fscore``).
 
     ``update(logits [N, C, H, W] class scores, target [N, H, W] class indices, frame_index [N] |
@@ -234,23 +252,17 @@ class SemanticAVSMetric(Metric):
     ``S / cnt`` with NaN -> 0, so a class that never occurs counts as 0.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
     def __init__(self, *, num_classes: int = 71, **kwargs: Any) -> None:
         """
         Args:
             num_classes: classes including background (71 for AVSBench-semantic).
             **kwargs: torchmetrics ``Metric`` options.
         """
-        super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        # class_counts: [N * C * 3] flattened, per frame and class (I, P, G)
+        super().__init__(states=("class_counts",), **kwargs)
         self.num_classes = num_classes
-        self.add_state("frame_index", default=[], dist_reduce_fx="cat")
-        # [N * C * 3] flattened: per frame and class (I, P, G).
-        self.add_state("class_counts", default=[], dist_reduce_fx="cat")
 
     def update(self, logits: Tensor, target: Tensor, frame_index: Tensor | None = None) -> None:
         if logits.dim() != 4 or logits.shape[1] != self.num_classes:
@@ -266,12 +278,10 @@ class SemanticAVSMetric(Metric):
             raise ValueError(f"SemanticAVSMetric: logits must be floating point, got {logits.dtype}")
         if target.is_floating_point():
             raise ValueError(f"SemanticAVSMetric: target must hold integer class indices, got {target.dtype}")
-        num_frames = logits.shape[0]
-        index = _as_frame_index(frame_index, num_frames, logits.device)
-        if num_frames == 0:
+        index = self._batch_frame_index(logits, frame_index)
+        if index is None:
             return
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("SemanticAVSMetric: logits contain NaN")
+        num_frames = logits.shape[0]
         target = target.to(logits.device).long()
         low, high = torch.aminmax(target)
         if int(low) < 0 or int(high) >= self.num_classes:
@@ -297,10 +307,7 @@ class SemanticAVSMetric(Metric):
         self.class_counts.append(counts.to(torch.float64).flatten())
 
     def compute(self) -> dict[str, Tensor]:
-        if _is_empty(self.frame_index):
-            raise ValueError("SemanticAVSMetric.compute(): no frames were given to update()")
-        frame_index = dim_zero_cat(self.frame_index)
-        order = _order_frames(frame_index)
+        order = self._scoring_order()
         counts = dim_zero_cat(self.class_counts).view(-1, self.num_classes, 3)[order]
         intersection, predicted, actual = counts.unbind(-1)  # [N, C] each
         union = predicted + actual - intersection

@@ -123,30 +123,34 @@ class SubsetLayout:
         )
 
 
+def _binary_layout(
+    name: str, *, metadata_csv: str, csv_header: tuple[str, ...], columns: dict[str, int | None]
+) -> SubsetLayout:
+    """S4 and MS3: binary masks, clips named by the `name` column under `<name>_data/`, T = 5 seconds
+    with the last log-mel example repeated to fit."""
+    return SubsetLayout(
+        name=name,
+        metadata_csv=metadata_csv,
+        csv_header=csv_header,
+        columns=columns,
+        key="name",
+        num_frames=5,
+        fit_mode="repeat_last",
+        semantic=False,
+        num_mask_classes=2,
+        data_dirs=(f"{name}_data",),
+    )
+
+
 LAYOUTS: dict[str, SubsetLayout] = {
-    "s4": SubsetLayout(
-        name="s4",
+    "s4": _binary_layout(
+        "s4",
         metadata_csv="s4_meta_data.csv",
         csv_header=("name", "start", "category", "split"),
         columns={"name": 0, "category": 2, "split": 3},
-        key="name",
-        num_frames=5,
-        fit_mode="repeat_last",
-        semantic=False,
-        num_mask_classes=2,
-        data_dirs=("s4_data",),
     ),
-    "ms3": SubsetLayout(
-        name="ms3",
-        metadata_csv="ms3_meta_data.csv",
-        csv_header=("video_id", "split"),
-        columns={"name": 0, "split": 1},
-        key="name",
-        num_frames=5,
-        fit_mode="repeat_last",
-        semantic=False,
-        num_mask_classes=2,
-        data_dirs=("ms3_data",),
+    "ms3": _binary_layout(
+        "ms3", metadata_csv="ms3_meta_data.csv", csv_header=("video_id", "split"), columns={"name": 0, "split": 1}
     ),
     "avss": SubsetLayout(
         name="avss",
@@ -165,6 +169,9 @@ LAYOUTS: dict[str, SubsetLayout] = {
     ),
 }
 SUBSETS: tuple[str, ...] = tuple(LAYOUTS)
+# the subsets a data config names and the AVSBench trees each reads: every subset alone, and "avs"
+# (S4 and MS3 trained together, a binary task like S4)
+SUBSET_MEMBERS: dict[str, tuple[str, ...]] = {**{name: (name,) for name in LAYOUTS}, "avs": ("s4", "ms3")}
 
 
 def get_layout(subset: str) -> SubsetLayout:

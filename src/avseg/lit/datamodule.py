@@ -25,11 +25,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from avseg.data.avsbench import DATASETS, AudioTransform, AVSBenchDataset
 from avseg.data.collate import collate_clips
+from avseg.data.layout import LAYOUTS, SUBSET_MEMBERS
 from avseg.errors import ConfigError
 from avseg.lit.sampler import ResumableDataLoader
+from avseg.models.options import Problem, at_least, choice, int_at_least, is_int, present, raise_first
 
 # subset name -> the AVSBench subsets it is made of
-MEMBERS: dict[str, tuple[str, ...]] = {"s4": ("s4",), "ms3": ("ms3",), "avss": ("avss",), "avs": ("s4", "ms3")}
+MEMBERS = SUBSET_MEMBERS
 
 
 def _plain(value: Any) -> Any:
@@ -41,6 +43,42 @@ def _plain(value: Any) -> Any:
 
 def _expand(path: str | os.PathLike) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
+
+
+def _source_problems(options: Mapping[str, Any]) -> list[Problem]:
+    """Where the data comes from, among the ``root`` / ``roots`` / ``synth`` options present: a
+    generated tree (``synth`` with a ``cache_dir``; root and roots null), or the one root of s4 /
+    ms3 / avss, or the roots of each member of avs."""
+    root, roots, synth = options.get("root"), options.get("roots"), options.get("synth")
+    subset = options.get("subset")
+    members = MEMBERS.get(subset, ()) if isinstance(subset, str) else ()
+    problems = []
+    if synth is not None:
+        if not isinstance(synth, Mapping):
+            problems.append(Problem("data.synth", synth, "null (real data) or a mapping of SynthAVS options"))
+        elif synth.get("cache_dir") is None:
+            problems.append(Problem("data.synth.cache_dir", None, "a folder where generated trees are cached"))
+        generated = "null when data.synth is set (the tree is generated)"
+        problems += [
+            Problem(f"data.{key}", value, generated)
+            for key, value in (("root", root), ("roots", roots))
+            if value is not None
+        ]
+    elif len(members) == 1:
+        if roots is not None:
+            problems.append(Problem("data.roots", roots, f"null for data.subset={subset} (use data.root)"))
+        if "root" in options and root is None:
+            csv = LAYOUTS[subset].metadata_csv
+            problems.append(
+                Problem("data.root", None, f"the folder holding {csv} (real data), or a data=synth_* config")
+            )
+    elif members:
+        names = " and ".join(f"data.roots.{name}" for name in members)
+        if root is not None:
+            problems.append(Problem("data.root", root, f"null for data.subset={subset} (it reads {names})"))
+        if "roots" in options and (not isinstance(roots, Mapping) or set(roots) != set(members)):
+            problems.append(Problem("data.roots", roots, f"a mapping with exactly the keys {' and '.join(members)}"))
+    return problems
 
 
 class _EpochSyncedLoader(ResumableDataLoader):
@@ -111,48 +149,26 @@ class AVSDataModule(LightningDataModule):
         test_sets: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if subset not in MEMBERS:
-            raise ConfigError(f"data.subset must be one of {list(MEMBERS)}, got {subset!r}")
+        roots, repeats, synth = _plain(roots), _plain(repeats), _plain(synth)
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "num_workers": num_workers}
+        sources = {"root": root, "roots": roots, "synth": synth}
+        raise_first(self.check_options({"subset": subset, "repeats": repeats, **sizes, **sources}))
         self.subset = subset
         self.members: tuple[str, ...] = MEMBERS[subset]
-        roots, repeats, synth = _plain(roots), _plain(repeats), _plain(synth)
         self.synth_options: dict[str, Any] | None = None
+        self._roots: dict[str, Path] | None = None
         if synth is not None:
-            if root is not None or roots is not None:
-                raise ConfigError("data.synth is set: data.root / data.roots must be null (the tree is generated)")
             synth = dict(synth)
-            if "cache_dir" not in synth or synth["cache_dir"] is None:
-                raise ConfigError("data.synth.cache_dir is required (where generated trees are cached)")
             self.synth_cache_dir = _expand(synth.pop("cache_dir"))
             self.synth_options = synth
-            self._roots: dict[str, Path] | None = None
-        elif len(self.members) == 1:
-            if roots is not None:
-                raise ConfigError(f"data.roots is for subset 'avs'; use data.root for {subset!r}")
-            if root is None:
-                raise ConfigError(f"data.root is required for subset {subset!r} (the folder holding its metadata CSV)")
+        elif root is not None:
             self._roots = {subset: _expand(root)}
         else:
-            if root is not None:
-                raise ConfigError("subset 'avs' reads two trees: set data.roots.s4 and data.roots.ms3, not data.root")
-            if roots is None or set(roots) != set(self.members):
-                raise ConfigError(f"data.roots must have exactly the keys {list(self.members)}, got {roots!r}")
             self._roots = {name: _expand(roots[name]) for name in self.members}
         repeats = dict(repeats) if repeats is not None else {}
-        unknown = sorted(set(repeats) - set(self.members))
-        if unknown:
-            raise ConfigError(f"data.repeats: unknown subsets {unknown}; allowed {list(self.members)}")
         self.repeats = {name: int(repeats.get(name, 1)) for name in self.members}
-        if any(r < 0 for r in self.repeats.values()) or sum(self.repeats.values()) == 0:
-            raise ConfigError(f"data.repeats must be >= 0 and not all 0, got {self.repeats}")
         self.val_set_names = self._eval_names(val_sets, "val_sets")
         self.test_set_names = self._eval_names(test_sets, "test_sets")
-        if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
-            raise ConfigError(
-                f"data.batch_size / eval_batch_size must be positive, got {batch_size} / {eval_batch_size}"
-            )
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
 
         first = DATASETS[self.members[0]]
         self.num_frames: int = first.num_frames
@@ -183,11 +199,40 @@ class AVSDataModule(LightningDataModule):
         self.test_datasets: dict[str, AVSBenchDataset] = {}
         self.train_dataset: Dataset | None = None
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``data`` options ``options`` holds that concern this module alone
+        (absent ones are not checked): ``subset``, where the data comes from (``root``, ``roots``,
+        ``synth``: `_source_problems`), sizes and ``repeats`` (read with the members of ``subset``
+        when it is known; a member not named repeats once). Run by the constructor and, before any
+        data is read, by `avseg.config_validation` (which checks that the roots exist)."""
+        checks = {
+            "subset": choice(tuple(MEMBERS)),
+            "batch_size": at_least(1),
+            "eval_batch_size": lambda key, value: int_at_least(key, value, 1, nullable=True),
+            "num_workers": at_least(0),
+        }
+        problems = present(options, checks, "data.") + _source_problems(options)
+        repeats = options.get("repeats")
+        if repeats is not None:
+            members = MEMBERS.get(options.get("subset"), ())
+            ok = isinstance(repeats, Mapping) and all(is_int(v) and v >= 0 for v in repeats.values())
+            if ok and members:
+                ok = set(repeats) <= set(members) and any(repeats.get(name, 1) for name in members)
+            if not ok:
+                allowed = "null or a mapping subset -> an integer >= 0, not all 0"
+                problems.append(
+                    Problem("data.repeats", repeats, allowed + (f" (subsets {list(members)})" if members else ""))
+                )
+        return problems
+
     def _eval_names(self, names: Sequence[str] | None, key: str) -> list[str]:
         names = list(_plain(names)) if names is not None else list(self.members)
         unknown = [n for n in names if n not in self.members]
-        if unknown or not names:
-            raise ConfigError(f"data.{key} must be a non-empty list of {list(self.members)}, got {names}")
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"data.{key} must be a non-empty list of distinct names from {list(self.members)}, got {names}"
+            )
         return names
 
     # -- roots ------------------------------------------------------------------------------------

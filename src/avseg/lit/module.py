@@ -44,10 +44,15 @@ from avseg.lit.compilation import compile_network, compile_options
 from avseg.metrics import BinaryAVSMetric, SemanticAVSMetric
 from avseg.models.build import build_qdformer
 from avseg.models.criterion import SetCriterion
+from avseg.models.options import Problem, choice, int_at_least, present
 
 __all__ = ["AVSLitModule", "NonFiniteLossError"]
 
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
+# the arguments that go to `build_qdformer`, and those read here, in the order they are stored
+NETWORK_SECTIONS = ("backbone", "audio_encoder", "decomposition", "fusion", "decoder")
+NETWORK_KEYS = ("dim", "num_classes", "init_from", "ms_deform_backend", "aux_loss", *NETWORK_SECTIONS)
+TRAINING_KEYS = ("semantic", "loss", "matcher", "optim", "scheduler", "metric", "skip_nonfinite", "compile")
 
 _DEFAULT_OPTIM = {"lr": 1e-4, "backbone_lr": 5e-5, "weight_decay": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8}
 _DEFAULT_SCHEDULER = {"type": "step", "milestones": [], "gamma": 0.1, "interval": "epoch"}
@@ -81,6 +86,21 @@ def _merged(defaults: dict[str, Any], given: Any, key: str) -> dict[str, Any]:
 
 class AVSLitModule(LightningModule):
     """QDFormer + set criterion + official AVSBench metrics. See the module docstring for the keys."""
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
+        """The problems of the ``model.scheduler`` and ``model.metric`` values ``options`` holds
+        (absent ones are not checked); run by the constructor and, at start-up, by
+        `avseg.config_validation` (which adds the clip-length check of ``frames_per_batch``)."""
+        sections = {
+            "scheduler": {"type": choice(("step", "none")), "interval": choice(("epoch", "step"))},
+            "metric": {"frames_per_batch": lambda key, value: int_at_least(key, value, 1, nullable=True)},
+        }
+        problems: list[Problem] = []
+        for name, checks in sections.items():
+            if isinstance(options.get(name), Mapping):
+                problems += present(options[name], checks, f"model.{name}.")
+        return problems
 
     def __init__(
         self,
@@ -119,30 +139,10 @@ class AVSLitModule(LightningModule):
         unknown = sorted(set(hydra_keys) - set(_HYDRA_KEYS))
         if unknown:
             raise TypeError(f"AVSLitModule got unexpected keyword arguments {unknown}")
-        net_cfg = {
-            "dim": dim,
-            "num_classes": num_classes,
-            "init_from": init_from,
-            "ms_deform_backend": ms_deform_backend,
-            "aux_loss": aux_loss,
-            "backbone": backbone,
-            "audio_encoder": audio_encoder,
-            "decomposition": decomposition,
-            "fusion": fusion,
-            "decoder": decoder,
-        }
-        training = {
-            "semantic": semantic,
-            "loss": loss,
-            "matcher": matcher,
-            "optim": optim,
-            "scheduler": scheduler,
-            "metric": metric,
-            "skip_nonfinite": skip_nonfinite,
-            "compile": compile,
-        }
+        arguments = locals()
+        net_cfg = {key: arguments[key] for key in NETWORK_KEYS}
         # plain values only, so that load_from_checkpoint / load_trained rebuild without Hydra
-        self.save_hyperparameters({key: _plain(value) for key, value in {**net_cfg, **training}.items()})
+        self.save_hyperparameters({key: _plain(arguments[key]) for key in (*NETWORK_KEYS, *TRAINING_KEYS)})
         num_classes = int(num_classes)
         self.semantic = bool(num_classes > 1 if semantic is None else semantic)
         if self.semantic and num_classes + 1 != NUM_AVSS_CLASSES:
@@ -152,16 +152,13 @@ class AVSLitModule(LightningModule):
             )
         self.optim_cfg = _merged(_DEFAULT_OPTIM, _plain(optim), "optim")
         self.scheduler_cfg = _merged(_DEFAULT_SCHEDULER, _plain(scheduler), "scheduler")
-        if self.scheduler_cfg["type"] not in ("step", "none"):
-            raise ConfigError(f"model.scheduler.type={self.scheduler_cfg['type']!r}: allowed values are step | none")
-        if self.scheduler_cfg["interval"] not in ("epoch", "step"):
-            raise ConfigError(
-                f"model.scheduler.interval={self.scheduler_cfg['interval']!r}: allowed values are epoch | step"
-            )
+        self.metric_cfg = _merged(_DEFAULT_METRIC, _plain(metric), "metric")
+        problems = self.check_options({"scheduler": self.scheduler_cfg, "metric": self.metric_cfg})
+        if problems:
+            raise ConfigError(problems[0].line())
         for key in ("lr", "backbone_lr"):
             if not float(self.optim_cfg[key]) >= 0:
                 raise ConfigError(f"model.optim.{key}={self.optim_cfg[key]}: must be >= 0")
-        self.metric_cfg = _merged(_DEFAULT_METRIC, _plain(metric), "metric")
         self.skip_nonfinite = bool(skip_nonfinite)
 
         self.net = build_qdformer(net_cfg)
@@ -174,10 +171,6 @@ class AVSLitModule(LightningModule):
         )
 
         fpb = self.metric_cfg["frames_per_batch"]
-        if fpb is not None and (isinstance(fpb, bool) or not isinstance(fpb, int) or fpb < 1):
-            raise ConfigError(
-                f"model.metric.frames_per_batch={fpb!r}: a positive int, or null (eval batch x clip length)"
-            )
         self.frames_per_batch = 20 if fpb is None else int(fpb)
         self.val_set_names: list[str] = ["val"]
         self.test_set_names: list[str] = ["test"]
@@ -217,10 +210,8 @@ class AVSLitModule(LightningModule):
         )
 
     def configure_eval_sets(self, *, val: list[str], test: list[str]) -> None:
-        """One metric per validation / test data loader (the data module returns them in this order)."""
-        for key, names in (("val_sets", val), ("test_sets", test)):
-            if len(set(names)) != len(names) or not names:
-                raise ConfigError(f"data.{key}={names}: must be unique and non-empty")
+        """One metric per validation / test data loader (the data module returns them in this order;
+        it checks ``data.val_sets`` / ``data.test_sets``)."""
         self.val_set_names, self.test_set_names = list(val), list(test)
         self.val_metrics = torch.nn.ModuleDict({name: self._new_metric() for name in val}).to(self.device)
         self.test_metrics = torch.nn.ModuleDict({name: self._new_metric() for name in test}).to(self.device)
@@ -294,22 +285,11 @@ class AVSLitModule(LightningModule):
             term = name.removeprefix("loss_")
             self.log(f"train/{term}", value.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         quant = outputs.get("quant") or {}
-        if "perplexity" in quant:
-            self.log(
-                "train/codebook_perplexity",
-                quant["perplexity"].detach().float(),
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch_size,
-            )
-        if "dead_codes" in quant:
-            self.log(
-                "train/codebook_dead",
-                quant["dead_codes"].detach().float(),
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch_size,
-            )
+        for key, name in (("perplexity", "codebook_perplexity"), ("dead_codes", "codebook_dead")):
+            if key in quant:
+                self.log(
+                    f"train/{name}", quant[key].detach().float(), on_step=True, on_epoch=False, batch_size=batch_size
+                )
         usage = quant.get("usage")
         if isinstance(usage, Tensor) and usage.numel() > 0:
             usage = usage.detach().float()
@@ -427,13 +407,12 @@ class AVSLitModule(LightningModule):
             if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape
         ]
         if mismatched or (strict and (missing or unexpected)):
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-            if mismatched:
-                parts.append(f"{len(mismatched)} keys of another shape (e.g. {'; '.join(mismatched[:3])})")
+            groups = (
+                ("missing keys", missing, ", "),
+                ("unexpected keys", unexpected, ", "),
+                ("keys of another shape", mismatched, "; "),
+            )
+            parts = [f"{len(keys)} {what} (e.g. {sep.join(keys[:3])})" for what, keys, sep in groups if keys]
             raise CheckpointError(
                 self.checkpoint_source or "checkpoint",
                 "its weights do not fit this model config (trained with another model config?): " + ", ".join(parts),

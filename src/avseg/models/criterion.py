@@ -196,17 +196,8 @@ class SetCriterion(nn.Module):
         options = {f"weight_{name.removeprefix('loss_')}": value for name, value in weights.items()}
         raise_first(self.check_options({**options, "mask_resolution": mask_resolution, "match_level": match_level}))
         if matcher is None or isinstance(matcher, Mapping):
-            matcher = build_matcher(
-                matcher,
-                weight_class=weight_class,
-                weight_bbox=weight_bbox,
-                weight_giou=weight_giou,
-                weight_mask=weight_mask,
-                weight_dice=weight_dice,
-                focal_alpha=focal_alpha,
-                focal_gamma=focal_gamma,
-                mask_resolution=mask_resolution,
-            )
+            focal = {"focal_alpha": focal_alpha, "focal_gamma": focal_gamma}
+            matcher = build_matcher(matcher, loss={**options, **focal, "mask_resolution": mask_resolution})
         if matcher.mask_resolution != mask_resolution:
             raise ConfigError(
                 f"criterion.mask_resolution={mask_resolution!r} but the matcher uses {matcher.mask_resolution!r}: "

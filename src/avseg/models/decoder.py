@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
+from avseg.models.layers.deformable import DeformableLayerSpec, post_norm_ffn
 from avseg.models.layers.mlp import MLP
 from avseg.models.options import Problem, choice, present, raise_first
 
@@ -40,19 +40,13 @@ class DeformableDecoderLayer(nn.Module):
     """Deformable DETR decoder layer; key names (``cross_attn``, ``norm1``, ``self_attn``,
     ``norm2``, ``linear1``, ``linear2``, ``norm3``) match Deformable DETR / ReferFormer."""
 
-    def __init__(
-        self, *, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int, backend: str
-    ) -> None:
+    def __init__(self, *, spec: DeformableLayerSpec) -> None:
         super().__init__()
-        self.cross_attn, self.dropout1, self.norm1 = deformable_attention_parts(
-            dim=dim, dropout=dropout, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
-        )
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.linear1, self.linear2, self.dropout3, self.dropout4, self.norm3 = ffn_parts(
-            dim=dim, ffn_dim=ffn_dim, dropout=dropout
-        )
+        self.cross_attn, self.dropout1, self.norm1 = spec.attention_parts()
+        self.self_attn = nn.MultiheadAttention(spec.dim, spec.num_heads, dropout=spec.dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(spec.dropout)
+        self.norm2 = nn.LayerNorm(spec.dim)
+        self.linear1, self.linear2, self.dropout3, self.dropout4, self.norm3 = spec.ffn_parts()
 
     def forward(
         self,
@@ -269,9 +263,7 @@ class SemanticGuidedDecoder(nn.Module):
         self.max_queries = max_queries
         self.box_refine = box_refine
         self.box_head = box_head
-        self.layers = layer_stack(
-            DeformableDecoderLayer,
-            num_layers,
+        spec = DeformableLayerSpec(
             dim=dim,
             ffn_dim=ffn_dim,
             dropout=dropout,
@@ -280,6 +272,7 @@ class SemanticGuidedDecoder(nn.Module):
             num_points=num_points,
             backend=ms_deform_backend,
         )
+        self.layers = spec.stack(DeformableDecoderLayer, num_layers)
         self.query_pos = nn.Embedding(max_queries, dim)
         self.extra_content = nn.Embedding(extra_queries, dim) if extra_queries > 0 else None
         self.reference_points = nn.Linear(dim, 2)

@@ -33,7 +33,8 @@ the clip's global codes as their local codes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -121,50 +122,23 @@ class PrototypeDecoderLayer(nn.Module):
 
 
 class PrototypeDecoder(nn.Module):
-    """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs)."""
+    """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs).
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_layers: int,
-        num_heads: int,
-        ffn_dim: int,
-        dropout: float = 0.0,
-        num_queries: int = 1,
-        competition: str = "none",
-        subspace_values: bool = False,
-    ) -> None:
+    ``layer``: builds one layer (e.g. a ``functools.partial`` of `PrototypeDecoderLayer`); called
+    ``num_layers`` times, one layer after the other."""
+
+    def __init__(self, *, dim: int, num_layers: int, layer: Callable[[], PrototypeDecoderLayer]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            PrototypeDecoderLayer(
-                dim=dim,
-                num_heads=num_heads,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_queries=num_queries,
-                competition=competition,
-                subspace_values=subspace_values,
-            )
-            for _ in range(num_layers)
-        )
+        self.layers = nn.ModuleList(layer() for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(
-        self,
-        queries: torch.Tensor,
-        memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-        query_pos: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """queries [N, K, C], memory [N, S, C], query_pos [N, K, C] | None -> ([N, K, C], last
-        layer's weights [N, K, S] | None)."""
+    def forward(self, queries: torch.Tensor, *inputs: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries [N, K, C] through every layer, each given ``inputs`` and ``options`` as
+        `PrototypeDecoderLayer.forward` takes them (memory [N, S, C], its padding mask,
+        ``need_weights``, ``query_pos``) -> ([N, K, C], the last layer's weights [N, K, S] | None)."""
         weights = None
         for layer in self.layers:
-            queries, weights = layer(
-                queries, memory, memory_padding_mask, need_weights=need_weights, query_pos=query_pos
-            )
+            queries, weights = layer(queries, *inputs, **options)
         return self.norm(queries), weights
 
 
@@ -314,9 +288,9 @@ class AudioDecomposition(nn.Module):
             # audio. N(0, 1) lets the prototype dominate: each sub-space then maps to one fixed
             # code whatever the audio (measured on the demo, docs/MODEL.md "Codebook collapse").
             self.prototypes = nn.Parameter(torch.randn(num_tokens, dim) * prototype_init_std)
-            self.decoder = PrototypeDecoder(
+            layer = partial(
+                PrototypeDecoderLayer,
                 dim=dim,
-                num_layers=num_layers,
                 num_heads=num_heads,
                 ffn_dim=ffn_dim if ffn_dim is not None else 4 * dim,
                 dropout=dropout,
@@ -324,6 +298,7 @@ class AudioDecomposition(nn.Module):
                 competition=competition,
                 subspace_values=subspace_values,
             )
+            self.decoder = PrototypeDecoder(dim=dim, num_layers=num_layers, layer=layer)
             code_dim = dim
         if variant == "none":
             self.quantizer = None

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from avseg.models.layers.attention import GATE_FORMS, GatedCrossAttention, ResidualCrossAttention
-from avseg.models.layers.deformable import deformable_attention_parts, ffn_parts, layer_stack, post_norm_ffn
+from avseg.models.layers.deformable import DeformableLayerSpec, post_norm_ffn
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.layers.mlp import FeedForward
 from avseg.models.layers.position import sine_position_2d
@@ -81,16 +81,10 @@ class DeformableEncoderLayer(nn.Module):
     ``self_attn.{sampling_offsets,attention_weights,value_proj,output_proj}``, ``norm1``,
     ``linear1``, ``linear2``, ``norm2``."""
 
-    def __init__(
-        self, *, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int, backend: str
-    ) -> None:
+    def __init__(self, *, spec: DeformableLayerSpec) -> None:
         super().__init__()
-        self.self_attn, self.dropout1, self.norm1 = deformable_attention_parts(
-            dim=dim, dropout=dropout, num_levels=num_levels, num_heads=num_heads, num_points=num_points, backend=backend
-        )
-        self.linear1, self.linear2, self.dropout2, self.dropout3, self.norm2 = ffn_parts(
-            dim=dim, ffn_dim=ffn_dim, dropout=dropout
-        )
+        self.self_attn, self.dropout1, self.norm1 = spec.attention_parts()
+        self.linear1, self.linear2, self.dropout2, self.dropout3, self.norm2 = spec.ffn_parts()
 
     def forward(
         self,
@@ -109,33 +103,12 @@ class DeformableEncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """Stack of deformable encoder layers with a learned per-level embedding (``level_embed``)."""
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_layers: int,
-        num_levels: int,
-        num_heads: int,
-        num_points: int,
-        ffn_dim: int,
-        dropout: float,
-        backend: str,
-    ) -> None:
+    def __init__(self, *, num_layers: int, spec: DeformableLayerSpec) -> None:
         super().__init__()
-        self.dim = dim
-        self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
+        self.dim = spec.dim
+        self.level_embed = nn.Parameter(torch.empty(spec.num_levels, spec.dim))
         nn.init.normal_(self.level_embed)
-        self.layers = layer_stack(
-            DeformableEncoderLayer,
-            num_layers,
-            dim=dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            num_levels=num_levels,
-            num_heads=num_heads,
-            num_points=num_points,
-            backend=backend,
-        )
+        self.layers = spec.stack(DeformableEncoderLayer, num_layers)
 
     def positions(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Sine code plus level embedding, ``[1, S, C]``."""
@@ -309,16 +282,16 @@ class AudioVisualFusion(nn.Module):
             if fpn_type != "none"
             else None
         )
-        self.encoder = DeformableEncoder(
+        spec = DeformableLayerSpec(
             dim=dim,
-            num_layers=num_encoder_layers,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
             num_levels=num_levels,
             num_heads=num_heads,
             num_points=num_points,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
             backend=ms_deform_backend,
         )
+        self.encoder = DeformableEncoder(num_layers=num_encoder_layers, spec=spec)
         self.dual_form = dual_form
         if fpn_type != "audio_dual":
             self.dual = None

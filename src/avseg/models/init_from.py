@@ -5,8 +5,8 @@ A ReferFormer checkpoint (``main.py`` / ``main_pretrain.py``) is ``{"model": sta
 ``torch.load(weights_only=True)`` and only ``argparse.Namespace`` allow-listed: no code in the
 file runs, and the ``args`` attribute bag does not make loading fail. A bare state dict also works.
 
-Every checkpoint key falls in one group (``REFERFORMER_GROUPS``, first match wins) that is either
-copied into the avseg parameter of the same meaning, or skipped with a stated reason:
+Every checkpoint key falls in one group that is either copied into the avseg parameter of the same
+meaning (``REFERFORMER_COPIED``) or skipped with a stated reason (``REFERFORMER_SKIPPED``):
 
 ========================  =========================================  ==============================
 ReferFormer               avseg                                      how
@@ -55,49 +55,41 @@ log = logging.getLogger(__name__)
 
 COPY, SKIP = "copy", "skip"
 
-# (group name, checkpoint regex, avseg template or None, action, reason when skipped)
-REFERFORMER_GROUPS: tuple[tuple[str, str, str | None, str, str], ...] = (
-    ("backbone", r"^backbone\.0\.body\.(.+)$", r"backbone.body.\1", COPY, ""),
-    ("input_proj", r"^input_proj\.(\d+)\.(.+)$", r"neck.proj.\1.\2", COPY, ""),
-    ("level_embed", r"^transformer\.level_embed$", r"fusion.encoder.level_embed", COPY, ""),
-    ("encoder", r"^transformer\.encoder\.layers\.(\d+)\.(.+)$", r"fusion.encoder.layers.\1.\2", COPY, ""),
-    (
-        "decoder box-head alias",
+
+# group name -> (checkpoint regex, avseg template): copied into the parameter of the same meaning
+REFERFORMER_COPIED: dict[str, tuple[str, str]] = {
+    "backbone": (r"^backbone\.0\.body\.(.+)$", r"backbone.body.\1"),
+    "input_proj": (r"^input_proj\.(\d+)\.(.+)$", r"neck.proj.\1.\2"),
+    "level_embed": (r"^transformer\.level_embed$", r"fusion.encoder.level_embed"),
+    "encoder": (r"^transformer\.encoder\.layers\.(\d+)\.(.+)$", r"fusion.encoder.layers.\1.\2"),
+    "decoder": (r"^transformer\.decoder\.layers\.(\d+)\.(.+)$", r"decoder.layers.\1.\2"),
+    "reference_points": (r"^transformer\.reference_points\.(.+)$", r"decoder.reference_points.\1"),
+    "box heads": (r"^bbox_embed\.(\d+)\.(.+)$", r"decoder.bbox_embed.\1.\2"),
+    "controller": (r"^controller\.(.+)$", r"decoder.mask_head.controller.\1"),
+}
+# group name -> (checkpoint regex, why it is skipped); no key matches both tables
+REFERFORMER_SKIPPED: dict[str, tuple[str, str]] = {
+    "decoder box-head alias": (
         r"^transformer\.decoder\.(bbox_embed|class_embed)\.",
-        None,
-        SKIP,
         "the same tensors as the top-level bbox_embed (ReferFormer hands its box heads to the decoder)",
     ),
-    ("decoder", r"^transformer\.decoder\.layers\.(\d+)\.(.+)$", r"decoder.layers.\1.\2", COPY, ""),
-    ("reference_points", r"^transformer\.reference_points\.(.+)$", r"decoder.reference_points.\1", COPY, ""),
-    ("box heads", r"^bbox_embed\.(\d+)\.(.+)$", r"decoder.bbox_embed.\1.\2", COPY, ""),
-    ("controller", r"^controller\.(.+)$", r"decoder.mask_head.controller.\1", COPY, ""),
-    (
-        "class head",
+    "class head": (
         r"^class_embed\.",
-        None,
-        SKIP,
         "starts fresh, as ReferFormer's fine-tuning loader does (its classes are not AVS's)",
     ),
-    (
-        "query embedding",
+    "query embedding": (
         r"^query_embed\.",
-        None,
-        SKIP,
         "ReferFormer's query slots are text-conditioned; avseg's query positions index the K audio sub-spaces",
     ),
-    ("text encoder", r"^text_encoder\.", None, SKIP, "text branch: no counterpart in an audio model"),
-    ("text resizer", r"^resizer\.", None, SKIP, "text branch: no counterpart in an audio model"),
-    ("text-visual fusion", r"^fusion_module\.", None, SKIP, "text-visual early fusion: avseg's audio fusion is new"),
-    ("text position", r"^text_pos\.", None, SKIP, "text branch: no counterpart in an audio model"),
-    (
-        "pixel decoder",
+    "text encoder": (r"^text_encoder\.", "text branch: no counterpart in an audio model"),
+    "text resizer": (r"^resizer\.", "text branch: no counterpart in an audio model"),
+    "text-visual fusion": (r"^fusion_module\.", "text-visual early fusion: avseg's audio fusion is new"),
+    "text position": (r"^text_pos\.", "text branch: no counterpart in an audio model"),
+    "pixel decoder": (
         r"^pixel_decoder\.",
-        None,
-        SKIP,
         "ReferFormer's text-conditioned FPN; avseg's FPN (with the audio-dual block) has other modules",
     ),
-)
+}
 
 # Model keys a ReferFormer checkpoint does not provide (left at their init).
 REFERFORMER_ALLOWED_MISSING: tuple[str, ...] = (
@@ -177,10 +169,13 @@ def controller_permutation(head: nn.Module) -> torch.Tensor | None:
 
 
 def _group_of(key: str) -> tuple[str, str | None, str, str] | None:
-    for name, pattern, template, action, reason in REFERFORMER_GROUPS:
+    """(group, avseg key or None, COPY | SKIP, reason) of a checkpoint key; None: no group."""
+    for name, (pattern, template) in REFERFORMER_COPIED.items():
         if re.match(pattern, key):
-            target = re.sub(pattern, template, key) if template is not None else None
-            return name, target, action, reason
+            return name, re.sub(pattern, template, key), COPY, ""
+    for name, (pattern, reason) in REFERFORMER_SKIPPED.items():
+        if re.match(pattern, key):
+            return name, None, SKIP, reason
     return None
 
 
@@ -235,15 +230,13 @@ def load_init_from(net: nn.Module, path: str | os.PathLike) -> InitReport:
     disallowed_missing = [k for k in not_provided if not any(re.search(p, k) for p in REFERFORMER_ALLOWED_MISSING)]
     if shared_box_head:
         disallowed_missing = [k for k in disallowed_missing if not k.startswith("decoder.bbox_embed.")]
-    problems = []
-    if unknown:
-        problems.append(f"unexpected checkpoint keys (no ReferFormer group): {sorted(unknown)}")
-    if absent:
-        problems.append(f"mapped keys this model does not have: {sorted(absent)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {sorted(wrong_shape)}")
-    if disallowed_missing:
-        problems.append(f"model keys the checkpoint does not provide: {sorted(disallowed_missing)}")
+    groups = {
+        "unexpected checkpoint keys (no ReferFormer group)": unknown,
+        "mapped keys this model does not have": absent,
+        "shape mismatches": wrong_shape,
+        "model keys the checkpoint does not provide": disallowed_missing,
+    }
+    problems = [f"{what}: {sorted(keys)}" for what, keys in groups.items() if keys]
     if problems:
         raise CheckpointError(path, "; ".join(problems))
     net.load_state_dict(to_load, strict=False)

@@ -44,6 +44,7 @@ from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_
 from avseg.precision import full_precision
 
 __all__ = [
+    "COST_TERMS",
     "MASK_RESOLUTIONS",
     "HungarianMatcher",
     "align_masks",
@@ -192,6 +193,20 @@ class HungarianMatcher(nn.Module):
             box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
         )
 
+    def mask_terms(self, pred_masks: Tensor, target_masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One frame's masks at the common resolution (`align_masks`), float32, flattened.
+
+        Args:
+            pred_masks: [Nq, h, w] logits. target_masks: [n, H, W] in [0, 1].
+
+        Returns:
+            (focal cost summed over the P pixels [Nq, n], sigmoid of the logits [Nq, P], target [n, P]).
+        """
+        masks_pred, masks_target = align_masks(pred_masks.float(), target_masks.float(), self.mask_resolution)
+        masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
+        pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        return pos @ masks_target.T + neg @ (1 - masks_target).T, masks_pred.sigmoid(), masks_target
+
     @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
     def frame_cost(
         self,
@@ -210,30 +225,18 @@ class HungarianMatcher(nn.Module):
             [Nq, n] float32 (lower is better).
         """
         cost = self.class_box_cost(pred_logits, pred_boxes, target["labels"], target["boxes"])
-
-        masks_pred, masks_target = align_masks(pred_masks.float(), target["masks"].float(), self.mask_resolution)
-        masks_pred = masks_pred.flatten(1)  # [Nq, P]
-        masks_target = masks_target.flatten(1)  # [n, P]
-        num_pixels = masks_pred.shape[1]
-        pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
-        focal = (pos @ masks_target.T + neg @ (1 - masks_target).T) / num_pixels
-        prob = masks_pred.sigmoid()
+        focal_sum, prob, masks_target = self.mask_terms(pred_masks, target["masks"])
+        focal = focal_sum / prob.shape[1]
         numerator = 2 * prob @ masks_target.T
         denominator = prob.sum(-1)[:, None] + masks_target.sum(-1)[None, :]
         dice = 1 - (numerator + 1) / (denominator + 1)
         return cost + self.cost_mask * focal + self.cost_dice * dice
 
-    def clip_cost(
-        self,
-        pred_logits: Tensor,
-        pred_masks: Tensor,
-        pred_boxes: Tensor,
-        target: dict[str, Tensor],
-    ) -> Tensor:
+    def clip_cost(self, outputs: Mapping[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         """Cost matrix of one clip (its labelled frames only).
 
         Args:
-            pred_logits: [F, Nq, K]. pred_masks: [F, Nq, h, w]. pred_boxes: [F, Nq, 4] cxcywh.
+            outputs: ``pred_logits`` [F, Nq, K], ``pred_masks`` [F, Nq, h, w], ``pred_boxes`` [F, Nq, 4] cxcywh.
             target: ``labels`` [n], ``masks`` [n, F, H, W] (empty where absent), ``boxes`` [n, F, 4],
                 ``present`` [n, F] bool (every object present in at least one frame).
 
@@ -241,6 +244,7 @@ class HungarianMatcher(nn.Module):
             [Nq, n] float32: class and box costs averaged over each object's present frames, mask
             focal cost averaged over all F frames' pixels, dice over the F frames taken together.
         """
+        pred_logits, pred_masks, pred_boxes = outputs["pred_logits"], outputs["pred_masks"], outputs["pred_boxes"]
         labels, present = target["labels"], target["present"].float()  # [n], [n, F]
         frames_present = present.sum(1).clamp_min(1.0)  # [n]
         num_frames, num_queries = pred_logits.shape[:2]
@@ -254,14 +258,9 @@ class HungarianMatcher(nn.Module):
             weight = present[:, f] / frames_present  # [n]
             frame_cost = self.class_box_cost(pred_logits[f], pred_boxes[f], labels, target["boxes"][:, f])
             cost = cost + frame_cost * weight[None, :]
-            masks_pred, masks_target = align_masks(
-                pred_masks[f].float(), target["masks"][:, f].float(), self.mask_resolution
-            )
-            masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
-            num_pixels += masks_pred.shape[1]
-            pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
-            focal = focal + pos @ masks_target.T + neg @ (1 - masks_target).T
-            prob = masks_pred.sigmoid()
+            frame_focal, prob, masks_target = self.mask_terms(pred_masks[f], target["masks"][:, f])
+            num_pixels += prob.shape[1]
+            focal = focal + frame_focal
             inter = inter + prob @ masks_target.T
             prob_sum = prob_sum + prob.sum(-1)[:, None]
             target_sum = target_sum + masks_target.sum(-1)
@@ -273,13 +272,8 @@ class HungarianMatcher(nn.Module):
         self, clip_outputs: list[dict[str, Tensor]], clip_targets: list[dict[str, Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
         """One assignment per clip: ``clip_outputs`` / ``clip_targets`` as ``clip_cost``'s
-        arguments (``pred_logits``, ``pred_masks``, ``pred_boxes``); returns per clip
-        ``(query_indices, object_indices)`` sorted by query, on the CPU."""
-        costs = [
-            self.clip_cost(out["pred_logits"], out["pred_masks"], out["pred_boxes"], target)
-            for out, target in zip(clip_outputs, clip_targets)
-        ]
-        return self._assign(costs)
+        arguments; returns per clip ``(query_indices, object_indices)`` sorted by query, on the CPU."""
+        return self._assign([self.clip_cost(out, target) for out, target in zip(clip_outputs, clip_targets)])
 
     @staticmethod
     def _assign(costs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -326,33 +320,20 @@ class HungarianMatcher(nn.Module):
         return self._assign(costs)
 
 
-def build_matcher(
-    costs: Mapping[str, Any] | None,
-    *,
-    weight_class: float,
-    weight_bbox: float,
-    weight_giou: float,
-    weight_mask: float,
-    weight_dice: float,
-    focal_alpha: float,
-    focal_gamma: float,
-    mask_resolution: str,
-) -> HungarianMatcher:
+# the cost terms, each the counterpart of a loss weight (``cost_class`` of ``weight_class``, ...)
+COST_TERMS = ("class", "bbox", "giou", "mask", "dice")
+
+
+def build_matcher(costs: Mapping[str, Any] | None, *, loss: Mapping[str, Any]) -> HungarianMatcher:
     """The matcher of a criterion, from the ``model.matcher`` config: the one place it is built.
 
-    ``costs`` null or empty: the costs equal the loss weights and the matcher shares the loss's
-    focal parameters and mask resolution. Otherwise ``costs`` holds `HungarianMatcher` keywords
-    (unset ones take its defaults) and ``mask_resolution`` defaults to the loss's.
+    ``loss``: the criterion's options ``weight_class`` ... ``weight_dice`` (see `COST_TERMS`),
+    ``focal_alpha``, ``focal_gamma`` and ``mask_resolution``. ``costs`` null or empty: the costs
+    equal the loss weights and the matcher shares the loss's focal parameters and mask resolution.
+    Otherwise ``costs`` holds `HungarianMatcher` keywords (unset ones take its defaults) and
+    ``mask_resolution`` defaults to the loss's.
     """
     if not costs:
-        return HungarianMatcher(
-            cost_class=weight_class,
-            cost_bbox=weight_bbox,
-            cost_giou=weight_giou,
-            cost_mask=weight_mask,
-            cost_dice=weight_dice,
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            mask_resolution=mask_resolution,
-        )
-    return HungarianMatcher(**{"mask_resolution": mask_resolution, **dict(costs)})
+        shared = {key: loss[key] for key in ("focal_alpha", "focal_gamma", "mask_resolution")}
+        return HungarianMatcher(**{f"cost_{term}": loss[f"weight_{term}"] for term in COST_TERMS}, **shared)
+    return HungarianMatcher(**{"mask_resolution": loss["mask_resolution"], **dict(costs)})

@@ -126,20 +126,9 @@ class VectorQuantizer(nn.Module):
         loss_form: str = "vqvae",
     ) -> None:
         super().__init__()
-        options = {
-            "codebook_size": num_codes,
-            "code_dim": code_dim,
-            "beta": beta,
-            "usage_ema_decay": usage_ema_decay,
-            "dead_code_threshold": dead_code_threshold,
-            "reseed_dead_codes": reseed_dead_codes,
-            "reseed_buffer_size": reseed_buffer_size,
-            "codebook_init": codebook_init,
-            "codebook_update": codebook_update,
-            "codebook_ema_decay": codebook_ema_decay,
-            "vq_loss_form": loss_form,
-        }
-        raise_first(self.check_options(options))
+        # checked under the names AudioDecomposition's config gives them
+        config_names = {"num_codes": "codebook_size", "loss_form": "vq_loss_form"}
+        raise_first(self.check_options({config_names.get(name, name): value for name, value in locals().items()}))
         self.loss_form = loss_form
         self.num_codes = int(num_codes)
         self.code_dim = int(code_dim)
