@@ -462,6 +462,17 @@ def test_similarity_loss_weight_needs_the_similarity_map(configs):
     assert ">= 0" in _only_problem(cfg, "model.loss.weight_similarity")
 
 
+def test_source_loss_needs_per_source_class_labels(configs):
+    cfg = _copy(configs, "train")  # the demo: binary SynthAVS MS3
+    cfg.model.loss.weight_source = 1.0
+    assert "avss" in _only_problem(cfg, "model.loss.weight_source")
+    cfg = _copy(configs, "synth_avss")
+    cfg.model.loss.weight_source = 1.0
+    assert config_problems(cfg) == []
+    cfg.model.loss.weight_source = -1.0
+    assert ">= 0" in _only_problem(cfg, "model.loss.weight_source")
+
+
 def test_similarity_to_masks_is_a_bool_that_needs_the_similarity_map(configs):
     cfg = _without_similarity(_copy(configs, "train"))
     cfg.model.fusion.similarity_to_masks = True

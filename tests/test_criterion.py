@@ -115,6 +115,7 @@ def test_constructor_checks() -> None:
         "loss_vq": 0.5,
         "loss_distill": 1.0,
         "loss_similarity": 0.0,
+        "loss_source": 0.0,
     }
     assert criterion.matcher.cost_dice == 5.0 and criterion.matcher.cost_class == 2.0
 

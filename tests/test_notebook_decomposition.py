@@ -42,6 +42,9 @@ def test_decomposition_notebook_runs_and_draws(tmp_path, monkeypatch):
     assert "| sub-space | samples | codes used | NMI |" in text
     assert "PCA explained variance (2 components)" in text and "audio-token spread across seconds:" in text
     assert "attention maps: 3 clips, rows sum to [1.0, 1.0, 1.0, 1.0]" in text
+    # issue 13: the source-set table beside its oracle rows, and the per-sub-space code timelines
+    assert "| codes | agreement | source-set F1 |" in text and "| oracle: decomposition | " in text
+    assert "timeline " in text and "  second 1: sounding " in text and "code timelines: 2 clips" in text
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(figures) == 3  # codebook usage, PCA, attention maps
+    assert len(figures) == 4  # codebook usage, PCA, attention maps, code timelines
     assert not any(work.iterdir())  # the notebook writes nothing

@@ -14,7 +14,8 @@ What is checked (docs/RELIABILITY.md has the table):
   ``ms_deform_backend``, ``aux_loss``: `avseg.models.build.check_model_options`.
 - ``model`` across sections: ``num_classes`` 1 for the binary subsets (s4, ms3, avs) and 70 for
   avss (71 classes with background, which has no logit); ``loss.weight_similarity`` > 0 needs
-  ``fusion.audio_similarity_dim`` > 0; files named by ``init_from``, ``backbone.weights`` and
+  ``fusion.audio_similarity_dim`` > 0; ``loss.weight_source`` > 0 needs avss (per-source class
+  labels); files named by ``init_from``, ``backbone.weights`` and
   ``audio_encoder.vggish_weights`` exist (the latter only when the encoder reads log-mel and is
   not randomly initialised); ``metric.frames_per_batch`` null or a positive multiple of the clip
   length T (5 for s4 / ms3 / avs, 10 for avss).
@@ -228,6 +229,13 @@ def _check_model(r: _Reader, subset: str | None) -> None:
             "model.loss.weight_similarity",
             weight_similarity,
             "0 unless model.fusion.audio_similarity_dim > 0 (the loss supervises that similarity map)",
+        )
+    weight_source = r.get("model.loss.weight_source")
+    if is_number(weight_source) and weight_source > 0 and subset is not None and subset != "avss":
+        r.add(
+            "model.loss.weight_source",
+            weight_source,
+            f"0 for data.subset={subset} (binary masks name no source classes; the source loss needs avss labels)",
         )
     _existing_file(r, "model.init_from", r.get("model.init_from"), "checkpoint (the ReferFormer-family weights)")
 

@@ -8,7 +8,8 @@ read here (all optional; defaults are the ReferFormer-family recipe of docs/METH
 
 - ``semantic``: AVSS (71-class semantic masks) or binary AVS; default ``num_classes > 1``.
 - ``loss``: `SetCriterion` weights (``weight_class`` 2, ``weight_bbox`` 5, ``weight_giou`` 2,
-  ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, ``weight_similarity`` 0, focal and
+  ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, ``weight_similarity`` 0,
+  ``weight_source`` 0 (> 0 also builds the model's sub-space source head), focal and
   ``mask_resolution`` options).
 - ``matcher``: `HungarianMatcher` costs; ``null`` -> costs equal to the loss weights (built once,
   by `avseg.models.matcher.build_matcher` inside the criterion).
@@ -161,7 +162,9 @@ class AVSLitModule(LightningModule):
                 raise ConfigError(f"model.optim.{key}={self.optim_cfg[key]}: must be >= 0")
         self.skip_nonfinite = bool(skip_nonfinite)
 
-        self.net = build_qdformer(net_cfg)
+        # the source head exists only for the source loss (model.loss.weight_source, docs/MODEL.md)
+        weight_source = (_plain(loss) or {}).get("weight_source", 0.0)
+        self.net = build_qdformer(net_cfg, source_head=isinstance(weight_source, (int, float)) and weight_source > 0)
         compile_kwargs = compile_options(_plain(compile))
         if compile_kwargs is not None:
             compile_network(self.net, compile_kwargs)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avseg.errors import AvsegError, ConfigError
 from avseg.models.init_from import load_init_from
+from avseg.models.layers.source_head import SourceHead
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 from avseg.models.qdformer import QDFormer
@@ -70,8 +71,11 @@ def check_model_options(options: Mapping[str, Any]) -> list[Problem]:
     return present(options, checks, "model.")
 
 
-def build_qdformer(model_cfg: Mapping) -> QDFormer:
-    """``model`` config (plain dict or DictConfig) -> ``QDFormer`` (see the module docstring)."""
+def build_qdformer(model_cfg: Mapping, *, source_head: bool = False) -> QDFormer:
+    """``model`` config (plain dict or DictConfig) -> ``QDFormer`` (see the module docstring).
+
+    ``source_head``: add the sub-space source head (`SourceHead`, ``num_classes`` + 1 outputs); the
+    LightningModule asks for it when ``model.loss.weight_source`` > 0."""
     cfg = _plain(model_cfg)
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
@@ -110,6 +114,7 @@ def build_qdformer(model_cfg: Mapping) -> QDFormer:
         decoder=decoder,
         num_classes=num_classes,
         aux_loss=bool(cfg.get("aux_loss", True)),
+        source_head=SourceHead(dim=dim, num_classes=num_classes) if source_head else None,
     )
     if cfg.get("init_from"):
         load_init_from(net, cfg["init_from"])

@@ -32,6 +32,9 @@ fusion's audio-visual similarity map read as a per-pixel logit) against the fore
 labelled frame (every sounding pixel, whatever its class), averaged over the labelled frames: a
 direct "these pixels sound" supervision of the path from the audio codes to the pixels, in the
 spirit of the auxiliary loss on the audio-visual mixed map of AVSegFormer-style decoders.
+Optional (not in the paper; ``weight_source``, default 0, semantic data only): ``loss_source``, the
+permutation-invariant source loss of `avseg.models.source_loss` on ``outputs["pred_sources"]``
+[B, T, K, num_classes + 1] against the classes of each labelled frame's semantic mask.
 Plus the quantiser terms of ``outputs["quant"]`` when present: ``loss_vq`` (``vq_loss``) and
 ``loss_distill`` (``distill_loss``). They depend on the audio only, so they are added whatever the
 label flags say.
@@ -64,13 +67,16 @@ from avseg.models.matcher import (
     sigmoid_focal_terms,
 )
 from avseg.models.options import Problem, choice, non_negative, present, raise_first
+from avseg.models.source_loss import source_loss
 from avseg.precision import full_precision
 
 __all__ = ["SetCriterion", "FrameTargets"]
 
 _SEGMENTATION_TERMS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 MATCH_LEVELS = ("clip", "frame")
-_WEIGHTS = tuple(f"weight_{term}" for term in ("class", "bbox", "giou", "mask", "dice", "vq", "distill", "similarity"))
+_WEIGHTS = tuple(
+    f"weight_{term}" for term in ("class", "bbox", "giou", "mask", "dice", "vq", "distill", "similarity", "source")
+)
 
 
 class FrameTargets:
@@ -154,6 +160,7 @@ class SetCriterion(nn.Module):
         weight_vq: float = 0.5,
         weight_distill: float = 1.0,
         weight_similarity: float = 0.0,
+        weight_source: float = 0.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         mask_resolution: str = "pred",
@@ -192,9 +199,15 @@ class SetCriterion(nn.Module):
             "loss_vq": weight_vq,
             "loss_distill": weight_distill,
             "loss_similarity": weight_similarity,
+            "loss_source": weight_source,
         }
         options = {f"weight_{name.removeprefix('loss_')}": value for name, value in weights.items()}
         raise_first(self.check_options({**options, "mask_resolution": mask_resolution, "match_level": match_level}))
+        if weight_source > 0 and not semantic:
+            raise ConfigError(
+                f"model.loss.weight_source={weight_source}: allowed: 0 on binary (S4 / MS3) data, whose masks "
+                "name no source classes; the source loss needs semantic labels (synth_avss, AVSS)"
+            )
         if matcher is None or isinstance(matcher, Mapping):
             focal = {"focal_alpha": focal_alpha, "focal_gamma": focal_gamma}
             matcher = build_matcher(matcher, loss={**options, **focal, "mask_resolution": mask_resolution})
@@ -547,6 +560,12 @@ class SetCriterion(nn.Module):
                 "criterion: weight_similarity > 0 needs outputs['pred_similarity'] "
                 "(model.fusion.audio_similarity_dim > 0)"
             )
+
+        if self.weight_dict["loss_source"] > 0:
+            if outputs.get("pred_sources") is None:
+                raise KeyError("criterion: weight_source > 0 needs outputs['pred_sources'] (the model's source head)")
+            frame_classes = [frame["labels"] for frame in targets.per_frame]
+            terms["loss_source"] = source_loss(outputs["pred_sources"], targets.frame_ids, frame_classes)
 
         total: Tensor | None = None
         for name, value in terms.items():

@@ -19,7 +19,8 @@ docs/MODEL.md "Decomposition readings"): ``prototype_role`` "content" (the proto
 queries' starting content) or "position" (DETR style: content starts at zero, the prototypes are
 added to the queries at every attention); ``competition`` "none" or "slots" (softmax over the K
 prototypes for each audio token); ``subspace_values`` (one value / output projection per
-sub-space in the cross-attention).
+sub-space in the cross-attention); ``distill_gate`` "none" or "attention" (the distillation pulls
+l_{t,i} only in the seconds g_i's attention read, `avseg.models.layers.distill_gate`).
 
 Local calibration (global-to-local): the SAME prototypes and decoder attend, for every frame t,
 to the audio tokens of frames t-w..t+w (``local_window`` = w, invalid frames masked), giving
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from avseg.models.layers.distill_gate import DISTILL_GATES, attention_gate
 from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAttention
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
 from avseg.models.quantizer import VectorQuantizer
@@ -223,8 +225,13 @@ class AudioDecomposition(nn.Module):
             "prototype_role": choice(PROTOTYPE_ROLES),
             "competition": choice(COMPETITIONS),
             "subspace_values": boolean,
+            "distill_gate": choice(DISTILL_GATES),
         }
         problems += present(options, checks, f"{_KEY}.")
+        gate = options.get("distill_gate", "none")
+        if variant_ok and variant == "pq_split" and gate not in ("none", None) and gate in DISTILL_GATES:
+            allowed = "none for pq_split (the attention gate reads the prototypes' attention; pq_split has none)"
+            problems.append(Problem(f"{_KEY}.distill_gate", gate, allowed))
         quantizer = {name: value for name, value in options.items() if name not in ("codebook_size",)}
         return problems + VectorQuantizer.check_options(quantizer, prefix=f"{_KEY}.")
 
@@ -256,6 +263,7 @@ class AudioDecomposition(nn.Module):
         prototype_role: str = "content",
         competition: str = "none",
         subspace_values: bool = False,
+        distill_gate: str = "none",
     ) -> None:
         super().__init__()
         options = {name: value for name, value in locals().items() if name not in ("self", "dim", "__class__")}
@@ -273,6 +281,7 @@ class AudioDecomposition(nn.Module):
         self.distill_loss_kind = distill_loss
         self.distill_temperature = float(distill_temperature)
         self.prototype_role = prototype_role
+        self.distill_gate = distill_gate
 
         if variant == "pq_split":
             self.chunk_dim = dim // num_tokens
@@ -359,13 +368,22 @@ class AudioDecomposition(nn.Module):
         """[B, T, C] or [B, T, M, C] -> clip-level features [B, K, C] (pq_split: K chunks [B, K, C/K]).
 
         With M tokens per second (frequency bands) the prototypes attend over all T * M of them."""
+        return self._global_pass(audio_tokens, frame_valid, need_weights=False)[0]
+
+    def _global_pass(
+        self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `_global_features`, plus (with ``need_weights``, not for pq_split) the last layer's
+        head-averaged attention mass of each sub-space per second [B, K, T] (bands summed)."""
         per_second = audio_tokens.shape[2] if audio_tokens.dim() == 4 else 1
         tokens = audio_tokens.flatten(1, 2) if audio_tokens.dim() == 4 else audio_tokens  # [B, T*M, C]
         valid = frame_valid.repeat_interleave(per_second, dim=1)  # [B, T*M]
         if self.variant == "pq_split":
-            return self._split_features(tokens, valid)
-        features, _ = self._prototype_features(tokens, valid)
-        return features
+            return self._split_features(tokens, valid), None
+        features, weights = self._prototype_features(tokens, valid, need_weights=need_weights)
+        if weights is not None:
+            weights = rearrange(weights, "b k (t m) -> b k t m", m=per_second).sum(-1)
+        return features, weights
 
     def _local_features(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
         """[B, T, C] or [B, T, M, C] -> frame-level features [B, T, K, C] (pq_split: [B, T, K, C/K])."""
@@ -400,7 +418,8 @@ class AudioDecomposition(nn.Module):
         k = self.num_tokens
         zero = audio_tokens.new_zeros((), dtype=torch.float32)
 
-        global_features = self._global_features(audio_tokens, frame_valid)  # [B, K, D]
+        gated = self.distill_gate != "none" and self.local_calibration and self.quantizer is not None
+        global_features, frame_attention = self._global_pass(audio_tokens, frame_valid, need_weights=gated)
         local_features = self._local_features(audio_tokens, frame_valid) if self.local_calibration else None
         frame_mask = frame_valid[:, :, None]  # [B, T, 1]
 
@@ -428,6 +447,8 @@ class AudioDecomposition(nn.Module):
             vq_loss = vq_loss + local_q["loss"]  # the commitment term only: the codebook is detached
             local_codes = torch.where(frame_mask[..., None], self._to_tokens(local_q["quantized"]), broadcast_codes)
             local_indices = torch.where(frame_mask, local_q["indices"], broadcast_indices)
+            if gated:  # distil only where the sub-space's own clip-level attention listened
+                local_valid = local_valid & attention_gate(frame_attention, frame_valid)
             distill = self._distillation(local_features, local_q["distances"], global_q, local_valid)
 
         if global_q is None:
@@ -483,11 +504,5 @@ class AudioDecomposition(nn.Module):
         if self.decoder is None:
             raise ValueError(f"AudioDecomposition.attention_maps: variant {self.variant!r} has no prototype attention")
         frame_valid = self._check_inputs(audio_tokens, frame_valid)
-        if audio_tokens.dim() == 4:  # band tokens: the attention of each frame summed over its bands
-            bands = audio_tokens.shape[2]
-            _, weights = self._prototype_features(
-                audio_tokens.flatten(1, 2), frame_valid.repeat_interleave(bands, dim=1), need_weights=True
-            )
-            return rearrange(weights, "b k (t m) -> b k t m", m=bands).sum(-1)
-        _, weights = self._prototype_features(audio_tokens, frame_valid, need_weights=True)
-        return weights
+        # band tokens: the attention of each frame summed over its bands
+        return self._global_pass(audio_tokens, frame_valid, need_weights=True)[1]

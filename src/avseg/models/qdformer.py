@@ -24,7 +24,9 @@ class QDFormer(nn.Module):
     - ``quant``: the decomposition dict (``global_codes``, ``local_codes``, ``vq_loss``,
       ``distill_loss``, ``perplexity``, ``usage``, ``dead_codes``, indices);
     - ``pred_similarity`` [B, T, 1, H/4, W/4], only with ``model.fusion.audio_similarity_dim`` on: the
-      audio-visual similarity map (a per-pixel "sounding" logit; ``model.loss.weight_similarity``).
+      audio-visual similarity map (a per-pixel "sounding" logit; ``model.loss.weight_similarity``);
+    - ``pred_sources`` [B, T, K, num_classes + 1], only with a ``source_head`` (built when
+      ``model.loss.weight_source`` > 0): each sub-space code's class-or-"none" logits.
 
     All B*T frames go through the backbone, fusion, encoder and decoder as one batch; the
     decomposition and (with ``model.fusion.dual_form: r2vos``) the dual block see the clip (where
@@ -43,6 +45,7 @@ class QDFormer(nn.Module):
         decoder: SemanticGuidedDecoder,
         num_classes: int,
         aux_loss: bool = True,
+        source_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -53,6 +56,7 @@ class QDFormer(nn.Module):
         self.decoder = decoder
         self.num_classes = num_classes
         self.aux_loss = aux_loss
+        self.source_head = source_head
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor, frame_valid: torch.Tensor | None = None) -> dict:
         if frames.ndim != 5 or frames.shape[2] != 3:
@@ -92,6 +96,8 @@ class QDFormer(nn.Module):
         out = dict(per_layer[-1])
         out["aux_outputs"] = per_layer[:-1] if self.aux_loss else []
         out["quant"] = quant
+        if self.source_head is not None:
+            out["pred_sources"] = self.source_head(quant["local_codes"])  # [B, T, K, num_classes + 1]
         if fused["similarity"] is not None:
             out["pred_similarity"] = frame_major(fused["similarity"])  # [B, T, 1, H/4, W/4]
         return out
