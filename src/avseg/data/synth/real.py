@@ -23,38 +23,25 @@ from avseg.data.synth import assets
 from avseg.data.synth.classes import ClassIdentity
 from avseg.data.synth.options import SAMPLE_RATE
 
-_BUNDLES = {
-    "I": ("instruments.rcc", "gcompris/src/activities/instruments/resource/"),
-    "A": ("explore_farm_animals.rcc", "gcompris/src/activities/explore_farm_animals/resource/animals/"),
-}
-#: One class a line: AVSS class, bundle (I: instruments, A: farm animals), drawing, recording, and
-#: for melodic instruments the GM program and the lowest and highest MIDI pitch of its melodies.
-#: Instruments and animals alternate, so any first `num_classes` classes mix both kinds; the first
-#: eight look unlike each other (the cello, the violin's look-alike at random scales, comes later).
-_TABLE = """
-violin     I violin.svg            violin.ogg            40 55 79
-dog        A dog.svg               dog.ogg
-trumpet    I trumpet.svg           trumpet.ogg           56 55 79
-cat        A cat.svg               cat.ogg
-piano      I piano.svg             piano.ogg              0 48 72
-duck       A duck.svg              duck.ogg
-accordion  I accordion.svg         accordion.ogg         21 53 77
-sheep      A sheep.svg             sheep.ogg
-flute      I flute_traversiere.svg flute_traversiere.ogg 73 67 91
-horse      A horse.svg             horse.ogg
-guitar     I guitar.svg            guitar.ogg            24 45 69
-pig        A pig.svg               pig.ogg
-saxophone  I saxophone.svg         saxophone.ogg         65 52 76
-hen        A chicken.svg           chickens.ogg
-clarinet   I clarinet.svg          clarinet.ogg          71 52 76
-bird       A owl.svg               owl.ogg
-trombone   I trombone.svg          trombone.ogg          57 40 64
-drum       I drum_kit.svg          drum_kit.ogg
-tuba       I tuba.svg              tuba.ogg              58 33 57
-harp       I harp.svg              harp.ogg              46 48 72
-cello      I cello.svg             cello.ogg             42 36 60
-harmonica  I harmonica.svg         harmonica.ogg         22 60 84
-"""
+_INSTRUMENTS = ("instruments.rcc", "gcompris/src/activities/instruments/resource/")
+_FARM = ("explore_farm_animals.rcc", "gcompris/src/activities/explore_farm_animals/resource/animals/")
+#: The classes in order. Instruments and animals alternate, so any first `num_classes` classes mix
+#: both kinds; the first eight look unlike each other (the cello, the violin's look-alike at random
+#: scales, comes later).
+_ORDER = (
+    "violin dog trumpet cat piano duck accordion sheep flute horse guitar pig saxophone hen clarinet bird "
+    "trombone drum tuba harp cello harmonica"
+).split()
+_ANIMALS = frozenset("dog cat duck sheep horse pig hen bird".split())  # the rest are instruments
+#: Files named other than `<class>.svg` / `<class>.ogg` (class -> file stem).
+_DRAWINGS = {"flute": "flute_traversiere", "hen": "chicken", "bird": "owl", "drum": "drum_kit"}
+_RECORDINGS = {**_DRAWINGS, "hen": "chickens"}
+#: Melodic instruments: class, GM program, lowest MIDI pitch (melodies span two octaves from it).
+_MELODIES = (
+    "violin 40 55 trumpet 56 55 piano 0 48 accordion 21 53 flute 73 67 guitar 24 45 saxophone 65 52 "
+    "clarinet 71 52 trombone 57 40 tuba 58 33 harp 46 48 cello 42 36 harmonica 22 60"
+).split()
+_MELODY_SPAN = 24
 
 
 @dataclass(frozen=True)
@@ -70,25 +57,29 @@ class RealClassRow:
     melody: tuple[int, int, int] | None
 
 
-def _parse_table(text: str) -> tuple[RealClassRow, ...]:
+def _class_rows() -> tuple[RealClassRow, ...]:
+    melodies = {
+        name: (int(program), int(low), int(low) + _MELODY_SPAN)
+        for name, program, low in zip(_MELODIES[::3], _MELODIES[1::3], _MELODIES[2::3])
+    }
     rows = []
-    for line in text.strip().splitlines():
-        name, bundle, drawing, recording, *melody = line.split()
-        program = tuple(int(x) for x in melody)
+    for name in _ORDER:
+        bundle, prefix = _FARM if name in _ANIMALS else _INSTRUMENTS
+        drawing, recording = _DRAWINGS.get(name, name), _RECORDINGS.get(name, name)
         rows.append(
             RealClassRow(
                 name=name,
-                bundle=_BUNDLES[bundle][0],
-                prefix=_BUNDLES[bundle][1],
-                drawing=drawing,
-                recording=recording,
-                melody=program if len(program) == 3 else None,  # type: ignore[arg-type]
+                bundle=bundle,
+                prefix=prefix,
+                drawing=f"{drawing}.svg",
+                recording=f"{recording}.ogg",
+                melody=melodies.get(name),
             )
         )
     return tuple(rows)
 
 
-REAL_CLASSES: tuple[RealClassRow, ...] = _parse_table(_TABLE)
+REAL_CLASSES: tuple[RealClassRow, ...] = _class_rows()
 PACKAGES: tuple[str, ...] = ("gcompris-qt-data", "fluid-soundfont-gm", "fluidsynth", "librsvg2-bin")
 #: Bump when real-asset trees change for the same options and packages (part of their cache key;
 #: GENERATOR_VERSION also seeds the clips, so bumping it would change the synthetic trees too).
