@@ -3,9 +3,11 @@
 Each class is an AVSS class that Debian's gcompris-qt-data draws (SVG, rasterised by rsvg-convert:
 the drawing's alpha is the object's exact mask) and either plays (musical instruments: a new melody
 per instance, rendered note by note from a General MIDI program of a soundfont by fluidsynth) or
-records (animals and the drum kit: cuts of the package's .ogg recording, pitch-shifted by up to two
-semitones, time-shifted and looped with short gaps). The generator, layouts, sidecar, determinism,
-cache and checker are those of the synthetic mode; only the painting and the class signals change.
+records (animals and the drum kit, and the instruments with `instrument_sounds=recording|mixed`:
+cuts of the package's .ogg recording, pitch-shifted by up to two semitones, time-shifted, looped
+with short gaps at random gains). The generator, layouts, sidecar, determinism, cache and checker
+are those of the synthetic mode; only the painting, the backgrounds (backgrounds.py) and the class
+signals change.
 """
 
 from __future__ import annotations
