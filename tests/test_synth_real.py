@@ -24,8 +24,9 @@ from PIL import Image
 
 from avseg.data import synth
 from avseg.data.check import check_tree
+from avseg.data.layout import LAYOUTS
 from avseg.data.palette import AVSS_CLASSES, label2idx_json
-from avseg.data.synth import assets, real
+from avseg.data.synth import assets, backgrounds, real
 from avseg.data.synth.pictures import _Layout, _render
 from avseg.data.synth.rcc import RccArchive
 from avseg.errors import ConfigError, DataError
@@ -143,8 +144,15 @@ def test_missing_package_names_it_and_the_apt_line(tmp_path):
         synth.resolve_options("ms3", assets="photos")
     with pytest.raises(ConfigError, match="num_classes"):
         synth.resolve_options("ms3", assets="real", num_classes=23)
+    for key, value in (("backgrounds", "photo"), ("instrument_sounds", "recording")):
+        with pytest.raises(ConfigError, match="only used with assets=real"):
+            synth.resolve_options("ms3", **{key: value})
+        with pytest.raises(ConfigError, match=key):
+            synth.resolve_options("ms3", assets="real", **{key: "nonsense"})
+    resolved = synth.resolve_options("ms3", assets="real")
+    assert (resolved["backgrounds"], resolved["instrument_sounds"]) == ("photo", "melody")
     # The synthetic mode's resolved options (hence cache keys and sidecars) are what they were.
-    assert "assets" not in synth.resolve_options("ms3")
+    assert "assets" not in synth.resolve_options("ms3") and "backgrounds" not in synth.resolve_options("ms3")
 
 
 @needs_packages
@@ -161,6 +169,7 @@ def test_assets_dir_of_extracted_packages_gives_the_same_media(real_trees, tmp_p
     for relative in (
         "usr/share/gcompris-qt/rcc/instruments.rcc",
         "usr/share/gcompris-qt/rcc/explore_farm_animals.rcc",
+        "usr/share/gcompris-qt/rcc/details.rcc",
         "usr/share/sounds/sf2/FluidR3_GM.sf2",
     ):
         (extracted / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +185,7 @@ def test_assets_dir_of_extracted_packages_gives_the_same_media(real_trees, tmp_p
     sidecar = json.loads((tree / synth.SIDECAR_NAME).read_text())
     assert sidecar["classes"][0]["drawing"]["bundle"].startswith(str(extracted))
     assert sidecar["assets"]["packages"]["gcompris-qt-data"] == assets.package_version("gcompris-qt-data", Path("/"))
+    assert sidecar["backgrounds"]["pictures"][0]["bundle"].startswith(str(extracted))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +201,15 @@ def test_every_real_class_is_an_avss_class_with_a_drawing_a_sound_and_a_licence(
         assert AVSS_CLASSES[spec.avss_index] == spec.name
         alpha = spec.sprite[..., 3]
         assert 0.05 < float((alpha >= 128).mean()) < 0.95, spec.name  # a drawing, not a blank or a box
-        for part in (spec.drawing, spec.sound):
+        parts = [spec.sound[k] for k in ("melody", "recording") if k in spec.sound]
+        assert len(parts) == 1 and spec.sound["kind"] in ("melody", "recording"), spec.sound
+        for part in (spec.drawing, *parts):
             assert part["package"] and part["licence"] and part["copyright"], (spec.name, part)
         if spec.sound["kind"] == "melody":
-            assert set(spec.notes) == set(range(spec.sound["pitch_range"][0], spec.sound["pitch_range"][1] + 1))
+            low, high = spec.sound["melody"]["pitch_range"]
+            assert set(spec.notes) == set(range(low, high + 1)) and spec.recording is None
         else:
-            assert len(spec.recording) > 0.5 * synth.SAMPLE_RATE
+            assert len(spec.recording) > 0.5 * synth.SAMPLE_RATE and spec.notes is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +244,144 @@ def test_real_trees_pass_the_checker_with_avss_names(real_trees, subset):
 
 
 @needs_packages
+def test_without_the_pictures_bundle_photo_backgrounds_name_the_package(tmp_path):
+    """An assets_dir lacking details.rcc: photo backgrounds stop with the package's name;
+    backgrounds that need no picture (plain) do not need it."""
+    extracted = tmp_path / "extracted"
+    for relative in (
+        "usr/share/gcompris-qt/rcc/instruments.rcc",
+        "usr/share/gcompris-qt/rcc/explore_farm_animals.rcc",
+        "usr/share/sounds/sf2/FluidR3_GM.sf2",
+    ):
+        (extracted / relative).parent.mkdir(parents=True, exist_ok=True)
+        (extracted / relative).symlink_to(Path("/") / relative)
+    (extracted / "usr/share/doc").mkdir()
+    for package in ("gcompris-qt-data", "fluid-soundfont-gm"):
+        (extracted / "usr/share/doc" / package).symlink_to(Path("/usr/share/doc") / package)
+    with pytest.raises(ConfigError, match=r"gcompris-qt-data \(.*details\.rcc not found\)"):
+        synth.cache_key("ms3", synth.resolve_options("ms3", assets="real", assets_dir=str(extracted)))
+    plain = synth.resolve_options("ms3", assets="real", assets_dir=str(extracted), backgrounds="plain")
+    assert synth.cache_key("ms3", plain)
+
+
+@needs_packages
 def test_real_trees_are_deterministic(real_trees, tmp_path):
     real.real_catalogue.cache_clear()  # rasterise, decode and render the notes again
     again = synth.generate(tmp_path / "ms3", "ms3", **SMALL)
     assert _files(again) == _files(real_trees["ms3"])
+
+
+@needs_packages
+def test_photo_backgrounds_are_crops_of_the_package_pictures(real_trees):
+    """Every background pixel of a frame is the pixel of the package's picture that the sidecar
+    names, cropped to its box, scaled (PIL bilinear) and flipped as it says, decoded here
+    independently; the sidecar lists each picture's package, version, licence and clip count."""
+    root = real_trees["ms3"]
+    sidecar = json.loads((root / synth.SIDECAR_NAME).read_text())
+    resolved = synth.resolve_options("ms3", **SMALL)
+    catalogue = synth.layouts.catalogue_for(resolved)
+    archive = RccArchive(RCC / "details.rcc")
+    summary = sidecar["backgrounds"]
+    assert summary["kind"] == "photo" and summary["clips"] == len(sidecar["clips"])
+    assert sum(p["clips"] for p in summary["pictures"]) == summary["clips"]
+    version = assets.package_version("gcompris-qt-data", Path("/"))
+    for picture in summary["pictures"]:
+        assert picture["package"] == "gcompris-qt-data" and picture["version"] == version
+        assert picture["licence"] and picture["copyright"] and picture["member"].endswith("_background.webp")
+    assert len(summary["pictures"]) == 13  # the photographs (the 8 paintings are backgrounds=painting)
+    for split in synth.SPLITS:
+        for index in range(SMALL["clips_per_split"][split]):
+            plan = synth.plan_clip(options=resolved, catalogue=catalogue, subset="ms3", split=split, index=index)
+            record = sidecar["clips"][plan.clip_id]["background"]
+            assert record == plan.background and record["kind"] == "photo"
+            member = f"gcompris/src/activities/details/resource/image/{record['picture']}_background.webp"
+            pixels = Image.open(io.BytesIO(archive.read(member))).convert("RGB")
+            expected = np.asarray(pixels.crop(tuple(record["box"])).resize((48, 48), Image.Resampling.BILINEAR))
+            if record["flipped"]:
+                expected = expected[:, ::-1]
+            files = LAYOUTS["ms3"].clip_files({"name": plan.clip_id, "split": split})
+            for t in range(plan.num_frames):
+                frame = np.asarray(Image.open(root / files.frames[t]))
+                shown = plan.instances[t] == 0
+                assert shown.mean() > 0.3
+                assert np.array_equal(frame[shown], expected[shown]), (plan.clip_id, t)
+
+
+@needs_packages
+def test_background_kinds_change_only_the_background(real_trees, tmp_path):
+    """backgrounds=plain / texture / painting: the same masks, audio, objects and sounding
+    seconds as the photo tree; the frames differ only where no object is; the trees pass the
+    checker. Deterministic per kind."""
+    options = {**SMALL, "clips_per_split": {"train": 0, "val": 1, "test": 2}}
+    photo = _files(real_trees["ms3"])
+    for kind in ("plain", "texture", "painting"):
+        tree = synth.generate(tmp_path / kind, "ms3", backgrounds=kind, **options)
+        assert check_tree(tree, "ms3", image_size=48) == []
+        files = _files(tree)
+        assert set(files) <= set(photo) | {".synth_complete"}
+        for name, data in files.items():
+            if name.endswith(".wav") or "/gt_masks/" in name:
+                assert data == photo[name], (kind, name)
+        sidecar = json.loads((tree / synth.SIDECAR_NAME).read_text())
+        photo_sidecar = json.loads((real_trees["ms3"] / synth.SIDECAR_NAME).read_text())
+        for clip_id, entry in sidecar["clips"].items():
+            assert entry["background"]["kind"] == kind
+            assert entry["sounding"] == photo_sidecar["clips"][clip_id]["sounding"]
+            assert entry["objects"] == photo_sidecar["clips"][clip_id]["objects"]
+        assert sidecar["backgrounds"]["kind"] == kind and sidecar["backgrounds"]["clips"] == 3
+        if kind == "painting":
+            assert {p["name"] for p in sidecar["backgrounds"]["pictures"]} == set(backgrounds.PAINTINGS)
+        if kind == "plain":
+            files = LAYOUTS["ms3"].clip_files({"name": "synth-ms3-val-00000", "split": "val"})
+            frame = np.asarray(Image.open(tree / files.frames[0]))
+            colour = sidecar["clips"]["synth-ms3-val-00000"]["background"]["colour"]
+            assert (frame == np.asarray(colour, dtype=np.uint8)).all(axis=-1).mean() > 0.3
+    again = synth.generate(tmp_path / "plain-again", "ms3", backgrounds="plain", **options)
+    assert _files(again) == _files(tmp_path / "plain")
+
+
+@needs_packages
+def test_instruments_can_play_cuts_of_their_recordings(tmp_path):
+    """instrument_sounds=recording: the instruments play pitch-, gain- and time-shifted cuts of the
+    package's own recording (e.g. violin.ogg); `mixed` draws melody or recording per instance.
+    Each stays audible in every second it sounds; the pictures and masks do not change."""
+    options = {**SMALL, "clips_per_split": {"train": 4, "val": 0, "test": 0}}
+    for mode in ("recording", "mixed"):
+        resolved = synth.resolve_options("s4", instrument_sounds=mode, **options)
+        catalogue = synth.layouts.catalogue_for(resolved)
+        assert catalogue[0].sound["kind"] == mode and catalogue[1].sound["kind"] == "recording"
+        assert catalogue[0].sound["recording"]["member"].endswith("instruments/resource/violin.ogg")
+        assert ("melody" in catalogue[0].sound) == (mode == "mixed")
+    resolved = synth.resolve_options("s4", instrument_sounds="recording", **options)
+    catalogue = synth.layouts.catalogue_for(resolved)
+    melody_catalogue = synth.layouts.catalogue_for(synth.resolve_options("s4", **options))
+    for index in range(4):
+        plan = synth.plan_clip(options=resolved, catalogue=catalogue, subset="s4", split="train", index=index)
+        (source,) = np.flatnonzero(plan.sounding.any(axis=1))
+        played = plan.sources[source]
+        assert played["kind"] == "recording" and played["member"].endswith(f"/{real.REAL_CLASSES[index].recording}")
+        assert abs(played["pitch_semitones"]) <= 2.0 and all(-6.0 <= g <= 0.0 for g in played["gains_db"])
+        per_second = np.sqrt(np.mean(plan.stems[source].reshape(plan.num_frames, -1) ** 2, axis=1))
+        assert per_second.min() > 0.2 * per_second.max(), (plan.classes[source].name, per_second)
+        same = synth.plan_clip(
+            options=synth.resolve_options("s4", **options),
+            catalogue=melody_catalogue,
+            subset="s4",
+            split="train",
+            index=index,
+        )
+        assert np.array_equal(plan.instances, same.instances) and np.array_equal(plan.frames, same.frames)
+    kinds = set()
+    resolved = synth.resolve_options("ms3", instrument_sounds="mixed", **{**options, "num_classes": 2})
+    catalogue = synth.layouts.catalogue_for(resolved)
+    for index in range(12):
+        plan = synth.plan_clip(options=resolved, catalogue=catalogue, subset="ms3", split="train", index=index)
+        kinds |= {
+            (s["member"].rsplit("/", 1)[-1] if s["kind"] == "recording" else "melody")
+            for s, spec in zip(plan.sources, plan.classes)
+            if s is not None and spec.name == "violin"
+        }
+    assert kinds == {"melody", "violin.ogg"}
 
 
 @needs_packages
@@ -353,7 +500,7 @@ def test_another_soundfont_changes_only_the_melodies(tmp_path):
     assert any(fa[k] != fb[k] for k in fa if k.endswith(".wav"))
     sb = json.loads((b / synth.SIDECAR_NAME).read_text())
     assert sb["assets"]["soundfont"]["package"] == "timgm6mb-soundfont"
-    violin = sb["classes"][0]["sound"]
+    violin = sb["classes"][0]["sound"]["melody"]
     assert violin["package"] == "timgm6mb-soundfont" and violin["licence"] == "GPL-2"
     ra = synth.resolve_options("ms3", **options)
     rb = synth.resolve_options("ms3", soundfont=str(TIMGM), **options)

@@ -22,6 +22,7 @@ identities), `pictures` (shapes, textures, backgrounds, motion, rendering), `sou
 gating, noise, mixing), `clips` (what one clip shows and plays), `layouts` (the official file layouts,
 metadata and sidecar), `tree` (all-or-nothing generation and the cache), `cli` (the command line);
 `assets=real` (docs/SYNTHAVS.md "Real assets"): `real` (the classes made of real drawings and sounds),
+`backgrounds` (crops of the package's photographs or paintings, or a texture or a flat colour),
 `assets` (the Debian packages: versions, licences, rasterising, decoding, soundfont rendering) and
 `rcc` (a reader of Qt resource bundles, where gcompris-qt-data keeps its files).
 """

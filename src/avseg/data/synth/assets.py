@@ -37,6 +37,7 @@ DEFAULT_SOUNDFONT = "usr/share/sounds/sf2/FluidR3_GM.sf2"
 PACKAGE_OF: dict[str, str] = {
     f"{RCC_DIR}/instruments.rcc": "gcompris-qt-data",
     f"{RCC_DIR}/explore_farm_animals.rcc": "gcompris-qt-data",
+    f"{RCC_DIR}/details.rcc": "gcompris-qt-data",  # the background pictures
     DEFAULT_SOUNDFONT: "fluid-soundfont-gm",
     "fluidsynth": "fluidsynth",
     "rsvg-convert": "librsvg2-bin",
@@ -46,19 +47,21 @@ _SLOT_SECONDS = 1.6  # one note per slot in the bank's MIDI file; the rest is th
 _MIDI_TICKS_PER_SECOND = 960  # 480 ticks per quarter note at 120 bpm
 
 
-def _missing(package: str, what: str) -> ConfigError:
+def missing_error(package: str, what: str) -> ConfigError:
     return ConfigError(
         f"SynthAVS assets=real needs the Debian package {package} ({what} not found); install it with "
         f"`sudo {APT_LINE}`, or set assets_dir= to a folder of extracted packages (docs/SYNTHAVS.md)"
     )
 
 
-def require_all(root: Path, *, soundfont: str | None, melodies: bool = True) -> None:
+def require_all(root: Path, *, soundfont: str | None, melodies: bool = True, pictures: bool = True) -> None:
     """One ConfigError naming every missing package (files under `root`, programs on PATH)."""
     missing: dict[str, str] = {}
     for relative, package in PACKAGE_OF.items():
         if "/" in relative:
             if relative == DEFAULT_SOUNDFONT and (soundfont is not None or not melodies):
+                continue
+            if relative.endswith("/details.rcc") and not pictures:
                 continue
             if not (root / relative).is_file():
                 missing.setdefault(package, str(root / relative))
@@ -85,14 +88,14 @@ def asset_root(assets_dir: str | os.PathLike | None) -> Path:
 def require_file(root: Path, relative: str) -> Path:
     path = root / relative
     if not path.is_file():
-        raise _missing(PACKAGE_OF.get(relative, "gcompris-qt-data"), str(path))
+        raise missing_error(PACKAGE_OF.get(relative, "gcompris-qt-data"), str(path))
     return path
 
 
 def require_program(name: str) -> str:
     found = shutil.which(name)
     if found is None:
-        raise _missing(PACKAGE_OF[name], f"the program {name!r} on PATH")
+        raise missing_error(PACKAGE_OF[name], f"the program {name!r} on PATH")
     return found
 
 
@@ -138,7 +141,7 @@ def package_version(package: str, root: Path) -> str:
         result = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
         lines = (result.stdout or result.stderr).strip().splitlines()
         if result.returncode != 0 or not lines:
-            raise _missing(package, f"a version from `{program} --version`")
+            raise missing_error(package, f"a version from `{program} --version`")
         return f"{lines[0].strip()} (not a Debian package)"
     if root == Path("/"):
         version = _dpkg_version(package)
@@ -148,7 +151,7 @@ def package_version(package: str, root: Path) -> str:
     try:
         first = gzip.decompress(changelog.read_bytes()).decode("utf-8", "replace").splitlines()[0]
     except (OSError, IndexError, EOFError) as err:
-        raise _missing(package, f"its version (dpkg-query, {changelog})") from err
+        raise missing_error(package, f"its version (dpkg-query, {changelog})") from err
     if "(" not in first or ")" not in first:
         raise DataError(changelog, f"first line {first!r} holds no version in parentheses")
     return first[first.index("(") + 1 : first.index(")")]
@@ -199,7 +202,7 @@ def licence_of(package: str, file: str, root: Path) -> Licence:
     file without `Files:` stanzas (free-form) is summarised by its `License` lines."""
     path = root / "usr/share/doc" / package / "copyright"
     if not path.is_file():
-        raise _missing(package, str(path))
+        raise missing_error(package, str(path))
     match = None
     for patterns, licence, holders in _copyright_stanzas(path):
         if any(fnmatch.fnmatchcase(file, p) for p in patterns):

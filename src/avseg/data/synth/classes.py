@@ -30,12 +30,26 @@ _MAX_F0_HZ = 3200.0
 
 
 @dataclass(frozen=True)
-class ClassSpec:
-    """One SynthAVS class. `index` counts SynthAVS classes; `avss_index` is its AVSS class."""
+class ClassIdentity:
+    """What every SynthAVS class has (synthetic or real): `index` counts SynthAVS classes,
+    `avss_index` is its AVSS class. Subclasses add what they are made of in `details()`."""
 
     index: int
     name: str
     avss_index: int
+
+    def details(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """The sidecar's record of the class."""
+        return {"index": self.index, "name": self.name, "avss_index": self.avss_index, **self.details()}
+
+
+@dataclass(frozen=True)
+class ClassSpec(ClassIdentity):
+    """One synthetic class: its visual identity (shape, texture, colours) and sound identity."""
+
     shape: str
     texture: str
     colour: tuple[int, int, int]
@@ -45,11 +59,8 @@ class ClassSpec:
     amplitude: str
     pulse_hz: float
 
-    def describe(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            "index": self.index,
-            "name": self.name,
-            "avss_index": self.avss_index,
             "shape": self.shape,
             "texture": self.texture,
             "colour": list(self.colour),

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from avseg.data.layout import LAYOUTS
+from avseg.data.synth.backgrounds import background_rng, real_background
 from avseg.data.synth.options import AVSS_KINDS, GENERATOR_VERSION, KIND_FRAMES, SAMPLE_RATE, SPLITS, SUBSETS
 from avseg.data.synth.pictures import _background, _render, _sample_layout
 from avseg.data.synth.real import RealClassSpec, paint_sprite, real_signal, realistic_layout
@@ -36,6 +37,7 @@ class ClipPlan:
     # (zeros for silent objects), and what each sounding object played (the sidecar's `sound`).
     stems: np.ndarray | None = None
     sources: list[dict[str, Any] | None] | None = None
+    background: dict[str, Any] | None = None  # assets=real: what the background is (backgrounds.py)
 
     @property
     def num_frames(self) -> int:
@@ -135,7 +137,13 @@ def plan_clip(
             "other classes; build it with avseg.data.synth.catalogue_for(options)"
         )
     size = options["image_size"]
-    background = _background(rng, size)
+    background_record = None
+    if real:  # its own stream: the backgrounds= choice changes nothing else in the clip
+        background, background_record = real_background(
+            options["backgrounds"], background_rng(options, subset_code, split_code, index), size, options["assets_dir"]
+        )
+    else:
+        background = _background(rng, size)
     brightness = rng.uniform(0.9, 1.1, size=len(classes))
     for _attempt in range(20):
         layout = _sample_layout(rng, len(classes), num_frames, size)
@@ -176,4 +184,5 @@ def plan_clip(
         audio=audio,
         stems=stems,
         sources=sources,
+        background=background_record,
     )

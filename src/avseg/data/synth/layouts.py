@@ -136,7 +136,7 @@ def _sidecar_entry(plan: ClipPlan) -> dict[str, Any]:
     if plan.sources is not None:  # assets=real: what each sounding object played, None if silent
         for entry, source in zip(objects, plan.sources):
             entry["sound"] = source
-    return {
+    entry = {
         "split": plan.split,
         "kind": plan.kind,
         "num_frames": plan.num_frames,
@@ -144,6 +144,9 @@ def _sidecar_entry(plan: ClipPlan) -> dict[str, Any]:
         "objects": objects,
         "sounding": seconds,
     }
+    if plan.background is not None:
+        entry["background"] = plan.background
+    return entry
 
 
 def catalogue_for(options: Mapping[str, Any]) -> Sequence[Any]:
@@ -151,7 +154,9 @@ def catalogue_for(options: Mapping[str, Any]) -> Sequence[Any]:
     if options.get("assets") == "real":
         from avseg.data.synth.real import real_catalogue
 
-        return real_catalogue(options["num_classes"], options["assets_dir"], options["soundfont"])
+        return real_catalogue(
+            options["num_classes"], options["assets_dir"], options["soundfont"], options["instrument_sounds"]
+        )
     return class_catalogue(options["num_classes"])
 
 
@@ -160,10 +165,13 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
     catalogue = catalogue_for(options)
     rows: list[list[Any]] = []
     clips: dict[str, Any] = {}
+    backgrounds: list[dict[str, Any]] = []
     for split in SPLITS:
         for index in range(options["clips_per_split"][split]):
             plan = plan_clip(options=options, catalogue=catalogue, subset=subset, split=split, index=index)
             _write_clip(root, subset, plan, options)
+            if plan.background is not None:
+                backgrounds.append(plan.background)
             # Metadata draws from its own stream so it never shifts the clip's content.
             meta_rng = np.random.default_rng([options["seed"], SUBSETS.index(subset), SPLITS.index(split), index, 7919])
             if subset == "s4":
@@ -201,8 +209,10 @@ def _write_tree(root: Path, subset: str, options: Mapping[str, Any]) -> None:
         "clips": clips,
     }
     if options.get("assets") == "real":
+        from avseg.data.synth.backgrounds import background_sources
         from avseg.data.synth.real import asset_versions
 
-        sidecar["assets"] = asset_versions(options["assets_dir"], options["soundfont"])
+        sidecar["assets"] = asset_versions(options)
+        sidecar["backgrounds"] = background_sources(options["backgrounds"], options["assets_dir"], backgrounds)
         sidecar = {**{k: v for k, v in sidecar.items() if k != "clips"}, "clips": clips}  # clips last
     _write(root / SIDECAR_NAME, _json_bytes(sidecar))

@@ -52,8 +52,15 @@ _OPTION_DEFAULTS: dict[str, Any] = {
     "assets": "synthetic",  # synthetic | real (drawings and sounds from Debian packages, real.py)
     "soundfont": None,  # real: a .sf2 for the melodies (None: fluid-soundfont-gm's FluidR3_GM)
     "assets_dir": None,  # real: a folder of extracted packages (None: the installed ones, `/`)
+    "backgrounds": None,  # real: photo | painting | texture | plain (None: photo)
+    "instrument_sounds": None,  # real: melody | recording | mixed (None: melody)
 }
 ASSET_MODES: tuple[str, ...] = ("synthetic", "real")
+#: Choices of the real mode's options (the first is the default); synthetic trees take none of them.
+REAL_CHOICES: dict[str, tuple[str, ...]] = {
+    "backgrounds": ("photo", "painting", "texture", "plain"),
+    "instrument_sounds": ("melody", "recording", "mixed"),
+}
 MAX_REAL_CLASSES = 22  # len(real.REAL_CLASSES) (checked by the tests)
 
 
@@ -90,6 +97,13 @@ def resolve_options(subset: str, **options: Any) -> dict[str, Any]:
         if value is not None and assets != "real":
             raise ConfigError(f"{key}: only used with assets=real (got assets={assets})")
         real_only[key] = None if value is None else os.fspath(value)
+    for key, choices in REAL_CHOICES.items():
+        value = merged[key]
+        if value is not None and assets != "real":
+            raise ConfigError(f"{key}: only used with assets=real (got assets={assets})")
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        real_only[key] = choices[0] if value is None else str(value)
 
     seed = as_int("seed", 0)
     image_size = as_int("image_size", 32, 4096)
@@ -157,7 +171,7 @@ def cache_key(subset: str, resolved: Mapping[str, Any]) -> str:
     if resolved.get("assets") == "real":  # a new package version or soundfont gives a new tree
         from avseg.data.synth.real import asset_versions
 
-        content["assets"] = asset_versions(resolved["assets_dir"], resolved["soundfont"])
+        content["assets"] = asset_versions(resolved)
     payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 

@@ -3,13 +3,16 @@
 Each class is an AVSS class that Debian's gcompris-qt-data draws (SVG, rasterised by rsvg-convert:
 the drawing's alpha is the object's exact mask) and either plays (musical instruments: a new melody
 per instance, rendered note by note from a General MIDI program of a soundfont by fluidsynth) or
-records (animals and the drum kit: cuts of the package's .ogg recording, pitch-shifted by up to two
-semitones, time-shifted and looped with short gaps). The generator, layouts, sidecar, determinism,
-cache and checker are those of the synthetic mode; only the painting and the class signals change.
+records (animals and the drum kit, and the instruments with `instrument_sounds=recording|mixed`:
+cuts of the package's .ogg recording, pitch-shifted by up to two semitones, time-shifted, looped
+with short gaps at random gains). The generator, layouts, sidecar, determinism, cache and checker
+are those of the synthetic mode; only the painting, the backgrounds (backgrounds.py) and the class
+signals change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,43 +22,70 @@ import numpy as np
 
 from avseg.data.palette import AVSS_CLASSES
 from avseg.data.synth import assets
+from avseg.data.synth.classes import ClassIdentity
 from avseg.data.synth.options import SAMPLE_RATE
 
 _INSTRUMENTS = ("instruments.rcc", "gcompris/src/activities/instruments/resource/")
-_ANIMALS = ("explore_farm_animals.rcc", "gcompris/src/activities/explore_farm_animals/resource/animals/")
+_FARM = ("explore_farm_animals.rcc", "gcompris/src/activities/explore_farm_animals/resource/animals/")
+#: The classes in order. Instruments and animals alternate, so any first `num_classes` classes mix
+#: both kinds; the first eight look unlike each other (the cello, the violin's look-alike at random
+#: scales, comes later).
+_ORDER = (
+    "violin dog trumpet cat piano duck accordion sheep flute horse guitar pig saxophone hen clarinet bird "
+    "trombone drum tuba harp cello harmonica"
+).split()
+_ANIMALS = frozenset("dog cat duck sheep horse pig hen bird".split())  # the rest are instruments
+#: Files named other than `<class>.svg` / `<class>.ogg` (class -> file stem).
+_DRAWINGS = {"flute": "flute_traversiere", "hen": "chicken", "bird": "owl", "drum": "drum_kit"}
+_RECORDINGS = {**_DRAWINGS, "hen": "chickens"}
+#: Melodic instruments: class, GM program, lowest MIDI pitch (melodies span two octaves from it).
+_MELODIES = (
+    "violin 40 55 trumpet 56 55 piano 0 48 accordion 21 53 flute 73 67 guitar 24 45 saxophone 65 52 "
+    "clarinet 71 52 trombone 57 40 tuba 58 33 harp 46 48 cello 42 36 harmonica 22 60"
+).split()
+_MELODY_SPAN = 24
 
-#: (AVSS class, bundle, drawing, sound): sound is ("melody", GM program, lowest, highest MIDI pitch)
-#: or ("recording", file in the same bundle). Instruments and animals alternate, so any first
-#: `num_classes` entries mix both kinds; the first eight look unlike each other (the cello, the
-#: violin's look-alike at random scales, comes later).
-REAL_CLASSES: tuple[tuple[str, tuple[str, str], str, tuple[Any, ...]], ...] = (
-    ("violin", _INSTRUMENTS, "violin.svg", ("melody", 40, 55, 79)),
-    ("dog", _ANIMALS, "dog.svg", ("recording", "dog.ogg")),
-    ("trumpet", _INSTRUMENTS, "trumpet.svg", ("melody", 56, 55, 79)),
-    ("cat", _ANIMALS, "cat.svg", ("recording", "cat.ogg")),
-    ("piano", _INSTRUMENTS, "piano.svg", ("melody", 0, 48, 72)),
-    ("duck", _ANIMALS, "duck.svg", ("recording", "duck.ogg")),
-    ("accordion", _INSTRUMENTS, "accordion.svg", ("melody", 21, 53, 77)),
-    ("sheep", _ANIMALS, "sheep.svg", ("recording", "sheep.ogg")),
-    ("flute", _INSTRUMENTS, "flute_traversiere.svg", ("melody", 73, 67, 91)),
-    ("horse", _ANIMALS, "horse.svg", ("recording", "horse.ogg")),
-    ("guitar", _INSTRUMENTS, "guitar.svg", ("melody", 24, 45, 69)),
-    ("pig", _ANIMALS, "pig.svg", ("recording", "pig.ogg")),
-    ("saxophone", _INSTRUMENTS, "saxophone.svg", ("melody", 65, 52, 76)),
-    ("hen", _ANIMALS, "chicken.svg", ("recording", "chickens.ogg")),
-    ("clarinet", _INSTRUMENTS, "clarinet.svg", ("melody", 71, 52, 76)),
-    ("bird", _ANIMALS, "owl.svg", ("recording", "owl.ogg")),
-    ("trombone", _INSTRUMENTS, "trombone.svg", ("melody", 57, 40, 64)),
-    ("drum", _INSTRUMENTS, "drum_kit.svg", ("recording", "drum_kit.ogg")),
-    ("tuba", _INSTRUMENTS, "tuba.svg", ("melody", 58, 33, 57)),
-    ("harp", _INSTRUMENTS, "harp.svg", ("melody", 46, 48, 72)),
-    ("cello", _INSTRUMENTS, "cello.svg", ("melody", 42, 36, 60)),
-    ("harmonica", _INSTRUMENTS, "harmonica.svg", ("melody", 22, 60, 84)),
-)
+
+@dataclass(frozen=True)
+class RealClassRow:
+    """One line of the class table: where a class's drawing and recording are, and its melodies'
+    GM program and pitch range (None: the class only plays its recording)."""
+
+    name: str
+    bundle: str
+    prefix: str
+    drawing: str
+    recording: str
+    melody: tuple[int, int, int] | None
+
+
+def _class_rows() -> tuple[RealClassRow, ...]:
+    melodies = {
+        name: (int(program), int(low), int(low) + _MELODY_SPAN)
+        for name, program, low in zip(_MELODIES[::3], _MELODIES[1::3], _MELODIES[2::3])
+    }
+    rows = []
+    for name in _ORDER:
+        bundle, prefix = _FARM if name in _ANIMALS else _INSTRUMENTS
+        drawing, recording = _DRAWINGS.get(name, name), _RECORDINGS.get(name, name)
+        rows.append(
+            RealClassRow(
+                name=name,
+                bundle=bundle,
+                prefix=prefix,
+                drawing=f"{drawing}.svg",
+                recording=f"{recording}.ogg",
+                melody=melodies.get(name),
+            )
+        )
+    return tuple(rows)
+
+
+REAL_CLASSES: tuple[RealClassRow, ...] = _class_rows()
 PACKAGES: tuple[str, ...] = ("gcompris-qt-data", "fluid-soundfont-gm", "fluidsynth", "librsvg2-bin")
 #: Bump when real-asset trees change for the same options and packages (part of their cache key;
 #: GENERATOR_VERSION also seeds the clips, so bumping it would change the synthetic trees too).
-REAL_ASSETS_VERSION = 2
+REAL_ASSETS_VERSION = 3
 
 SPRITE_SIZE = 128  # drawings are rasterised once per class at this size
 SPRITE_EXTENT = 0.7  # the drawing's square spans [-0.7, 0.7] of the object radius: it fits any tilt
@@ -68,54 +98,59 @@ _NOTE_FADE = 0.04  # seconds of fade-out at each melody note's end
 
 
 @dataclass(frozen=True, eq=False)
-class RealClassSpec:
-    """One real-asset class. `index` counts SynthAVS classes; `avss_index` is its AVSS class."""
+class RealClassSpec(ClassIdentity):
+    """One real-asset class (`index` counts SynthAVS classes; `avss_index` is its AVSS class): its
+    drawing, and its melody notes and / or its recording (whichever `instrument_sounds` uses)."""
 
-    index: int
-    name: str
-    avss_index: int
     drawing: dict[str, Any]  # bundle, member, licence
-    sound: dict[str, Any]  # kind, program/range or recording, licence
+    sound: dict[str, Any]  # kind (melody | recording | mixed), and a "melody" and / or "recording" part
     sprite: np.ndarray = field(repr=False)  # uint8 [S, S, 4]
     recording: np.ndarray | None = field(repr=False, default=None)  # float64 [N] at SAMPLE_RATE
     notes: dict[int, np.ndarray] | None = field(repr=False, default=None)  # pitch -> float64 [M]
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "avss_index": self.avss_index,
-            "drawing": self.drawing,
-            "sound": self.sound,
-        }
+    def details(self) -> dict[str, Any]:
+        return {"drawing": self.drawing, "sound": self.sound}
+
+
+def _sound_kind(row: RealClassRow, instrument_sounds: str) -> str:
+    """melody | recording | mixed: what a class plays (classes without a melody: their recording)."""
+    return "recording" if row.melody is None else instrument_sounds
 
 
 @lru_cache(maxsize=4)
-def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | None) -> tuple[RealClassSpec, ...]:
-    """The first `num_classes` REAL_CLASSES, loaded from the packages (cached per process)."""
+def real_catalogue(
+    num_classes: int, assets_dir: str | None, soundfont: str | None, instrument_sounds: str = "melody"
+) -> tuple[RealClassSpec, ...]:
+    """The first `num_classes` REAL_CLASSES, loaded from the packages (cached per process).
+    `instrument_sounds`: melodic instruments play generated melodies (`melody`), cuts of their
+    recording (`recording`) or either, drawn per instance (`mixed`)."""
     root = assets.asset_root(assets_dir)
     chosen = REAL_CLASSES[:num_classes]
     melodic = [
-        (spec[3][1], pitch) for spec in chosen if spec[3][0] == "melody" for pitch in range(spec[3][2], spec[3][3] + 1)
+        (row.melody[0], pitch)
+        for row in chosen
+        if row.melody is not None and _sound_kind(row, instrument_sounds) != "recording"
+        for pitch in range(row.melody[1], row.melody[2] + 1)
     ]
-    assets.require_all(root, soundfont=soundfont, melodies=bool(melodic))
+    assets.require_all(root, soundfont=soundfont, melodies=bool(melodic), pictures=False)
     font = assets.resolve_soundfont(root, soundfont) if melodic else None
     bank = assets.render_notes(font, melodic) if melodic else {}
     out = []
-    for c, (name, (bundle, prefix), drawing, sound) in enumerate(chosen):
-        archive = assets.rcc(assets.require_file(root, f"{assets.RCC_DIR}/{bundle}"))
-        member = prefix + drawing
-        source_path = member.removeprefix("gcompris/")
+    for c, row in enumerate(chosen):
+        archive = assets.rcc(assets.require_file(root, f"{assets.RCC_DIR}/{row.bundle}"))
+        member = row.prefix + row.drawing
         sprite = assets.rasterise_svg(archive.read(member), SPRITE_SIZE, source=f"{archive.path}:{member}")
         drawing_info = {
             "bundle": str(archive.path),
             "member": member,
-            **assets.licence_of("gcompris-qt-data", source_path, root).describe(),
+            **assets.licence_of("gcompris-qt-data", member.removeprefix("gcompris/"), root).describe(),
         }
-        if sound[0] == "melody":
-            _, program, low, high = sound
-            sound_info = {
-                "kind": "melody",
+        kind = _sound_kind(row, instrument_sounds)
+        sound_info: dict[str, Any] = {"kind": kind}
+        notes = recording = None
+        if kind != "recording":
+            program, low, high = row.melody
+            sound_info["melody"] = {
                 "gm_program": program,
                 "pitch_range": [low, high],
                 "soundfont": str(font),
@@ -123,23 +158,20 @@ def real_catalogue(num_classes: int, assets_dir: str | None, soundfont: str | No
                 **soundfont_licence(root, font, soundfont),
             }
             notes = {pitch: bank[(program, pitch)] for pitch in range(low, high + 1)}
-            recording = None
-        else:
-            record_member = prefix + sound[1]
+        if kind != "melody":
+            record_member = row.prefix + row.recording
             recording = assets.decode_recording(archive.read(record_member), source=f"{archive.path}:{record_member}")
-            sound_info = {
-                "kind": "recording",
+            sound_info["recording"] = {
                 "bundle": str(archive.path),
                 "member": record_member,
                 "seconds": round(len(recording) / SAMPLE_RATE, 3),
                 **assets.licence_of("gcompris-qt-data", record_member.removeprefix("gcompris/"), root).describe(),
             }
-            notes = None
         out.append(
             RealClassSpec(
                 index=c,
-                name=name,
-                avss_index=AVSS_CLASSES.index(name),
+                name=row.name,
+                avss_index=AVSS_CLASSES.index(row.name),
                 drawing=drawing_info,
                 sound=sound_info,
                 sprite=sprite,
@@ -169,20 +201,28 @@ def soundfont_licence(root: Path, font: Path, soundfont: str | None) -> dict[str
     return assets.licence_of(package, font.name, root).describe()
 
 
-def asset_versions(assets_dir: str | None, soundfont: str | None) -> dict[str, Any]:
-    """Package versions (and the soundfont file) that a real tree is made from: part of its cache key."""
-    root = assets.asset_root(assets_dir)
-    assets.require_all(root, soundfont=soundfont)
-    versions = {package: assets.package_version(package, root) for package in PACKAGES}
-    font = assets.resolve_soundfont(root, soundfont)
-    package = _soundfont_package(root, font, soundfont)
-    if package is not None and package not in versions:
-        versions[package] = assets.package_version(package, root)
-    return {
-        "real_assets_version": REAL_ASSETS_VERSION,
-        "packages": versions,
-        "soundfont": {**assets.describe_file(font), "package": package},
+def asset_versions(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Package versions (and the soundfont file) that a real tree with these resolved options is
+    made from: part of its cache key."""
+    root = assets.asset_root(options["assets_dir"])
+    soundfont = options["soundfont"]
+    melodies = options["instrument_sounds"] != "recording"
+    assets.require_all(
+        root, soundfont=soundfont, melodies=melodies, pictures=options["backgrounds"] in ("photo", "painting")
+    )
+    versions = {
+        package: assets.package_version(package, root)
+        for package in PACKAGES
+        if melodies or package not in ("fluidsynth", "fluid-soundfont-gm")
     }
+    out: dict[str, Any] = {"real_assets_version": REAL_ASSETS_VERSION, "packages": versions}
+    if melodies:
+        font = assets.resolve_soundfont(root, soundfont)
+        package = _soundfont_package(root, font, soundfont)
+        if package is not None and package not in versions:
+            versions[package] = assets.package_version(package, root)
+        out["soundfont"] = {**assets.describe_file(font), "package": package}
+    return out
 
 
 def paint_sprite(spec: RealClassSpec, u: np.ndarray, v: np.ndarray, brightness: float) -> tuple[np.ndarray, np.ndarray]:
@@ -201,50 +241,66 @@ def paint_sprite(spec: RealClassSpec, u: np.ndarray, v: np.ndarray, brightness: 
 def real_signal(
     spec: RealClassSpec, rng: np.random.Generator, num_samples: int, log: list[dict[str, Any]]
 ) -> np.ndarray:
-    """One instance's sound over the whole clip, RMS 1: float64 [num_samples]. What was played
+    """One instance's sound over the whole clip, RMS 1: float64 [num_samples]: a new melody, or
+    cuts of the recording (class kind `mixed`: either, drawn per instance). What was played
     (melody notes, or recording cut) is appended to `log`."""
-    signal = np.zeros(num_samples)
-    if spec.notes is not None:
-        low, high = spec.sound["pitch_range"]
-        root = int(rng.integers(low, high - 16 + 1))
-        degree = int(rng.integers(0, 4))
-        played = []
-        start = 0
-        while start < num_samples:
-            length = int(round(float(rng.choice(_NOTE_LENGTHS)) * SAMPLE_RATE))
-            degree = int(np.clip(degree + rng.integers(-2, 3), 0, len(_PENTATONIC) - 1))
-            pitch = root + _PENTATONIC[degree]
-            note = spec.notes[pitch][:length].copy()
-            fade = min(int(_NOTE_FADE * SAMPLE_RATE), len(note))
-            note[len(note) - fade :] *= np.linspace(1.0, 0.0, fade)
-            note *= rng.uniform(0.8, 1.0)
-            end = min(start + len(note), num_samples)
-            signal[start:end] += note[: end - start]
-            played.append([pitch, round(start / SAMPLE_RATE, 4), round(length / SAMPLE_RATE, 4)])
-            start += length
-        log.append({"kind": "melody", "gm_program": spec.sound["gm_program"], "notes": played})
-    else:
-        recording = spec.recording
-        semitones = float(rng.uniform(-2.0, 2.0))
-        factor = 2.0 ** (semitones / 12.0)
-        positions = np.arange(0.0, len(recording) - 1, factor)
-        shifted = np.interp(positions, np.arange(len(recording)), recording)
-        offset = int(rng.integers(0, len(shifted)))
-        pieces, total = [shifted[offset:]], len(shifted) - offset
-        while total < num_samples:
-            gap = np.zeros(int(rng.uniform(0.02, 0.15) * SAMPLE_RATE))
-            pieces += [gap, shifted]
-            total += len(gap) + len(shifted)
-        signal = np.concatenate(pieces)[:num_samples]
-        log.append(
-            {
-                "kind": "recording",
-                "member": spec.sound["member"],
-                "pitch_semitones": round(semitones, 4),
-                "offset_s": round(offset / SAMPLE_RATE, 4),
-            }
-        )
+    use_melody = spec.notes is not None and (spec.recording is None or rng.random() < 0.5)
+    signal = _melody(spec, rng, num_samples, log) if use_melody else _recording_cut(spec, rng, num_samples, log)
     return signal / max(float(np.sqrt(np.mean(signal**2))), 1e-9)
+
+
+def _melody(spec: RealClassSpec, rng: np.random.Generator, num_samples: int, log: list[dict[str, Any]]) -> np.ndarray:
+    """A pentatonic melody of the class's rendered notes, random lengths and velocities."""
+    signal = np.zeros(num_samples)
+    low, high = spec.sound["melody"]["pitch_range"]
+    root = int(rng.integers(low, high - 16 + 1))
+    degree = int(rng.integers(0, 4))
+    played = []
+    start = 0
+    while start < num_samples:
+        length = int(round(float(rng.choice(_NOTE_LENGTHS)) * SAMPLE_RATE))
+        degree = int(np.clip(degree + rng.integers(-2, 3), 0, len(_PENTATONIC) - 1))
+        pitch = root + _PENTATONIC[degree]
+        note = spec.notes[pitch][:length].copy()
+        fade = min(int(_NOTE_FADE * SAMPLE_RATE), len(note))
+        note[len(note) - fade :] *= np.linspace(1.0, 0.0, fade)
+        note *= rng.uniform(0.8, 1.0)
+        end = min(start + len(note), num_samples)
+        signal[start:end] += note[: end - start]
+        played.append([pitch, round(start / SAMPLE_RATE, 4), round(length / SAMPLE_RATE, 4)])
+        start += length
+    log.append({"kind": "melody", "gm_program": spec.sound["melody"]["gm_program"], "notes": played})
+    return signal
+
+
+def _recording_cut(
+    spec: RealClassSpec, rng: np.random.Generator, num_samples: int, log: list[dict[str, Any]]
+) -> np.ndarray:
+    """The recording pitch-shifted by up to two semitones (resampled), started at a random offset
+    (time shift) and looped with short gaps, each repetition at its own gain (0 to -6 dB)."""
+    recording = spec.recording
+    semitones = float(rng.uniform(-2.0, 2.0))
+    factor = 2.0 ** (semitones / 12.0)
+    positions = np.arange(0.0, len(recording) - 1, factor)
+    shifted = np.interp(positions, np.arange(len(recording)), recording)
+    offset = int(rng.integers(0, len(shifted)))
+    gains = [float(rng.uniform(-6.0, 0.0))]
+    pieces, total = [shifted[offset:] * 10.0 ** (gains[0] / 20.0)], len(shifted) - offset
+    while total < num_samples:
+        gap = np.zeros(int(rng.uniform(0.02, 0.15) * SAMPLE_RATE))
+        gains.append(float(rng.uniform(-6.0, 0.0)))
+        pieces += [gap, shifted * 10.0 ** (gains[-1] / 20.0)]
+        total += len(gap) + len(shifted)
+    log.append(
+        {
+            "kind": "recording",
+            "member": spec.sound["recording"]["member"],
+            "pitch_semitones": round(semitones, 4),
+            "offset_s": round(offset / SAMPLE_RATE, 4),
+            "gains_db": [round(g, 3) for g in gains],
+        }
+    )
+    return np.concatenate(pieces)[:num_samples]
 
 
 def realistic_layout(layout: Any) -> Any:

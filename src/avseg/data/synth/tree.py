@@ -41,6 +41,8 @@ def generate(
     assets: str = "synthetic",
     soundfont: str | None = None,
     assets_dir: str | None = None,
+    backgrounds: str | None = None,
+    instrument_sounds: str | None = None,
 ) -> Path:
     """Write a SynthAVS tree for `subset` at `root` (the folder that will hold the CSV).
 
@@ -62,6 +64,8 @@ def generate(
         assets=assets,
         soundfont=soundfont,
         assets_dir=assets_dir,
+        backgrounds=backgrounds,
+        instrument_sounds=instrument_sounds,
     )
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
