@@ -11,6 +11,8 @@ the optimiser settings of the LightningModule, are ignored here):
   backbone) to fusion, ``num_classes`` and ``mask_dim`` (from fusion) to the decoder. A sub-config
   that sets one of these itself (or ``dim`` / ``ms_deform_backend`` in fusion and decoder,
   ``num_levels`` in the decoder) to a different value is a ConfigError (no silent override).
+- the decomposition gets its codebook keys (``beta``, ``vq_loss_form``, ...: `QUANTIZER_KEYS`) as
+  one quantiser builder, ``quantizer=`` (`VectorQuantizer.factory`), see `build_decomposition`;
 - fusion and decoder each get one `DeformableLayerSpec` (``spec=``) for their deformable layers:
   ``dim`` and ``ms_deform_backend`` from the model, ``num_heads`` (default 8), ``num_points`` (4),
   ``ffn_dim`` (fusion 1024, decoder 2048), ``dropout`` (0.1) from the part's own keys, and
@@ -19,13 +21,14 @@ the optimiser settings of the LightningModule, are ignored here):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import hydra.utils
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from avseg.errors import AvsegError, ConfigError
 from avseg.models.init_from import load_init_from
@@ -34,6 +37,7 @@ from avseg.models.layers.source_head import SourceHead
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 from avseg.models.qdformer import QDFormer
+from avseg.models.quantizer import QUANTIZER_KEYS, VectorQuantizer
 
 MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
 _DIM_ALLOWED = "a positive multiple of 32 (GroupNorm(32) layers)"
@@ -75,22 +79,37 @@ def _layer_spec(sub: Mapping, *, dim: int, backend: str, num_levels: int, ffn_di
     )
 
 
-def _instantiate(name: str, sub: Mapping, shared: Mapping, *, spec: DeformableLayerSpec | None = None) -> object:
-    """``sub`` built with the ``shared`` keywords; with ``spec``: also given ``spec=``, and the keys
-    ``_layer_spec`` reads (and ``dim``, ``ms_deform_backend``, checked against the spec) left out."""
+def _instantiate(
+    name: str, sub: Mapping, shared: Mapping, *, parts: Mapping[str, object] | None = None, taken: Sequence[str] = ()
+) -> object:
+    """``sub`` built with the ``shared`` keywords (a key ``sub`` sets itself must agree); ``parts``:
+    objects the builder made from ``sub``'s keys ``taken``, passed instead of those keys."""
     _check_shared(name, sub, shared)
-    if spec is not None:
-        _check_shared(name, sub, {"dim": spec.dim, "ms_deform_backend": spec.backend, "num_levels": spec.num_levels})
-        sub = {key: value for key, value in sub.items() if key not in _SPEC_KEYS}
     try:
-        if spec is not None:
-            return hydra.utils.instantiate(sub, _partial_=True)(spec=spec, **shared)
-        return hydra.utils.instantiate(dict(sub), **shared)
+        if parts is None:
+            return hydra.utils.instantiate(dict(sub), **shared)
+        rest = {key: value for key, value in sub.items() if key not in taken}
+        return hydra.utils.instantiate(rest, _partial_=True)(**parts, **shared)
     except InstantiationException as exc:
         # surface the project's own errors (missing weights file, bad key) unwrapped
         if isinstance(exc.__cause__, AvsegError):
             raise exc.__cause__ from None
         raise
+
+
+def _with_spec(name: str, sub: Mapping, shared: Mapping, spec: DeformableLayerSpec) -> object:
+    """``model.fusion`` / ``model.decoder`` built with ``spec=`` in place of the keys it holds."""
+    _check_shared(name, sub, {"dim": spec.dim, "ms_deform_backend": spec.backend, "num_levels": spec.num_levels})
+    return _instantiate(name, sub, shared, parts={"spec": spec}, taken=_SPEC_KEYS)
+
+
+def build_decomposition(sub: Mapping, *, dim: int) -> nn.Module:
+    """``model.decomposition`` (with its ``_target_``) -> the decomposition of model width ``dim``;
+    its codebook keys (`QUANTIZER_KEYS`) become one quantiser builder, ``quantizer=``
+    (`VectorQuantizer.factory`)."""
+    _check_target("decomposition", sub)
+    quantizer = VectorQuantizer.factory(sub, prefix="model.decomposition.")
+    return _instantiate("decomposition", sub, {"dim": dim}, parts={"quantizer": quantizer}, taken=QUANTIZER_KEYS)
 
 
 def check_model_options(options: Mapping[str, Any]) -> list[Problem]:
@@ -124,17 +143,17 @@ def build_qdformer(model_cfg: Mapping, *, source_head: bool = False) -> QDFormer
 
     backbone = _instantiate("backbone", cfg["backbone"], {})
     audio_encoder = _instantiate("audio_encoder", cfg["audio_encoder"], {"dim": dim})
-    decomposition = _instantiate("decomposition", cfg["decomposition"], {"dim": dim})
+    decomposition = build_decomposition(cfg["decomposition"], dim=dim)
     neck = MultiLevelProjection(in_channels=backbone.out_channels[1:], dim=dim)
     spec = partial(_layer_spec, dim=dim, backend=backend, num_levels=cfg["fusion"].get("num_levels", 4))
-    fusion = _instantiate(
-        "fusion", cfg["fusion"], {"res2_channels": backbone.out_channels[0]}, spec=spec(cfg["fusion"], ffn_dim=1024)
+    fusion = _with_spec(
+        "fusion", cfg["fusion"], {"res2_channels": backbone.out_channels[0]}, spec(cfg["fusion"], ffn_dim=1024)
     )
-    decoder = _instantiate(
+    decoder = _with_spec(
         "decoder",
         cfg["decoder"],
         {"num_classes": num_classes, "mask_dim": fusion.mask_dim},
-        spec=spec(cfg["decoder"], ffn_dim=2048),
+        spec(cfg["decoder"], ffn_dim=2048),
     )
     net = QDFormer(
         backbone=backbone,
@@ -152,4 +171,4 @@ def build_qdformer(model_cfg: Mapping, *, source_head: bool = False) -> QDFormer
     return net
 
 
-__all__ = ["build_qdformer", "check_model_options", "load_init_from", "MS_DEFORM_BACKENDS"]
+__all__ = ["build_qdformer", "build_decomposition", "check_model_options", "load_init_from", "MS_DEFORM_BACKENDS"]

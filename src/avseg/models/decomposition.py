@@ -182,6 +182,11 @@ class AudioDecomposition(nn.Module):
 
     K is ``self.num_tokens`` (``num_subspaces``, or 1 for ``vq``). Every variant accepts every key;
     the keys a variant does not use are ignored (so one Hydra sweep can cross variants).
+
+    ``quantizer`` builds the codebook (not for ``none``), called with ``num_codes`` =
+    ``codebook_size`` and ``code_dim``: `avseg.models.build.build_decomposition` makes it with
+    `VectorQuantizer.factory` from the config's codebook keys (``beta``, ``vq_loss_form``, ...,
+    `avseg.models.quantizer.QUANTIZER_KEYS`), which `check_options` checks with the others.
     """
 
     @classmethod
@@ -242,7 +247,7 @@ class AudioDecomposition(nn.Module):
         variant: str = "pq",
         num_subspaces: int = 4,
         codebook_size: int = 512,
-        beta: float = 0.25,
+        quantizer: Callable[..., VectorQuantizer] = VectorQuantizer,
         local_calibration: bool = True,
         local_window: int = 1,
         distill_loss: str = "mse",
@@ -251,22 +256,16 @@ class AudioDecomposition(nn.Module):
         num_heads: int = 8,
         ffn_dim: int | None = None,
         dropout: float = 0.0,
-        dead_code_threshold: float = 0.01,
-        reseed_dead_codes: bool = False,
-        usage_ema_decay: float = 0.99,
-        reseed_buffer_size: int = 1024,
-        codebook_init: str = "normal",
         prototype_init_std: float = 1.0,
-        codebook_update: str = "loss",
-        codebook_ema_decay: float = 0.8,
-        vq_loss_form: str = "vqvae",
         prototype_role: str = "content",
         competition: str = "none",
         subspace_values: bool = False,
         distill_gate: str = "none",
     ) -> None:
         super().__init__()
-        options = {name: value for name, value in locals().items() if name not in ("self", "dim", "__class__")}
+        options = {
+            name: value for name, value in locals().items() if name not in ("self", "dim", "quantizer", "__class__")
+        }
         if not is_int(dim) or dim < 1:
             raise Problem(f"{_KEY}.dim", dim, "an integer >= 1").error()
         raise_first(self.check_options(options, dim=dim))
@@ -312,19 +311,7 @@ class AudioDecomposition(nn.Module):
         if variant == "none":
             self.quantizer = None
         else:
-            self.quantizer = VectorQuantizer(
-                num_codes=codebook_size,
-                code_dim=code_dim,
-                beta=beta,
-                usage_ema_decay=usage_ema_decay,
-                dead_code_threshold=dead_code_threshold,
-                reseed_dead_codes=reseed_dead_codes,
-                reseed_buffer_size=reseed_buffer_size,
-                codebook_init=codebook_init,
-                codebook_update=codebook_update,
-                codebook_ema_decay=codebook_ema_decay,
-                loss_form=vq_loss_form,
-            )
+            self.quantizer = quantizer(num_codes=codebook_size, code_dim=code_dim)
 
     # ------------------------------------------------------------------ encoders
     def _check_inputs(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
