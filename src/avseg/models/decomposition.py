@@ -35,7 +35,7 @@ the clip's global codes as their local codes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,14 @@ from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAt
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
 from avseg.models.quantizer import VectorQuantizer
 
-__all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
+__all__ = [
+    "AudioDecomposition",
+    "PrototypeDecoder",
+    "PrototypeDecoderLayer",
+    "PrototypeLayerSpec",
+    "frame_windows",
+    "VARIANTS",
+]
 
 VARIANTS = ("pq", "pq_split", "vq", "none")
 PROTOTYPE_ROLES = ("content", "position")
@@ -56,39 +63,48 @@ DISTILL_LOSSES = ("mse", "ce")
 _KEY = "model.decomposition"
 
 
+@dataclass(frozen=True)
+class PrototypeLayerSpec:
+    """The sizes and switches of a `PrototypeDecoderLayer`: width C, heads, FFN width, dropout, the
+    K queries and the cross-attention readings (``competition``, ``subspace_values``)."""
+
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    dropout: float
+    num_queries: int
+    competition: str
+    subspace_values: bool
+
+    def stack(self, num_layers: int) -> nn.ModuleList:
+        """``num_layers`` layers ``PrototypeDecoderLayer(spec=self)``, built one after the other."""
+        return nn.ModuleList(PrototypeDecoderLayer(spec=self) for _ in range(num_layers))
+
+
 class PrototypeDecoderLayer(nn.Module):
     """Pre-norm transformer decoder layer: self-attention among queries, cross-attention, FFN."""
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_heads: int,
-        ffn_dim: int,
-        dropout: float = 0.0,
-        num_queries: int = 1,
-        competition: str = "none",
-        subspace_values: bool = False,
-    ) -> None:
+    def __init__(self, *, spec: PrototypeLayerSpec) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        dim, dropout = spec.dim, spec.dropout
+        self.self_attn = nn.MultiheadAttention(dim, spec.num_heads, dropout=dropout, batch_first=True)
         # the default keeps torch's attention (and its state-dict keys); the switches need the own block
-        self.custom_cross = competition != "none" or bool(subspace_values)
+        self.custom_cross = spec.competition != "none" or bool(spec.subspace_values)
         if self.custom_cross:
             self.cross_attn = SubspaceCrossAttention(
                 dim=dim,
-                num_heads=num_heads,
-                num_queries=num_queries,
-                competition=competition,
-                subspace_values=subspace_values,
+                num_heads=spec.num_heads,
+                num_queries=spec.num_queries,
+                competition=spec.competition,
+                subspace_values=spec.subspace_values,
             )
         else:
-            self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+            self.cross_attn = nn.MultiheadAttention(dim, spec.num_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
         self.norm_cross = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+            nn.Linear(dim, spec.ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(spec.ffn_dim, dim)
         )
         self.dropout = nn.Dropout(dropout)
 
@@ -124,15 +140,13 @@ class PrototypeDecoderLayer(nn.Module):
 
 
 class PrototypeDecoder(nn.Module):
-    """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs).
+    """A stack of ``num_layers`` :class:`PrototypeDecoderLayer` of one ``spec`` and a final
+    LayerNorm (unit-scale outputs)."""
 
-    ``layer``: builds one layer (e.g. a ``functools.partial`` of `PrototypeDecoderLayer`); called
-    ``num_layers`` times, one layer after the other."""
-
-    def __init__(self, *, dim: int, num_layers: int, layer: Callable[[], PrototypeDecoderLayer]) -> None:
+    def __init__(self, *, num_layers: int, spec: PrototypeLayerSpec) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layer() for _ in range(num_layers))
-        self.norm = nn.LayerNorm(dim)
+        self.layers = spec.stack(num_layers)
+        self.norm = nn.LayerNorm(spec.dim)
 
     def forward(self, queries: torch.Tensor, *inputs: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """queries [N, K, C] through every layer, each given ``inputs`` and ``options`` as
@@ -296,8 +310,7 @@ class AudioDecomposition(nn.Module):
             # audio. N(0, 1) lets the prototype dominate: each sub-space then maps to one fixed
             # code whatever the audio (measured on the demo, docs/MODEL.md "Codebook collapse").
             self.prototypes = nn.Parameter(torch.randn(num_tokens, dim) * prototype_init_std)
-            layer = partial(
-                PrototypeDecoderLayer,
+            spec = PrototypeLayerSpec(
                 dim=dim,
                 num_heads=num_heads,
                 ffn_dim=ffn_dim if ffn_dim is not None else 4 * dim,
@@ -306,7 +319,7 @@ class AudioDecomposition(nn.Module):
                 competition=competition,
                 subspace_values=subspace_values,
             )
-            self.decoder = PrototypeDecoder(dim=dim, num_layers=num_layers, layer=layer)
+            self.decoder = PrototypeDecoder(num_layers=num_layers, spec=spec)
             code_dim = dim
         if variant == "none":
             self.quantizer = None
