@@ -496,16 +496,22 @@ def test_test_ckpt_is_best_or_last(configs):
 
 def _constructors():
     from avseg.models.audio import AudioEncoder
+    from avseg.models.build import build_decomposition
     from avseg.models.criterion import SetCriterion
     from avseg.models.decoder import SemanticGuidedDecoder
-    from avseg.models.decomposition import AudioDecomposition
     from avseg.models.fusion import AudioVisualFusion
+    from avseg.models.layers.deformable import DeformableLayerSpec
 
+    spec = DeformableLayerSpec(
+        dim=64, ffn_dim=128, dropout=0.0, num_levels=4, num_heads=4, num_points=2, backend="torch"
+    )
     return {
         "model.audio_encoder": lambda **kw: AudioEncoder(dim=64, **kw),
-        "model.decomposition": lambda **kw: AudioDecomposition(dim=64, **kw),
-        "model.fusion": lambda **kw: AudioVisualFusion(dim=64, res2_channels=64, **kw),
-        "model.decoder": lambda **kw: SemanticGuidedDecoder(dim=64, num_classes=1, mask_dim=8, **kw),
+        "model.decomposition": lambda **kw: build_decomposition(
+            {"_target_": "avseg.models.decomposition.AudioDecomposition", **kw}, dim=64
+        ),
+        "model.fusion": lambda **kw: AudioVisualFusion(spec=spec, res2_channels=64, **kw),
+        "model.decoder": lambda **kw: SemanticGuidedDecoder(spec=spec, num_classes=1, mask_dim=8, **kw),
         "model.loss": lambda **kw: SetCriterion(num_classes=1, semantic=False, **kw),
     }
 

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from avseg.errors import ConfigError
+from avseg.models.build import build_decomposition
 from avseg.models.decomposition import VARIANTS, AudioDecomposition, frame_windows
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model" / "decomposition"
 DIM, K, N = 32, 4, 16
+TARGET = "avseg.models.decomposition.AudioDecomposition"
 OUTPUT_KEYS = {
     "global_codes",
     "local_codes",
@@ -29,9 +30,9 @@ OUTPUT_KEYS = {
 
 def _module(variant: str, seed: int = 0, **kwargs) -> AudioDecomposition:
     torch.manual_seed(seed)
-    options = dict(dim=DIM, variant=variant, num_subspaces=K, codebook_size=N, num_heads=4)
+    options = dict(_target_=TARGET, variant=variant, num_subspaces=K, codebook_size=N, num_heads=4)
     options.update(kwargs)
-    return AudioDecomposition(**options)
+    return build_decomposition(options, dim=DIM)
 
 
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +312,7 @@ def test_hydra_configs_instantiate_with_the_same_keys(variant):
     keys = {name for name in OmegaConf.load(CONF_DIR / "pq.yaml")}
     assert set(cfg) == keys  # one sweep can cross variants
     assert cfg.num_subspaces == 4 and cfg.codebook_size == 512 and cfg.beta == 0.25
-    module = instantiate(cfg, dim=64)
+    module = build_decomposition(OmegaConf.to_container(cfg), dim=64)
     assert isinstance(module, AudioDecomposition) and module.variant == variant
     out = module(torch.randn(1, 3, 64))
     assert out["local_codes"].shape == (1, 3, module.num_tokens, 64)
@@ -381,7 +382,7 @@ def test_tiny_model_config_turns_the_anti_collapse_mechanism_on():
     cfg = OmegaConf.load(CONF_DIR.parent / "qdformer_tiny.yaml")
     options = dict(cfg.decomposition)
     assert options["codebook_init"] == "data" and options["reseed_dead_codes"] is True
-    module = AudioDecomposition(dim=64, **options)
+    module = build_decomposition({"_target_": TARGET, **options}, dim=64)
     assert module.quantizer.codebook_init == "data" and module.quantizer.reseed_dead_codes
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from avseg.errors import ConfigError
 from avseg.models.decoder import DynamicMaskHead, SemanticGuidedDecoder
 from avseg.models.fusion import AudioVisualFusion, DualCrossModalBlock, flatten_levels
+from avseg.models.layers.deformable import DeformableLayerSpec
 from avseg.models.layers.dual import R2VOSDualBlock
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.postprocess import binary_logits, semantic_scores
 
 DIM = 32
+SPEC = DeformableLayerSpec(dim=DIM, ffn_dim=64, dropout=0.0, num_levels=4, num_heads=4, num_points=2, backend="torch")
 
 
 def _levels(n: int = 3):
@@ -36,17 +40,12 @@ def test_flatten_levels_offsets():
 @pytest.mark.parametrize("fpn_type", ["audio_dual", "audio", "none"])
 def test_fusion_shapes(fpn_type):
     fusion = AudioVisualFusion(
-        dim=DIM,
+        spec=SPEC,
         res2_channels=12,
         fpn_type=fpn_type,
-        num_heads=4,
-        num_points=2,
         num_encoder_layers=1,
-        ffn_dim=64,
-        dropout=0.0,
         mask_dim=8,
         stride4_dim=32,
-        ms_deform_backend="torch",
     )
     audio = torch.randn(3, 4, DIM)
     out = fusion(_levels(), torch.randn(3, 12, 16, 16), audio)
@@ -63,15 +62,10 @@ def test_fusion_uses_audio_only_when_configured():
     levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
     for fpn_type, should_change in (("audio_dual", True), ("none", False)):
         fusion = AudioVisualFusion(
-            dim=DIM,
+            spec=SPEC,
             res2_channels=12,
             fpn_type=fpn_type,
-            num_heads=4,
-            num_points=2,
             num_encoder_layers=1,
-            ffn_dim=64,
-            dropout=0.0,
-            ms_deform_backend="torch",
         ).eval()
         a = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
         b = fusion(levels, res2, torch.randn(1, 4, DIM))["mask_features"]
@@ -80,9 +74,9 @@ def test_fusion_uses_audio_only_when_configured():
 
 def test_fusion_rejects_unknown_fpn_type():
     with pytest.raises(ConfigError, match="fpn_type"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, fpn_type="dual")
+        AudioVisualFusion(spec=SPEC, res2_channels=12, fpn_type="dual")
     with pytest.raises(ConfigError, match="dual_stride"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, dual_stride=4)
+        AudioVisualFusion(spec=SPEC, res2_channels=12, dual_stride=4)
 
 
 def test_audio_similarity_map_is_max_cosine_over_tokens_times_temperature():
@@ -106,16 +100,11 @@ def test_fusion_audio_similarity_adds_one_audio_dependent_mask_channel():
     torch.manual_seed(0)
     levels, res2 = _levels(1), torch.randn(1, 12, 16, 16)
     fusion = AudioVisualFusion(
-        dim=DIM,
+        spec=SPEC,
         res2_channels=12,
-        num_heads=4,
-        num_points=2,
         num_encoder_layers=1,
-        ffn_dim=64,
-        dropout=0.0,
         mask_dim=8,
         stride4_dim=16,
-        ms_deform_backend="torch",
         audio_similarity_dim=8,
     ).eval()
     assert fusion.mask_dim == 9  # what the builder hands the dynamic mask head
@@ -124,9 +113,9 @@ def test_fusion_audio_similarity_adds_one_audio_dependent_mask_channel():
     assert a.shape == (1, 9, 16, 16)
     assert not torch.allclose(a[:, 8], b[:, 8])
     with pytest.raises(ConfigError, match="audio_similarity_dim"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, audio_similarity_dim=-1)
+        AudioVisualFusion(spec=SPEC, res2_channels=12, audio_similarity_dim=-1)
     with pytest.raises(ConfigError, match="audio_similarity_dim"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, fpn_type="none", audio_similarity_dim=8)
+        AudioVisualFusion(spec=SPEC, res2_channels=12, fpn_type="none", audio_similarity_dim=8)
 
 
 def test_early_fusion_forms():
@@ -148,7 +137,7 @@ def test_early_fusion_forms():
     with pytest.raises(ValueError, match="form"):
         GatedCrossAttention(dim=DIM, num_heads=4, form="concat")
     with pytest.raises(ConfigError, match="early_fusion_form"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, early_fusion_form="concat")
+        AudioVisualFusion(spec=SPEC, res2_channels=12, early_fusion_form="concat")
 
 
 @pytest.mark.parametrize("dual_form", ["r2vos", "gate"])
@@ -158,15 +147,10 @@ def test_dual_block_gates_the_chosen_encoder_level(dual_stride, dual_form):
     level's size) and its output reaches the mask features (a gradient arrives at its filters)."""
     torch.manual_seed(0)
     fusion = AudioVisualFusion(
-        dim=DIM,
+        spec=SPEC,
         res2_channels=12,
         fpn_type="audio_dual",
-        num_heads=4,
-        num_points=2,
         num_encoder_layers=1,
-        ffn_dim=64,
-        dropout=0.0,
-        ms_deform_backend="torch",
         dual_stride=dual_stride,
         dual_form=dual_form,
     )
@@ -200,22 +184,17 @@ def test_r2vos_dual_block_attends_over_the_clip_and_masks_padded_frames():
     gate = DualCrossModalBlock(dim=DIM, num_heads=4, ffn_dim=64, dropout=0.0, num_groups=8).eval()
     torch.testing.assert_close(gate(changed_visual, changed_audio)[0][0], gate(visual, audio)[0][0])
     with pytest.raises(ConfigError, match="dual_form"):
-        AudioVisualFusion(dim=DIM, res2_channels=12, dual_form="film")
+        AudioVisualFusion(spec=SPEC, res2_channels=12, dual_form="film")
 
 
 @pytest.mark.parametrize("extra", [0, 2])
 def test_decoder_heads_shapes(extra):
     decoder = SemanticGuidedDecoder(
-        dim=DIM,
+        spec=SPEC,
         num_classes=70,
         mask_dim=8,
         num_layers=3,
-        num_heads=4,
-        num_points=2,
-        ffn_dim=64,
-        dropout=0.0,
         extra_queries=extra,
-        ms_deform_backend="torch",
     )
     memory, shapes, start = flatten_levels(_levels())
     out = decoder(torch.randn(3, 4, DIM), memory, shapes, start, torch.randn(3, 8, 16, 16))
@@ -228,14 +207,11 @@ def test_decoder_heads_shapes(extra):
 
 def test_decoder_rejects_more_queries_than_table():
     decoder = SemanticGuidedDecoder(
-        dim=DIM,
+        spec=replace(SPEC, dropout=0.1, ffn_dim=2048),
         num_classes=1,
         mask_dim=8,
         num_layers=1,
-        num_heads=4,
-        num_points=2,
         max_queries=3,
-        ms_deform_backend="torch",
     )
     memory, shapes, start = flatten_levels(_levels())
     with pytest.raises(ValueError, match="max_queries"):
@@ -333,15 +309,10 @@ def test_per_layer_box_heads_refine_4d_reference_boxes():
     and the mask head reads the detached box centre."""
     torch.manual_seed(0)
     decoder = SemanticGuidedDecoder(
-        dim=DIM,
+        spec=SPEC,
         num_classes=2,
         mask_dim=8,
         num_layers=3,
-        num_heads=4,
-        num_points=2,
-        ffn_dim=64,
-        dropout=0.0,
-        ms_deform_backend="torch",
         box_head="per_layer",
     )
     assert len(decoder.bbox_embed) == 3 and len(decoder.class_embed) == 3

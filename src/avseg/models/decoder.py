@@ -210,6 +210,9 @@ class SemanticGuidedDecoder(nn.Module):
     ``logits [layers, N, Q, num_classes]``, ``boxes [layers, N, Q, 4]``, ``masks [layers, N, Q, H/4, W/4]``
     with ``Q = K + extra_queries``.
 
+    ``spec``: width C, heads, points, levels, FFN width, dropout and backend of the deformable
+    layers (`avseg.models.build` reads them from ``model.decoder``).
+
     The keyword defaults are avseg's earlier head (so checkpoints whose stored config predates
     these switches rebuild unchanged); the paper setup sets ReferFormer's values in
     ``conf/model/decoder/deformable.yaml``.
@@ -235,15 +238,10 @@ class SemanticGuidedDecoder(nn.Module):
     def __init__(
         self,
         *,
-        dim: int,
+        spec: DeformableLayerSpec,
         num_classes: int,
         mask_dim: int,
         num_layers: int = 4,
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
-        ffn_dim: int = 2048,
-        dropout: float = 0.1,
         max_queries: int = 32,
         extra_queries: int = 0,
         box_refine: bool = True,
@@ -254,24 +252,15 @@ class SemanticGuidedDecoder(nn.Module):
         rel_coords: bool = True,
         rel_coords_unit: str = "unit",
         prior_prob: float = 0.01,
-        ms_deform_backend: str = "auto",
     ) -> None:
         super().__init__()
         options = {"box_head": box_head, "controller_layout": controller_layout, "rel_coords_unit": rel_coords_unit}
         raise_first(self.check_options(options))
-        self.num_levels = num_levels
+        dim = spec.dim
+        self.num_levels = spec.num_levels
         self.max_queries = max_queries
         self.box_refine = box_refine
         self.box_head = box_head
-        spec = DeformableLayerSpec(
-            dim=dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            num_levels=num_levels,
-            num_heads=num_heads,
-            num_points=num_points,
-            backend=ms_deform_backend,
-        )
         self.layers = spec.stack(DeformableDecoderLayer, num_layers)
         self.query_pos = nn.Embedding(max_queries, dim)
         self.extra_content = nn.Embedding(extra_queries, dim) if extra_queries > 0 else None

@@ -35,7 +35,7 @@ the clip's global codes as their local codes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,14 @@ from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAt
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
 from avseg.models.quantizer import VectorQuantizer
 
-__all__ = ["AudioDecomposition", "PrototypeDecoder", "PrototypeDecoderLayer", "frame_windows", "VARIANTS"]
+__all__ = [
+    "AudioDecomposition",
+    "PrototypeDecoder",
+    "PrototypeDecoderLayer",
+    "PrototypeLayerSpec",
+    "frame_windows",
+    "VARIANTS",
+]
 
 VARIANTS = ("pq", "pq_split", "vq", "none")
 PROTOTYPE_ROLES = ("content", "position")
@@ -56,39 +63,48 @@ DISTILL_LOSSES = ("mse", "ce")
 _KEY = "model.decomposition"
 
 
+@dataclass(frozen=True)
+class PrototypeLayerSpec:
+    """The sizes and switches of a `PrototypeDecoderLayer`: width C, heads, FFN width, dropout, the
+    K queries and the cross-attention readings (``competition``, ``subspace_values``)."""
+
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    dropout: float
+    num_queries: int
+    competition: str
+    subspace_values: bool
+
+    def stack(self, num_layers: int) -> nn.ModuleList:
+        """``num_layers`` layers ``PrototypeDecoderLayer(spec=self)``, built one after the other."""
+        return nn.ModuleList(PrototypeDecoderLayer(spec=self) for _ in range(num_layers))
+
+
 class PrototypeDecoderLayer(nn.Module):
     """Pre-norm transformer decoder layer: self-attention among queries, cross-attention, FFN."""
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_heads: int,
-        ffn_dim: int,
-        dropout: float = 0.0,
-        num_queries: int = 1,
-        competition: str = "none",
-        subspace_values: bool = False,
-    ) -> None:
+    def __init__(self, *, spec: PrototypeLayerSpec) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        dim, dropout = spec.dim, spec.dropout
+        self.self_attn = nn.MultiheadAttention(dim, spec.num_heads, dropout=dropout, batch_first=True)
         # the default keeps torch's attention (and its state-dict keys); the switches need the own block
-        self.custom_cross = competition != "none" or bool(subspace_values)
+        self.custom_cross = spec.competition != "none" or bool(spec.subspace_values)
         if self.custom_cross:
             self.cross_attn = SubspaceCrossAttention(
                 dim=dim,
-                num_heads=num_heads,
-                num_queries=num_queries,
-                competition=competition,
-                subspace_values=subspace_values,
+                num_heads=spec.num_heads,
+                num_queries=spec.num_queries,
+                competition=spec.competition,
+                subspace_values=spec.subspace_values,
             )
         else:
-            self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+            self.cross_attn = nn.MultiheadAttention(dim, spec.num_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
         self.norm_cross = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+            nn.Linear(dim, spec.ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(spec.ffn_dim, dim)
         )
         self.dropout = nn.Dropout(dropout)
 
@@ -124,15 +140,13 @@ class PrototypeDecoderLayer(nn.Module):
 
 
 class PrototypeDecoder(nn.Module):
-    """A stack of :class:`PrototypeDecoderLayer` and a final LayerNorm (unit-scale outputs).
+    """A stack of ``num_layers`` :class:`PrototypeDecoderLayer` of one ``spec`` and a final
+    LayerNorm (unit-scale outputs)."""
 
-    ``layer``: builds one layer (e.g. a ``functools.partial`` of `PrototypeDecoderLayer`); called
-    ``num_layers`` times, one layer after the other."""
-
-    def __init__(self, *, dim: int, num_layers: int, layer: Callable[[], PrototypeDecoderLayer]) -> None:
+    def __init__(self, *, num_layers: int, spec: PrototypeLayerSpec) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layer() for _ in range(num_layers))
-        self.norm = nn.LayerNorm(dim)
+        self.layers = spec.stack(num_layers)
+        self.norm = nn.LayerNorm(spec.dim)
 
     def forward(self, queries: torch.Tensor, *inputs: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """queries [N, K, C] through every layer, each given ``inputs`` and ``options`` as
@@ -182,6 +196,11 @@ class AudioDecomposition(nn.Module):
 
     K is ``self.num_tokens`` (``num_subspaces``, or 1 for ``vq``). Every variant accepts every key;
     the keys a variant does not use are ignored (so one Hydra sweep can cross variants).
+
+    ``quantizer`` builds the codebook (not for ``none``), called with ``num_codes`` =
+    ``codebook_size`` and ``code_dim``: `avseg.models.build.build_decomposition` makes it with
+    `VectorQuantizer.factory` from the config's codebook keys (``beta``, ``vq_loss_form``, ...,
+    `avseg.models.quantizer.QUANTIZER_KEYS`), which `check_options` checks with the others.
     """
 
     @classmethod
@@ -242,7 +261,7 @@ class AudioDecomposition(nn.Module):
         variant: str = "pq",
         num_subspaces: int = 4,
         codebook_size: int = 512,
-        beta: float = 0.25,
+        quantizer: Callable[..., VectorQuantizer] = VectorQuantizer,
         local_calibration: bool = True,
         local_window: int = 1,
         distill_loss: str = "mse",
@@ -251,22 +270,16 @@ class AudioDecomposition(nn.Module):
         num_heads: int = 8,
         ffn_dim: int | None = None,
         dropout: float = 0.0,
-        dead_code_threshold: float = 0.01,
-        reseed_dead_codes: bool = False,
-        usage_ema_decay: float = 0.99,
-        reseed_buffer_size: int = 1024,
-        codebook_init: str = "normal",
         prototype_init_std: float = 1.0,
-        codebook_update: str = "loss",
-        codebook_ema_decay: float = 0.8,
-        vq_loss_form: str = "vqvae",
         prototype_role: str = "content",
         competition: str = "none",
         subspace_values: bool = False,
         distill_gate: str = "none",
     ) -> None:
         super().__init__()
-        options = {name: value for name, value in locals().items() if name not in ("self", "dim", "__class__")}
+        options = {
+            name: value for name, value in locals().items() if name not in ("self", "dim", "quantizer", "__class__")
+        }
         if not is_int(dim) or dim < 1:
             raise Problem(f"{_KEY}.dim", dim, "an integer >= 1").error()
         raise_first(self.check_options(options, dim=dim))
@@ -297,8 +310,7 @@ class AudioDecomposition(nn.Module):
             # audio. N(0, 1) lets the prototype dominate: each sub-space then maps to one fixed
             # code whatever the audio (measured on the demo, docs/MODEL.md "Codebook collapse").
             self.prototypes = nn.Parameter(torch.randn(num_tokens, dim) * prototype_init_std)
-            layer = partial(
-                PrototypeDecoderLayer,
+            spec = PrototypeLayerSpec(
                 dim=dim,
                 num_heads=num_heads,
                 ffn_dim=ffn_dim if ffn_dim is not None else 4 * dim,
@@ -307,24 +319,12 @@ class AudioDecomposition(nn.Module):
                 competition=competition,
                 subspace_values=subspace_values,
             )
-            self.decoder = PrototypeDecoder(dim=dim, num_layers=num_layers, layer=layer)
+            self.decoder = PrototypeDecoder(num_layers=num_layers, spec=spec)
             code_dim = dim
         if variant == "none":
             self.quantizer = None
         else:
-            self.quantizer = VectorQuantizer(
-                num_codes=codebook_size,
-                code_dim=code_dim,
-                beta=beta,
-                usage_ema_decay=usage_ema_decay,
-                dead_code_threshold=dead_code_threshold,
-                reseed_dead_codes=reseed_dead_codes,
-                reseed_buffer_size=reseed_buffer_size,
-                codebook_init=codebook_init,
-                codebook_update=codebook_update,
-                codebook_ema_decay=codebook_ema_decay,
-                loss_form=vq_loss_form,
-            )
+            self.quantizer = quantizer(num_codes=codebook_size, code_dim=code_dim)
 
     # ------------------------------------------------------------------ encoders
     def _check_inputs(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:

@@ -210,6 +210,10 @@ class AudioVisualFusion(nn.Module):
     ``memory_pos [1, S, C]``, ``mask_features [N, mask_dim, H/4, W/4]``, ``audio [N, K, C]``
     (after the dual block) and ``similarity`` (the audio-visual similarity map [N, 1, H/4, W/4], the
     last channel of ``mask_features``, when ``audio_similarity_dim`` is on; else None).
+
+    ``spec``: width C, heads, points, levels, FFN width, dropout and backend of the deformable
+    encoder layers, also the heads, FFN width and dropout of the fusion blocks (`avseg.models.build`
+    reads them from ``model.fusion``).
     """
 
     @classmethod
@@ -239,18 +243,12 @@ class AudioVisualFusion(nn.Module):
     def __init__(
         self,
         *,
-        dim: int,
+        spec: DeformableLayerSpec,
         res2_channels: int,
         fpn_type: str = "audio_dual",
-        num_levels: int = 4,
-        num_heads: int = 8,
-        num_points: int = 4,
         num_encoder_layers: int = 6,
-        ffn_dim: int = 1024,
-        dropout: float = 0.1,
         mask_dim: int = 8,
         stride4_dim: int = 64,
-        ms_deform_backend: str = "auto",
         num_groups: int = 32,
         dual_stride: int = 32,
         early_fusion_form: str = "product",
@@ -265,11 +263,12 @@ class AudioVisualFusion(nn.Module):
             "dual_form": dual_form,
             "early_fusion_form": early_fusion_form,
             "dual_stride": dual_stride,
-            "num_levels": num_levels,
+            "num_levels": spec.num_levels,
             "audio_similarity_dim": audio_similarity_dim,
             "similarity_to_masks": similarity_to_masks,
         }
         raise_first(self.check_options(options))
+        dim, num_heads, ffn_dim, dropout = spec.dim, spec.num_heads, spec.ffn_dim, spec.dropout
         self.dual_level = DUAL_STRIDES[dual_stride]
         # read by QDFormer: add the similarity map to every query's mask logits (an audio gate on the masks)
         self.similarity_to_masks = similarity_to_masks
@@ -281,15 +280,6 @@ class AudioVisualFusion(nn.Module):
             GatedCrossAttention(dim=dim, num_heads=num_heads, dropout=0.0, form=early_fusion_form)
             if fpn_type != "none"
             else None
-        )
-        spec = DeformableLayerSpec(
-            dim=dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            num_levels=num_levels,
-            num_heads=num_heads,
-            num_points=num_points,
-            backend=ms_deform_backend,
         )
         self.encoder = DeformableEncoder(num_layers=num_encoder_layers, spec=spec)
         self.dual_form = dual_form

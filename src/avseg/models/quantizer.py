@@ -27,7 +27,8 @@ broadcast so every process holds the same codebook.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,11 +39,25 @@ from torch import nn
 
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, non_negative, present, raise_first
 
-__all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES"]
+__all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES", "QUANTIZER_KEYS"]
 
 CODEBOOK_INITS = ("normal", "data")
 CODEBOOK_UPDATES = ("loss", "ema")
 LOSS_FORMS = ("vqvae", "taming_legacy")
+# the `VectorQuantizer` keywords whose name in `AudioDecomposition`'s config differs
+CONFIG_NAMES = {"num_codes": "codebook_size", "loss_form": "vq_loss_form"}
+# the keys of that config that set how the codebook is trained and kept healthy (`VectorQuantizer.factory`)
+QUANTIZER_KEYS = (
+    "beta",
+    "usage_ema_decay",
+    "dead_code_threshold",
+    "reseed_dead_codes",
+    "reseed_buffer_size",
+    "codebook_init",
+    "codebook_update",
+    "codebook_ema_decay",
+    "vq_loss_form",
+)
 
 
 def _distributed_ready() -> bool:
@@ -109,6 +124,16 @@ class VectorQuantizer(nn.Module):
         }
         return present(options, checks, prefix)
 
+    @classmethod
+    def factory(cls, options: Mapping[str, Any], prefix: str = "") -> Callable[..., VectorQuantizer]:
+        """A builder of quantisers with the `QUANTIZER_KEYS` that ``options`` holds (named as the
+        config spells them, checked here, problems named with ``prefix``); the other keywords take
+        their defaults, and the caller gives ``num_codes`` and ``code_dim``."""
+        chosen = {name: options[name] for name in QUANTIZER_KEYS if name in options}
+        raise_first(cls.check_options(chosen, prefix=prefix))
+        keyword = {config: name for name, config in CONFIG_NAMES.items()}
+        return partial(cls, **{keyword.get(name, name): value for name, value in chosen.items()})
+
     def __init__(
         self,
         *,
@@ -127,8 +152,7 @@ class VectorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         # checked under the names AudioDecomposition's config gives them
-        config_names = {"num_codes": "codebook_size", "loss_form": "vq_loss_form"}
-        raise_first(self.check_options({config_names.get(name, name): value for name, value in locals().items()}))
+        raise_first(self.check_options({CONFIG_NAMES.get(name, name): value for name, value in locals().items()}))
         self.loss_form = loss_form
         self.num_codes = int(num_codes)
         self.code_dim = int(code_dim)
