@@ -126,11 +126,11 @@ class PrototypeDecoderLayer(nn.Module):
         qk = q if query_pos is None else q + query_pos
         queries = queries + self.dropout(self.self_attn(qk, qk, q, need_weights=False)[0])
         q = self.norm_cross(queries)
+        qc = q if query_pos is None else q + query_pos
         if self.custom_cross:
-            attended, weights = self.cross_attn(q, memory, memory_padding_mask, query_pos=query_pos)
+            attended, weights = self.cross_attn(qc, memory, memory_padding_mask)
             weights = weights if need_weights else None
         else:
-            qc = q if query_pos is None else q + query_pos
             attended, weights = self.cross_attn(
                 qc, memory, memory, key_padding_mask=memory_padding_mask, need_weights=need_weights
             )

@@ -18,9 +18,9 @@ COMPETITIONS = ("none", "slots")
 class SubspaceCrossAttention(nn.Module):
     """Multi-head attention of K query tokens over S memory tokens, batch first.
 
-    ``forward(queries [N, K, C], memory [N, S, C], memory_padding_mask [N, S] bool (True = ignore),
-    query_pos [K, C] | [N, K, C] | None) -> (out [N, K, C], weights [N, K, S])`` (weights averaged
-    over heads; the output only, residual and norm are the caller's).
+    ``forward(queries [N, K, C], memory [N, S, C], memory_padding_mask [N, S] bool (True = ignore))
+    -> (out [N, K, C], weights [N, K, S])`` (weights averaged over heads; the output only, residual
+    and norm are the caller's).
 
     - ``competition="none"``: ordinary attention, a softmax over the S tokens for each query.
     - ``competition="slots"``: slot-attention competition: a softmax over the K queries for each
@@ -30,8 +30,9 @@ class SubspaceCrossAttention(nn.Module):
     - ``subspace_values``: sub-space k has its own value and output projections (K of each), so
       two sub-spaces attending alike still read different features.
 
-    ``query_pos`` is added to the queries only (DETR convention: positions steer attention, they are
-    not read out).
+    The queries are read only through the query projection: a caller with query positions adds them
+    to ``queries`` (DETR convention: positions steer attention, they are not read out), as it does
+    for torch's attention.
     """
 
     def __init__(
@@ -49,7 +50,6 @@ class SubspaceCrossAttention(nn.Module):
             raise ValueError(f"SubspaceCrossAttention: competition {competition!r} not in {COMPETITIONS}")
         if dim % num_heads != 0:
             raise ValueError(f"SubspaceCrossAttention: num_heads {num_heads} must divide dim {dim}")
-        self.dim = dim
         self.num_heads = num_heads
         self.num_queries = num_queries
         self.competition = competition
@@ -72,14 +72,12 @@ class SubspaceCrossAttention(nn.Module):
         queries: torch.Tensor,
         memory: torch.Tensor,
         memory_padding_mask: torch.Tensor | None = None,
-        query_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, k, _ = queries.shape
         if k != self.num_queries:
             raise ValueError(f"SubspaceCrossAttention: expected {self.num_queries} queries, got {k}")
         h = self.num_heads
-        q_in = queries if query_pos is None else queries + query_pos
-        q = rearrange(self.q_proj(q_in), "n k (h d) -> n h k d", h=h)
+        q = rearrange(self.q_proj(queries), "n k (h d) -> n h k d", h=h)
         key = rearrange(self.k_proj(memory), "n s (h d) -> n h s d", h=h)
         logits = torch.einsum("nhkd,nhsd->nhks", q, key) / math.sqrt(q.shape[-1])  # [N, h, K, S]
         if self.competition == "slots":
