@@ -399,7 +399,7 @@ def test_checkpoint_with_the_untyped_hparams_layout_loads(tmp_path: Path) -> Non
     path = tmp_path / "untyped_layout.ckpt"
     torch.save(checkpoint, path)
     loaded = AVSLitModule.load_trained(path)
-    assert loaded.criterion.matcher.cost_class == 1.0 and loaded.criterion.matcher.cost_dice == 5.0
+    assert loaded.criterion.matcher.costs.class_ == 1.0 and loaded.criterion.matcher.costs.dice == 5.0
     assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in module.state_dict().items())
 
 

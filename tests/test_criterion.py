@@ -8,6 +8,7 @@ import torch
 from avseg.errors import ConfigError
 from avseg.models.criterion import SetCriterion
 from avseg.models.matcher import HungarianMatcher
+from avseg.models.terms import FocalLoss, TermWeights
 
 SIZE = 16  # ground-truth resolution; predictions at SIZE // 4
 
@@ -104,7 +105,7 @@ def test_constructor_checks() -> None:
     with pytest.raises(ConfigError):
         SetCriterion(num_classes=1, semantic=False, matcher=HungarianMatcher(mask_resolution="target"))
     with pytest.raises(ConfigError):
-        SetCriterion(num_classes=1, semantic=False, weight_dice=-1.0)
+        SetCriterion(num_classes=1, semantic=False, weights=TermWeights(dice=-1.0))
     criterion = SetCriterion(num_classes=1, semantic=False)
     assert criterion.weight_dict == {
         "loss_class": 2.0,
@@ -117,7 +118,7 @@ def test_constructor_checks() -> None:
         "loss_similarity": 0.0,
         "loss_source": 0.0,
     }
-    assert criterion.matcher.cost_dice == 5.0 and criterion.matcher.cost_class == 2.0
+    assert criterion.matcher.costs.dice == 5.0 and criterion.matcher.costs.class_ == 2.0
 
 
 def test_terms_aux_and_weighted_total() -> None:
@@ -350,7 +351,7 @@ def test_clip_matching_picks_the_query_that_follows_the_object() -> None:
     mask_logits[0, :, 1] = small * 4 - 2  # good everywhere
     outputs = {"pred_logits": torch.zeros(1, 3, 2, 1), "pred_masks": mask_logits}
     labelled = torch.ones(1, 3, dtype=torch.bool)
-    clip = SetCriterion(num_classes=1, semantic=False, match_level="clip", weight_bbox=0, weight_giou=0)
+    clip = SetCriterion(num_classes=1, semantic=False, match_level="clip", weights=TermWeights(bbox=0, giou=0))
     targets = clip.build_targets(masks, labelled, (SIZE // 4, SIZE // 4))
     instances = clip.clip_instances(targets, 3)
     assert len(instances) == 1 and instances[0]["objects"].tolist() == [[0, 1, 2]]
@@ -412,13 +413,19 @@ def test_matcher_is_built_from_config_in_one_place() -> None:
     """``matcher=None``: costs equal the loss weights and share the focal / resolution settings;
     a ``model.matcher`` mapping: its costs, the rest HungarianMatcher's defaults, the loss's
     mask resolution; both through `build_matcher`."""
-    weighted = SetCriterion(num_classes=1, semantic=False, weight_dice=3.0, focal_gamma=1.5, mask_resolution="target")
+    weighted = SetCriterion(
+        num_classes=1,
+        semantic=False,
+        weights=TermWeights(dice=3.0),
+        focal=FocalLoss(gamma=1.5),
+        mask_resolution="target",
+    )
     matcher = weighted.matcher
-    settings = (matcher.cost_dice, matcher.cost_class, matcher.focal_gamma, matcher.mask_resolution)
+    settings = (matcher.costs.dice, matcher.costs.class_, matcher.focal.gamma, matcher.mask_resolution)
     assert settings == (3.0, 2.0, 1.5, "target")
     configured = SetCriterion(num_classes=1, semantic=False, matcher={"cost_class": 1.0}, mask_resolution="target")
     matcher = configured.matcher
-    settings = (matcher.cost_class, matcher.cost_dice, matcher.focal_gamma, matcher.mask_resolution)
+    settings = (matcher.costs.class_, matcher.costs.dice, matcher.focal.gamma, matcher.mask_resolution)
     assert settings == (1.0, 5.0, 2.0, "target")
     with pytest.raises(ConfigError, match="mask_resolution"):
         SetCriterion(num_classes=1, semantic=False, matcher={"mask_resolution": "pred"}, mask_resolution="target")

@@ -16,7 +16,8 @@ from avseg.models.box_ops import (
     generalized_box_iou,
     masks_to_boxes,
 )
-from avseg.models.matcher import HungarianMatcher, align_masks, sigmoid_focal_terms
+from avseg.models.matcher import HungarianMatcher, align_masks
+from avseg.models.terms import TermWeights, sigmoid_focal_terms
 
 
 def _random_target(generator: torch.Generator, num_objects: int, num_classes: int, size: int) -> dict:
@@ -80,7 +81,7 @@ def test_matcher_accepts_batch_time_layout_and_pred_boxes() -> None:
         assert torch.equal(rows_a, rows_b) and torch.equal(cols_a, cols_b)
 
     # With box costs only, the model's own boxes decide the matching.
-    box_matcher = HungarianMatcher(cost_class=0, cost_mask=0, cost_dice=0, cost_bbox=1, cost_giou=1)
+    box_matcher = HungarianMatcher(costs=TermWeights(class_=0, mask=0, dice=0, bbox=1, giou=1))
     target_boxes = torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.7, 0.7, 0.3, 0.3]])
     target = {"labels": torch.zeros(2, dtype=torch.long), "masks": torch.zeros(2, size, size), "boxes": target_boxes}
     pred_boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.7, 0.68, 0.3, 0.3], [0.21, 0.2, 0.2, 0.2]]])
@@ -126,7 +127,7 @@ def test_matcher_rejects_bad_input() -> None:
     with pytest.raises(ConfigError):
         HungarianMatcher(mask_resolution="full")
     with pytest.raises(ConfigError):
-        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0, cost_mask=0, cost_dice=0)
+        HungarianMatcher(costs=TermWeights(class_=0, bbox=0, giou=0, mask=0, dice=0))
 
 
 def test_focal_terms_and_alignment() -> None:

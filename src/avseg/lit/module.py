@@ -10,7 +10,8 @@ read here (all optional; defaults are the ReferFormer-family recipe of docs/METH
 - ``loss``: `SetCriterion` weights (``weight_class`` 2, ``weight_bbox`` 5, ``weight_giou`` 2,
   ``weight_mask`` 2, ``weight_dice`` 5, ``weight_vq`` 0.5, ``weight_distill`` 1, ``weight_similarity`` 0,
   ``weight_source`` 0 (> 0 also builds the model's sub-space source head), focal and
-  ``mask_resolution`` options).
+  ``mask_resolution`` options), flat keys that `SetCriterion.from_config` groups (the five matched
+  terms' weights into `avseg.models.terms.TermWeights`, ``focal_*`` into ``FocalLoss``).
 - ``matcher``: `HungarianMatcher` costs; ``null`` -> costs equal to the loss weights (built once,
   by `avseg.models.matcher.build_matcher` inside the criterion).
 - ``optim``: AdamW ``lr`` 1e-4, ``backbone_lr`` 5e-5, ``weight_decay`` 5e-4, ``betas``.
@@ -169,8 +170,8 @@ class AVSLitModule(LightningModule):
         if compile_kwargs is not None:
             compile_network(self.net, compile_kwargs)
         # the matcher is built from model.matcher by the criterion (`avseg.models.matcher.build_matcher`)
-        self.criterion = SetCriterion(
-            num_classes=num_classes, semantic=self.semantic, matcher=_plain(matcher) or None, **(_plain(loss) or {})
+        self.criterion = SetCriterion.from_config(
+            _plain(loss) or {}, num_classes=num_classes, semantic=self.semantic, matcher=_plain(matcher) or None
         )
 
         fpb = self.metric_cfg["frames_per_batch"]

@@ -58,25 +58,18 @@ from torch import Tensor, nn
 
 from avseg.errors import ConfigError
 from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_to_boxes
-from avseg.models.matcher import (
-    MASK_RESOLUTIONS,
-    HungarianMatcher,
-    align_masks,
-    build_matcher,
-    predicted_boxes,
-    sigmoid_focal_terms,
-)
+from avseg.models.matcher import MASK_RESOLUTIONS, HungarianMatcher, align_masks, build_matcher, predicted_boxes
 from avseg.models.options import Problem, choice, non_negative, present, raise_first
 from avseg.models.source_loss import source_loss
+from avseg.models.terms import FOCAL_CHECKS, TERMS, FocalLoss, TermWeights
 from avseg.precision import full_precision
 
 __all__ = ["SetCriterion", "FrameTargets"]
 
 _SEGMENTATION_TERMS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 MATCH_LEVELS = ("clip", "frame")
-_WEIGHTS = tuple(
-    f"weight_{term}" for term in ("class", "bbox", "giou", "mask", "dice", "vq", "distill", "similarity", "source")
-)
+# the loss weights: the five matched terms' (`TermWeights`), then the other terms'
+_WEIGHTS = tuple(f"weight_{term}" for term in (*TERMS, "vq", "distill", "similarity", "source"))
 
 
 class FrameTargets:
@@ -143,8 +136,26 @@ class SetCriterion(nn.Module):
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> list[Problem]:
         """The problems of the ``model.loss`` options ``options`` holds (absent ones are not checked)."""
-        checks = {"mask_resolution": choice(MASK_RESOLUTIONS), "match_level": choice(MATCH_LEVELS)}
+        checks = {"mask_resolution": choice(MASK_RESOLUTIONS), "match_level": choice(MATCH_LEVELS), **FOCAL_CHECKS}
         return present(options, {**checks, **dict.fromkeys(_WEIGHTS, non_negative)}, "model.loss.")
+
+    @classmethod
+    def from_config(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        num_classes: int,
+        semantic: bool,
+        matcher: Mapping[str, Any] | None = None,
+    ) -> SetCriterion:
+        """The criterion of the flat ``model.loss`` options (``weight_class`` ... ``weight_dice``
+        grouped into `TermWeights`, ``focal_alpha`` / ``focal_gamma`` into `FocalLoss`, the rest
+        passed on as keywords) and the ``model.matcher`` mapping (`build_matcher`)."""
+        raise_first(cls.check_options(options))
+        grouped = {f"weight_{term}" for term in TERMS} | set(FOCAL_CHECKS)
+        rest = {key: value for key, value in options.items() if key not in grouped}
+        weights, focal = TermWeights.from_options(options, "weight_"), FocalLoss.from_options(options)
+        return cls(num_classes=num_classes, semantic=semantic, matcher=matcher, weights=weights, focal=focal, **rest)
 
     def __init__(
         self,
@@ -152,17 +163,12 @@ class SetCriterion(nn.Module):
         num_classes: int,
         semantic: bool,
         matcher: HungarianMatcher | Mapping[str, Any] | None = None,
-        weight_class: float = 2.0,
-        weight_bbox: float = 5.0,
-        weight_giou: float = 2.0,
-        weight_mask: float = 2.0,
-        weight_dice: float = 5.0,
+        weights: TermWeights = TermWeights(),
         weight_vq: float = 0.5,
         weight_distill: float = 1.0,
         weight_similarity: float = 0.0,
         weight_source: float = 0.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
+        focal: FocalLoss = FocalLoss(),
         mask_resolution: str = "pred",
         match_level: str = "frame",
     ) -> None:
@@ -174,8 +180,9 @@ class SetCriterion(nn.Module):
                 (mask values 0 / 1; ``num_classes`` must be 1).
             matcher: the Hungarian matcher, or its ``model.matcher`` config (a mapping of costs), or
                 ``None`` (costs equal to the loss weights): `build_matcher` builds it.
-            weight_*: loss weights of the total; the returned terms are unweighted.
-            focal_alpha, focal_gamma: the sigmoid focal loss parameters (class and mask terms).
+            weights: the weights of the five matched terms in the total (`TermWeights`).
+            weight_*: the weights of the other terms; the returned terms are unweighted.
+            focal: the sigmoid focal loss parameters (class and mask terms).
             mask_resolution: ``"pred"`` or ``"target"`` (see `avseg.models.matcher`); must equal
                 the matcher's.
             match_level: ``"clip"`` (ReferFormer: one match per clip, mask / dice per instance over
@@ -190,18 +197,8 @@ class SetCriterion(nn.Module):
                 f"criterion.num_classes={num_classes}: binary AVS has exactly one object class (use 1), "
                 "or set semantic=true"
             )
-        weights = {
-            "loss_class": weight_class,
-            "loss_bbox": weight_bbox,
-            "loss_giou": weight_giou,
-            "loss_mask": weight_mask,
-            "loss_dice": weight_dice,
-            "loss_vq": weight_vq,
-            "loss_distill": weight_distill,
-            "loss_similarity": weight_similarity,
-            "loss_source": weight_source,
-        }
-        options = {f"weight_{name.removeprefix('loss_')}": value for name, value in weights.items()}
+        other = {"vq": weight_vq, "distill": weight_distill, "similarity": weight_similarity, "source": weight_source}
+        options = {f"weight_{term}": value for term, value in other.items()}
         raise_first(self.check_options({**options, "mask_resolution": mask_resolution, "match_level": match_level}))
         if weight_source > 0 and not semantic:
             raise ConfigError(
@@ -209,8 +206,7 @@ class SetCriterion(nn.Module):
                 "name no source classes; the source loss needs semantic labels (synth_avss, AVSS)"
             )
         if matcher is None or isinstance(matcher, Mapping):
-            focal = {"focal_alpha": focal_alpha, "focal_gamma": focal_gamma}
-            matcher = build_matcher(matcher, loss={**options, **focal, "mask_resolution": mask_resolution})
+            matcher = build_matcher(matcher, weights=weights, focal=focal, mask_resolution=mask_resolution)
         if matcher.mask_resolution != mask_resolution:
             raise ConfigError(
                 f"criterion.mask_resolution={mask_resolution!r} but the matcher uses {matcher.mask_resolution!r}: "
@@ -219,9 +215,9 @@ class SetCriterion(nn.Module):
         self.num_classes = int(num_classes)
         self.semantic = bool(semantic)
         self.matcher = matcher
-        self.weight_dict: dict[str, float] = {name: float(value) for name, value in weights.items()}
-        self.focal_alpha = float(focal_alpha)
-        self.focal_gamma = float(focal_gamma)
+        terms = {**weights.named(), **other}
+        self.weight_dict: dict[str, float] = {f"loss_{term}": float(value) for term, value in terms.items()}
+        self.focal = focal
         self.mask_resolution = mask_resolution
         self.match_level = match_level
 
@@ -340,7 +336,7 @@ class SetCriterion(nn.Module):
         logits = frames["pred_logits"].float()
         class_target = torch.zeros_like(logits)
         class_target[frame_index, query_index, targets.labels[object_index]] = 1.0
-        pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        pos, neg = self.focal.terms(logits)
         # The anchor ties the mask (and box) predictions to the total even when nothing is matched.
         losses = {"loss_class": (class_target * pos + (1 - class_target) * neg).sum() / num_objects + anchor}
 
@@ -361,7 +357,7 @@ class SetCriterion(nn.Module):
         src_aligned, tgt_aligned = align_masks(src_masks, tgt_masks, self.mask_resolution)
         src_flat = src_aligned.flatten(1)
         tgt_flat = tgt_aligned.flatten(1)
-        pos, neg = sigmoid_focal_terms(src_flat, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        pos, neg = self.focal.terms(src_flat)
         losses["loss_mask"] = (tgt_flat * pos + (1 - tgt_flat) * neg).mean(1).sum() / num_objects
         prob = src_flat.sigmoid()
         dice = 1 - (2 * (prob * tgt_flat).sum(1) + 1) / (prob.sum(1) + tgt_flat.sum(1) + 1)
@@ -451,7 +447,7 @@ class SetCriterion(nn.Module):
                 row_instance.append(torch.full_like(clip["frames"], instance))
                 instance += 1
         logits = frames["pred_logits"].float()
-        pos, neg = sigmoid_focal_terms(logits, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        pos, neg = self.focal.terms(logits)
         if instance == 0:
             return {
                 "loss_class": (neg.sum() / num_objects) + anchor,
@@ -470,7 +466,7 @@ class SetCriterion(nn.Module):
         src_masks = frames["pred_masks"][frame_index, query_index].float()  # [R, h, w]
         src_aligned, tgt_aligned = align_masks(src_masks, flat_masks[object_index], self.mask_resolution)
         src_flat, tgt_flat = src_aligned.flatten(1), tgt_aligned.flatten(1)
-        pos_m, neg_m = sigmoid_focal_terms(src_flat, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        pos_m, neg_m = self.focal.terms(src_flat)
         focal_rows = (tgt_flat * pos_m + (1 - tgt_flat) * neg_m).sum(1)
         prob = src_flat.sigmoid()
 

@@ -6,8 +6,9 @@ its cost against an object is the class and box costs averaged over the frames w
 present plus the mask focal / dice costs over the clip's labelled frames taken together (an absent
 object's target is empty there), so the match is the query that follows the object best.
 
-Costs (docs/METHOD.md section 1.7, ReferFormer-family defaults; the matching costs equal the loss
-weights): class sigmoid focal 2, box L1 5, box GIoU 2, mask sigmoid focal 2, mask dice 5.
+Costs (`avseg.models.terms.TermWeights`, docs/METHOD.md section 1.7, ReferFormer-family defaults;
+the matching costs equal the loss weights): class sigmoid focal 2, box L1 5, box GIoU 2, mask sigmoid
+focal 2, mask dice 5.
 
 Mask resolution (``mask_resolution``):
   - ``"pred"`` (default): masks are compared at the prediction resolution (stride 4, e.g. 56x56
@@ -41,34 +42,22 @@ from torch import Tensor, nn
 
 from avseg.errors import ConfigError
 from avseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, masks_to_boxes
+from avseg.models.options import non_negative, present, raise_first
+from avseg.models.terms import FOCAL_CHECKS, TERMS, FocalLoss, TermWeights
 from avseg.precision import full_precision
 
 __all__ = [
-    "COST_TERMS",
     "MASK_RESOLUTIONS",
+    "MATCHER_KEYS",
     "HungarianMatcher",
     "align_masks",
     "build_matcher",
     "predicted_boxes",
-    "sigmoid_focal_terms",
 ]
 
 MASK_RESOLUTIONS = ("pred", "target")
 # Stand-in for NaN / inf costs (see `HungarianMatcher.forward`).
 _NONFINITE_COST = 1e8
-
-
-def sigmoid_focal_terms(logits: Tensor, *, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
-    """Element-wise sigmoid focal loss for a positive and for a negative target.
-
-    Returns ``(pos, neg)`` with ``pos = alpha * (1 - p)^gamma * -log(p)`` and
-    ``neg = (1 - alpha) * p^gamma * -log(1 - p)``, ``p = sigmoid(logits)``; the logs are computed
-    as softplus for stability. The focal loss of a target ``t`` in [0, 1] is ``t*pos + (1-t)*neg``.
-    """
-    prob = logits.sigmoid()
-    pos = alpha * (1 - prob).pow(gamma) * F.softplus(-logits)
-    neg = (1 - alpha) * prob.pow(gamma) * F.softplus(logits)
-    return pos, neg
 
 
 def align_masks(pred_masks: Tensor, target_masks: Tensor, mask_resolution: str) -> tuple[Tensor, Tensor]:
@@ -131,50 +120,26 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(
-        self,
-        *,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        cost_mask: float = 2.0,
-        cost_dice: float = 5.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        mask_resolution: str = "pred",
+        self, *, costs: TermWeights = TermWeights(), focal: FocalLoss = FocalLoss(), mask_resolution: str = "pred"
     ) -> None:
+        """
+        Args:
+            costs: the weight of each term in the cost (`TermWeights`; by default the loss weights'
+                defaults, ReferFormer's convention); not all zero.
+            focal: the focal parameters of the class and mask costs.
+            mask_resolution: ``"pred"`` or ``"target"`` (see the module docstring).
+        """
         super().__init__()
-        costs = {
-            "cost_class": cost_class,
-            "cost_bbox": cost_bbox,
-            "cost_giou": cost_giou,
-            "cost_mask": cost_mask,
-            "cost_dice": cost_dice,
-        }
-        for key, value in costs.items():
-            if value < 0:
-                raise ConfigError(f"matcher.{key}={value}: costs must be >= 0")
-        if all(value == 0 for value in costs.values()):
+        if not any(costs.named().values()):
             raise ConfigError("matcher: all costs are 0, the matching would be arbitrary")
         if mask_resolution not in MASK_RESOLUTIONS:
             raise ConfigError(f"matcher.mask_resolution={mask_resolution!r}: allowed values are {MASK_RESOLUTIONS}")
-        if not 0.0 <= focal_alpha <= 1.0:
-            raise ConfigError(f"matcher.focal_alpha={focal_alpha}: must be in [0, 1]")
-        if focal_gamma < 0:
-            raise ConfigError(f"matcher.focal_gamma={focal_gamma}: must be >= 0")
-        self.cost_class = float(cost_class)
-        self.cost_bbox = float(cost_bbox)
-        self.cost_giou = float(cost_giou)
-        self.cost_mask = float(cost_mask)
-        self.cost_dice = float(cost_dice)
-        self.focal_alpha = float(focal_alpha)
-        self.focal_gamma = float(focal_gamma)
+        self.costs = costs
+        self.focal = focal
         self.mask_resolution = mask_resolution
 
     def extra_repr(self) -> str:
-        return (
-            f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
-            f"cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, mask_resolution={self.mask_resolution!r}"
-        )
+        return f"costs={self.costs}, focal={self.focal}, mask_resolution={self.mask_resolution!r}"
 
     def class_box_cost(self, pred_logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
         """Class (focal) + box (L1, GIoU) cost of one frame.
@@ -185,11 +150,11 @@ class HungarianMatcher(nn.Module):
         Returns:
             [Nq, n] float32.
         """
-        pos, neg = sigmoid_focal_terms(pred_logits.float(), alpha=self.focal_alpha, gamma=self.focal_gamma)
-        cost = self.cost_class * (pos[:, labels] - neg[:, labels])
+        pos, neg = self.focal.terms(pred_logits.float())
+        cost = self.costs.class_ * (pos[:, labels] - neg[:, labels])
         boxes_pred, boxes_target = pred_boxes.float(), boxes.float()
-        cost = cost + self.cost_bbox * torch.cdist(boxes_pred, boxes_target, p=1)
-        return cost - self.cost_giou * generalized_box_iou(
+        cost = cost + self.costs.bbox * torch.cdist(boxes_pred, boxes_target, p=1)
+        return cost - self.costs.giou * generalized_box_iou(
             box_cxcywh_to_xyxy(boxes_pred), box_cxcywh_to_xyxy(boxes_target)
         )
 
@@ -204,7 +169,7 @@ class HungarianMatcher(nn.Module):
         """
         masks_pred, masks_target = align_masks(pred_masks.float(), target_masks.float(), self.mask_resolution)
         masks_pred, masks_target = masks_pred.flatten(1), masks_target.flatten(1)
-        pos, neg = sigmoid_focal_terms(masks_pred, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        pos, neg = self.focal.terms(masks_pred)
         return pos @ masks_target.T + neg @ (1 - masks_target).T, masks_pred.sigmoid(), masks_target
 
     @full_precision  # float32 costs under autocast: bf16 would turn near-ties into other assignments
@@ -230,7 +195,7 @@ class HungarianMatcher(nn.Module):
         numerator = 2 * prob @ masks_target.T
         denominator = prob.sum(-1)[:, None] + masks_target.sum(-1)[None, :]
         dice = 1 - (numerator + 1) / (denominator + 1)
-        return cost + self.cost_mask * focal + self.cost_dice * dice
+        return cost + self.costs.mask * focal + self.costs.dice * dice
 
     def clip_cost(self, outputs: Mapping[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         """Cost matrix of one clip (its labelled frames only).
@@ -265,7 +230,7 @@ class HungarianMatcher(nn.Module):
             prob_sum = prob_sum + prob.sum(-1)[:, None]
             target_sum = target_sum + masks_target.sum(-1)
         dice = 1 - (2 * inter + 1) / (prob_sum + target_sum[None, :] + 1)
-        return cost + self.cost_mask * focal / max(num_pixels, 1) + self.cost_dice * dice
+        return cost + self.costs.mask * focal / max(num_pixels, 1) + self.costs.dice * dice
 
     @torch.no_grad()
     def match_clips(
@@ -320,20 +285,30 @@ class HungarianMatcher(nn.Module):
         return self._assign(costs)
 
 
-# the cost terms, each the counterpart of a loss weight (``cost_class`` of ``weight_class``, ...)
-COST_TERMS = ("class", "bbox", "giou", "mask", "dice")
+# the keys a ``model.matcher`` mapping may hold
+MATCHER_KEYS = (*(f"cost_{term}" for term in TERMS), *FOCAL_CHECKS, "mask_resolution")
 
 
-def build_matcher(costs: Mapping[str, Any] | None, *, loss: Mapping[str, Any]) -> HungarianMatcher:
+def build_matcher(
+    costs: Mapping[str, Any] | None, *, weights: TermWeights, focal: FocalLoss, mask_resolution: str
+) -> HungarianMatcher:
     """The matcher of a criterion, from the ``model.matcher`` config: the one place it is built.
 
-    ``loss``: the criterion's options ``weight_class`` ... ``weight_dice`` (see `COST_TERMS`),
-    ``focal_alpha``, ``focal_gamma`` and ``mask_resolution``. ``costs`` null or empty: the costs
-    equal the loss weights and the matcher shares the loss's focal parameters and mask resolution.
-    Otherwise ``costs`` holds `HungarianMatcher` keywords (unset ones take its defaults) and
-    ``mask_resolution`` defaults to the loss's.
+    ``costs`` null or empty: the costs are the loss ``weights`` (ReferFormer's convention) and the
+    matcher shares the loss's ``focal`` parameters and ``mask_resolution``. Otherwise ``costs``
+    holds `MATCHER_KEYS` (``cost_class`` ... ``cost_dice``, ``focal_alpha``, ``focal_gamma``,
+    ``mask_resolution``): unset costs and focal parameters take their defaults and
+    ``mask_resolution`` the loss's.
     """
     if not costs:
-        shared = {key: loss[key] for key in ("focal_alpha", "focal_gamma", "mask_resolution")}
-        return HungarianMatcher(**{f"cost_{term}": loss[f"weight_{term}"] for term in COST_TERMS}, **shared)
-    return HungarianMatcher(**{"mask_resolution": loss["mask_resolution"], **dict(costs)})
+        return HungarianMatcher(costs=weights, focal=focal, mask_resolution=mask_resolution)
+    unknown = sorted(set(costs) - set(MATCHER_KEYS))
+    if unknown:
+        raise ConfigError(f"model.matcher.{unknown[0]}: not a matcher option; allowed keys: {', '.join(MATCHER_KEYS)}")
+    checks = {**dict.fromkeys((f"cost_{term}" for term in TERMS), non_negative), **FOCAL_CHECKS}
+    raise_first(present(costs, checks, "model.matcher."))
+    return HungarianMatcher(
+        costs=TermWeights.from_options(costs, "cost_"),
+        focal=FocalLoss.from_options(costs),
+        mask_resolution=costs.get("mask_resolution", mask_resolution),
+    )
