@@ -145,7 +145,8 @@ def squared_distances(inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
 
 
 class VectorQuantizer(nn.Module):
-    """One codebook of ``num_codes`` codewords of width ``code_dim``.
+    """One codebook of ``num_codes`` codewords of width ``code_dim``, trained and kept healthy as
+    ``options`` (a `QuantizerOptions`, stored as ``self.options``) says.
 
     ``forward(inputs [..., D], *, valid_mask [...] bool | None, detach_codebook, update_stats)``
     returns a dict:
