@@ -107,20 +107,18 @@ class QuantizerOptions:
     loss_form: str = "vqvae"
 
     def __post_init__(self) -> None:
-        raise_first(present(self.as_config(), _CHECKS, ""))
+        # checked under the names AudioDecomposition's config gives them
+        named = {CONFIG_NAMES.get(field.name, field.name): getattr(self, field.name) for field in fields(self)}
+        raise_first(present(named, _CHECKS, ""))
         for name in ("beta", "usage_ema_decay", "dead_code_threshold", "codebook_ema_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
-
-    def as_config(self) -> dict[str, Any]:
-        """The options under the names `AudioDecomposition`'s config gives them."""
-        return {CONFIG_NAMES.get(field.name, field.name): getattr(self, field.name) for field in fields(self)}
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], prefix: str = "") -> QuantizerOptions:
         """The options from the `QUANTIZER_KEYS` that ``options`` holds (named as the config spells
         them, checked here, problems named with ``prefix``); the others take their defaults."""
         chosen = {name: options[name] for name in QUANTIZER_KEYS if name in options}
-        raise_first(VectorQuantizer.check_options(chosen, prefix=prefix))
+        raise_first(present(chosen, _CHECKS, prefix))
         field_name = {config: name for name, config in CONFIG_NAMES.items()}
         return cls(**{field_name.get(name, name): value for name, value in chosen.items()})
 
