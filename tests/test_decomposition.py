@@ -383,7 +383,7 @@ def test_tiny_model_config_turns_the_anti_collapse_mechanism_on():
     options = dict(cfg.decomposition)
     assert options["codebook_init"] == "data" and options["reseed_dead_codes"] is True
     module = build_decomposition({"_target_": TARGET, **options}, dim=64)
-    assert module.quantizer.codebook_init == "data" and module.quantizer.reseed_dead_codes
+    assert module.quantizer.options.codebook_init == "data" and module.quantizer.options.reseed_dead_codes
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

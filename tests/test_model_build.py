@@ -68,7 +68,7 @@ def test_paper_config_builds_with_resnet50_and_runs():
     assert net.fusion.mask_dim == 256 and net.decoder.mask_head.layer_shapes[0] == (8, 258)
     assert len(net.decoder.bbox_embed) == 4 and net.decoder.mask_head.controller_layout == "referformer"
     assert net.decoder.mask_head.rel_coords_unit == "pixels"
-    assert net.decomposition.quantizer.loss_form == "taming_legacy"
+    assert net.decomposition.quantizer.options.loss_form == "taming_legacy"
     assert cfg["loss"]["match_level"] == "clip"
     demo = model_config("qdformer_tiny")  # the demo keeps avseg's earlier choices
     assert demo["loss"]["match_level"] == "frame" and demo["decomposition"]["vq_loss_form"] == "vqvae"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,12 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from avseg.errors import ConfigError
-from avseg.models.quantizer import VectorQuantizer, squared_distances
+from avseg.models.quantizer import QuantizerOptions, VectorQuantizer, squared_distances
 
 
 def _quantizer(num_codes: int = 16, code_dim: int = 8, seed: int = 0, **kwargs) -> VectorQuantizer:
     torch.manual_seed(seed)
-    return VectorQuantizer(num_codes=num_codes, code_dim=code_dim, **kwargs)
+    return VectorQuantizer(num_codes=num_codes, code_dim=code_dim, options=QuantizerOptions(**kwargs))
 
 
 def _brute_force_nearest(inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,8 @@ def test_reseeding_replaces_dead_codes_with_recent_inputs():
     assert int(out["dead_codes"]) == 4  # decay 0: EMA = this batch's shares; codes 2..5 unused
     before = quantizer.codebook.detach().clone()
     # The next training call re-seeds before quantising: the dead codewords become recent inputs.
-    quantizer.usage_ema_decay = 0.9  # so this call's own EMA update keeps the grace period visible
+    # so this call's own EMA update keeps the grace period visible
+    quantizer.options = replace(quantizer.options, usage_ema_decay=0.9)
     later = quantizer(recent[:1])
     after = quantizer.codebook.detach()
     assert torch.equal(after[:2], before[:2])
@@ -237,9 +239,9 @@ def test_invalid_construction_and_inputs_raise():
     with pytest.raises(ConfigError, match="codebook_size"):
         VectorQuantizer(num_codes=0, code_dim=4)
     with pytest.raises(ConfigError, match="beta"):
-        VectorQuantizer(num_codes=4, code_dim=4, beta=-1.0)
+        VectorQuantizer(num_codes=4, code_dim=4, options=QuantizerOptions(beta=-1.0))
     with pytest.raises(ConfigError, match="usage_ema_decay"):
-        VectorQuantizer(num_codes=4, code_dim=4, usage_ema_decay=1.0)
+        VectorQuantizer(num_codes=4, code_dim=4, options=QuantizerOptions(usage_ema_decay=1.0))
     with pytest.raises(ValueError, match="channels"):
         VectorQuantizer(num_codes=4, code_dim=4)(torch.randn(3, 5))
 
@@ -264,9 +266,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, result_dir: str) 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)  # same initial codebook on every rank, as DDP guarantees
-        quantizer = VectorQuantizer(
-            num_codes=6, code_dim=4, usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_dead_codes=True
-        )
+        options = QuantizerOptions(usage_ema_decay=0.0, dead_code_threshold=0.5, reseed_dead_codes=True)
+        quantizer = VectorQuantizer(num_codes=6, code_dim=4, options=options)
         with torch.no_grad():
             quantizer.codebook.copy_(torch.eye(6, 4) * 3.0)
         quantizer.train()
@@ -377,14 +378,10 @@ def test_data_init_plus_reseeding_keeps_many_codes_alive_while_training():
     # a toy encoder trained with the VQ loss: with data init + re-seeding, many codes stay in use
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
-    quantizer = VectorQuantizer(
-        num_codes=16,
-        code_dim=16,
-        codebook_init="data",
-        reseed_dead_codes=True,
-        usage_ema_decay=0.8,
-        dead_code_threshold=0.1,
+    options = QuantizerOptions(
+        codebook_init="data", reseed_dead_codes=True, usage_ema_decay=0.8, dead_code_threshold=0.1
     )
+    quantizer = VectorQuantizer(num_codes=16, code_dim=16, options=options)
     quantizer.train()
     optimizer = torch.optim.Adam([*encoder.parameters(), *quantizer.parameters()], lr=1e-2)
     generator = torch.Generator().manual_seed(1)
@@ -404,7 +401,7 @@ def test_data_init_plus_reseeding_keeps_many_codes_alive_while_training():
 
 def test_codebook_init_must_be_known():
     with pytest.raises(ConfigError, match="codebook_init"):
-        VectorQuantizer(num_codes=4, code_dim=4, codebook_init="kmeans")
+        VectorQuantizer(num_codes=4, code_dim=4, options=QuantizerOptions(codebook_init="kmeans"))
     with pytest.raises(RuntimeError, match="no valid inputs"):
         _quantizer(num_codes=4, code_dim=4, codebook_init="data").init_from_data(torch.zeros(0, 4))
 
@@ -434,9 +431,9 @@ def test_ema_codebook_update_moves_codes_to_the_mean_of_their_inputs():
     quantizer(inputs.detach() + 1.0)
     assert torch.equal(quantizer.codebook.detach(), before)
     with pytest.raises(ConfigError, match="codebook_update"):
-        VectorQuantizer(num_codes=4, code_dim=4, codebook_update="adam")
+        VectorQuantizer(num_codes=4, code_dim=4, options=QuantizerOptions(codebook_update="adam"))
     with pytest.raises(ConfigError, match="codebook_ema_decay"):
-        VectorQuantizer(num_codes=4, code_dim=4, codebook_ema_decay=1.0)
+        VectorQuantizer(num_codes=4, code_dim=4, options=QuantizerOptions(codebook_ema_decay=1.0))
 
 
 def test_ring_buffer_is_saved_so_a_resumed_quantizer_reseeds_identically():
@@ -489,8 +486,8 @@ def test_state_without_the_ring_buffer_loads_with_an_empty_buffer():
 def test_ema_codebook_is_not_a_trainable_parameter():
     """EMA mode updates the codewords itself: a trainable codebook would get no gradient, which
     DDP rejects as an unused parameter (and the optimiser would carry dead state)."""
-    ema = VectorQuantizer(num_codes=8, code_dim=4, codebook_update="ema")
-    loss_mode = VectorQuantizer(num_codes=8, code_dim=4, codebook_update="loss")
+    ema = VectorQuantizer(num_codes=8, code_dim=4, options=QuantizerOptions(codebook_update="ema"))
+    loss_mode = VectorQuantizer(num_codes=8, code_dim=4, options=QuantizerOptions(codebook_update="loss"))
     assert not ema.codebook.requires_grad
     assert loss_mode.codebook.requires_grad
     ema.train()

@@ -12,7 +12,8 @@ the optimiser settings of the LightningModule, are ignored here):
   that sets one of these itself (or ``dim`` / ``ms_deform_backend`` in fusion and decoder,
   ``num_levels`` in the decoder) to a different value is a ConfigError (no silent override).
 - the decomposition gets its codebook keys (``beta``, ``vq_loss_form``, ...: `QUANTIZER_KEYS`) as
-  one quantiser builder, ``quantizer=`` (`VectorQuantizer.factory`), see `build_decomposition`;
+  one `QuantizerOptions`, ``quantizer_options=`` (`QuantizerOptions.from_config`), see
+  `build_decomposition`;
 - fusion and decoder each get one `DeformableLayerSpec` (``spec=``) for their deformable layers:
   ``dim`` and ``ms_deform_backend`` from the model, ``num_heads`` (default 8), ``num_points`` (4),
   ``ffn_dim`` (fusion 1024, decoder 2048), ``dropout`` (0.1) from the part's own keys, and
@@ -37,7 +38,7 @@ from avseg.models.layers.source_head import SourceHead
 from avseg.models.neck import MultiLevelProjection
 from avseg.models.options import Problem, at_least, boolean, choice, is_int, present, raise_first
 from avseg.models.qdformer import QDFormer
-from avseg.models.quantizer import QUANTIZER_KEYS, VectorQuantizer
+from avseg.models.quantizer import QUANTIZER_KEYS, QuantizerOptions
 
 MS_DEFORM_BACKENDS = ("auto", "torch", "triton")
 _DIM_ALLOWED = "a positive multiple of 32 (GroupNorm(32) layers)"
@@ -105,11 +106,12 @@ def _with_spec(name: str, sub: Mapping, shared: Mapping, spec: DeformableLayerSp
 
 def build_decomposition(sub: Mapping, *, dim: int) -> nn.Module:
     """``model.decomposition`` (with its ``_target_``) -> the decomposition of model width ``dim``;
-    its codebook keys (`QUANTIZER_KEYS`) become one quantiser builder, ``quantizer=``
-    (`VectorQuantizer.factory`)."""
+    its codebook keys (`QUANTIZER_KEYS`) become one `QuantizerOptions`, ``quantizer_options=``
+    (`QuantizerOptions.from_config`)."""
     _check_target("decomposition", sub)
-    quantizer = VectorQuantizer.factory(sub, prefix="model.decomposition.")
-    return _instantiate("decomposition", sub, {"dim": dim}, parts={"quantizer": quantizer}, taken=QUANTIZER_KEYS)
+    options = QuantizerOptions.from_config(sub, prefix="model.decomposition.")
+    parts = {"quantizer_options": options}
+    return _instantiate("decomposition", sub, {"dim": dim}, parts=parts, taken=QUANTIZER_KEYS)
 
 
 def check_model_options(options: Mapping[str, Any]) -> list[Problem]:

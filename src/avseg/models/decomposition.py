@@ -34,7 +34,7 @@ the clip's global codes as their local codes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from torch import nn
 from avseg.models.layers.distill_gate import DISTILL_GATES, attention_gate
 from avseg.models.layers.subspace_attention import COMPETITIONS, SubspaceCrossAttention
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, is_int, positive, present, raise_first
-from avseg.models.quantizer import VectorQuantizer
+from avseg.models.quantizer import QuantizerOptions, VectorQuantizer
 
 __all__ = [
     "AudioDecomposition",
@@ -197,10 +197,10 @@ class AudioDecomposition(nn.Module):
     K is ``self.num_tokens`` (``num_subspaces``, or 1 for ``vq``). Every variant accepts every key;
     the keys a variant does not use are ignored (so one Hydra sweep can cross variants).
 
-    ``quantizer`` builds the codebook (not for ``none``), called with ``num_codes`` =
-    ``codebook_size`` and ``code_dim``: `avseg.models.build.build_decomposition` makes it with
-    `VectorQuantizer.factory` from the config's codebook keys (``beta``, ``vq_loss_form``, ...,
-    `avseg.models.quantizer.QUANTIZER_KEYS`), which `check_options` checks with the others.
+    ``quantizer_options``: the codebook's recipe (`QuantizerOptions`), given to the quantiser of
+    ``codebook_size`` codes (none for ``none``): `avseg.models.build.build_decomposition` makes it
+    with `QuantizerOptions.from_config` from the config's codebook keys (``beta``, ``vq_loss_form``,
+    ..., `avseg.models.quantizer.QUANTIZER_KEYS`), which `check_options` checks with the others.
     """
 
     @classmethod
@@ -261,7 +261,7 @@ class AudioDecomposition(nn.Module):
         variant: str = "pq",
         num_subspaces: int = 4,
         codebook_size: int = 512,
-        quantizer: Callable[..., VectorQuantizer] = VectorQuantizer,
+        quantizer_options: QuantizerOptions = QuantizerOptions(),
         local_calibration: bool = True,
         local_window: int = 1,
         distill_loss: str = "mse",
@@ -278,7 +278,9 @@ class AudioDecomposition(nn.Module):
     ) -> None:
         super().__init__()
         options = {
-            name: value for name, value in locals().items() if name not in ("self", "dim", "quantizer", "__class__")
+            name: value
+            for name, value in locals().items()
+            if name not in ("self", "dim", "quantizer_options", "__class__")
         }
         if not is_int(dim) or dim < 1:
             raise Problem(f"{_KEY}.dim", dim, "an integer >= 1").error()
@@ -324,7 +326,7 @@ class AudioDecomposition(nn.Module):
         if variant == "none":
             self.quantizer = None
         else:
-            self.quantizer = quantizer(num_codes=codebook_size, code_dim=code_dim)
+            self.quantizer = VectorQuantizer(num_codes=codebook_size, code_dim=code_dim, options=quantizer_options)
 
     # ------------------------------------------------------------------ encoders
     def _check_inputs(self, audio_tokens: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:

@@ -27,8 +27,8 @@ broadcast so every process holds the same codebook.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -39,14 +39,21 @@ from torch import nn
 
 from avseg.models.options import Problem, at_least, below_one, boolean, choice, non_negative, present, raise_first
 
-__all__ = ["VectorQuantizer", "squared_distances", "CODEBOOK_INITS", "CODEBOOK_UPDATES", "QUANTIZER_KEYS"]
+__all__ = [
+    "VectorQuantizer",
+    "QuantizerOptions",
+    "squared_distances",
+    "CODEBOOK_INITS",
+    "CODEBOOK_UPDATES",
+    "QUANTIZER_KEYS",
+]
 
 CODEBOOK_INITS = ("normal", "data")
 CODEBOOK_UPDATES = ("loss", "ema")
 LOSS_FORMS = ("vqvae", "taming_legacy")
-# the `VectorQuantizer` keywords whose name in `AudioDecomposition`'s config differs
+# the `VectorQuantizer` / `QuantizerOptions` names whose key in `AudioDecomposition`'s config differs
 CONFIG_NAMES = {"num_codes": "codebook_size", "loss_form": "vq_loss_form"}
-# the keys of that config that set how the codebook is trained and kept healthy (`VectorQuantizer.factory`)
+# the keys of that config that set how the codebook is trained and kept healthy (`QuantizerOptions.from_config`)
 QUANTIZER_KEYS = (
     "beta",
     "usage_ema_decay",
@@ -58,6 +65,62 @@ QUANTIZER_KEYS = (
     "codebook_ema_decay",
     "vq_loss_form",
 )
+# the allowed values, keyed by the config's names (`VectorQuantizer.check_options`)
+_CHECKS = {
+    "vq_loss_form": choice(LOSS_FORMS),
+    "codebook_size": at_least(1),
+    "code_dim": at_least(1),
+    "beta": non_negative,
+    "usage_ema_decay": below_one,
+    "dead_code_threshold": non_negative,
+    "reseed_dead_codes": boolean,
+    "reseed_buffer_size": at_least(1),
+    "codebook_init": choice(CODEBOOK_INITS),
+    "codebook_update": choice(CODEBOOK_UPDATES),
+    "codebook_ema_decay": below_one,
+}
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """How a codebook is trained and kept healthy: the recipe, apart from its size.
+
+    ``beta``: weight of the term ``loss_form`` puts it on; ``usage_ema_decay``: decay of each
+    code's usage share; ``dead_code_threshold``: dead = share below threshold / N;
+    ``reseed_dead_codes``, ``reseed_buffer_size``: dead codewords replaced by one of that many
+    recent inputs; ``init_std``: std of the N(0, init_std^2) codewords; ``codebook_init``
+    "normal" | "data" (k-means++ draw from the first inputs); ``codebook_update`` "loss" | "ema"
+    (k-means-style EMA codewords, decay ``codebook_ema_decay``); ``loss_form`` "vqvae" |
+    "taming_legacy" (module docstring). Checked on construction (a one-line `ConfigError` naming
+    the config's key); the numbers are stored as float, as the quantiser computes with them.
+    """
+
+    beta: float = 0.25
+    usage_ema_decay: float = 0.99
+    dead_code_threshold: float = 0.01
+    reseed_dead_codes: bool = False
+    reseed_buffer_size: int = 1024
+    init_std: float = 1.0
+    codebook_init: str = "normal"
+    codebook_update: str = "loss"
+    codebook_ema_decay: float = 0.8
+    loss_form: str = "vqvae"
+
+    def __post_init__(self) -> None:
+        # checked under the names AudioDecomposition's config gives them
+        named = {CONFIG_NAMES.get(field.name, field.name): getattr(self, field.name) for field in fields(self)}
+        raise_first(present(named, _CHECKS, ""))
+        for name in ("beta", "usage_ema_decay", "dead_code_threshold", "codebook_ema_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], prefix: str = "") -> QuantizerOptions:
+        """The options from the `QUANTIZER_KEYS` that ``options`` holds (named as the config spells
+        them, checked here, problems named with ``prefix``); the others take their defaults."""
+        chosen = {name: options[name] for name in QUANTIZER_KEYS if name in options}
+        raise_first(present(chosen, _CHECKS, prefix))
+        field_name = {config: name for name, config in CONFIG_NAMES.items()}
+        return cls(**{field_name.get(name, name): value for name, value in chosen.items()})
 
 
 def _distributed_ready() -> bool:
@@ -80,7 +143,8 @@ def squared_distances(inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
 
 
 class VectorQuantizer(nn.Module):
-    """One codebook of ``num_codes`` codewords of width ``code_dim``.
+    """One codebook of ``num_codes`` codewords of width ``code_dim``, trained and kept healthy as
+    ``options`` (a `QuantizerOptions`, stored as ``self.options``) says.
 
     ``forward(inputs [..., D], *, valid_mask [...] bool | None, detach_codebook, update_stats)``
     returns a dict:
@@ -109,61 +173,17 @@ class VectorQuantizer(nn.Module):
         """The problems of the options ``options`` holds, named as `AudioDecomposition`'s config
         spells them (``codebook_size`` for ``num_codes``, ``vq_loss_form`` for ``loss_form``),
         each key prefixed with ``prefix``."""
-        checks = {
-            "vq_loss_form": choice(LOSS_FORMS),
-            "codebook_size": at_least(1),
-            "code_dim": at_least(1),
-            "beta": non_negative,
-            "usage_ema_decay": below_one,
-            "dead_code_threshold": non_negative,
-            "reseed_dead_codes": boolean,
-            "reseed_buffer_size": at_least(1),
-            "codebook_init": choice(CODEBOOK_INITS),
-            "codebook_update": choice(CODEBOOK_UPDATES),
-            "codebook_ema_decay": below_one,
-        }
-        return present(options, checks, prefix)
+        return present(options, _CHECKS, prefix)
 
-    @classmethod
-    def factory(cls, options: Mapping[str, Any], prefix: str = "") -> Callable[..., VectorQuantizer]:
-        """A builder of quantisers with the `QUANTIZER_KEYS` that ``options`` holds (named as the
-        config spells them, checked here, problems named with ``prefix``); the other keywords take
-        their defaults, and the caller gives ``num_codes`` and ``code_dim``."""
-        chosen = {name: options[name] for name in QUANTIZER_KEYS if name in options}
-        raise_first(cls.check_options(chosen, prefix=prefix))
-        keyword = {config: name for name, config in CONFIG_NAMES.items()}
-        return partial(cls, **{keyword.get(name, name): value for name, value in chosen.items()})
-
-    def __init__(
-        self,
-        *,
-        num_codes: int,
-        code_dim: int,
-        beta: float = 0.25,
-        usage_ema_decay: float = 0.99,
-        dead_code_threshold: float = 0.01,
-        reseed_dead_codes: bool = False,
-        reseed_buffer_size: int = 1024,
-        init_std: float = 1.0,
-        codebook_init: str = "normal",
-        codebook_update: str = "loss",
-        codebook_ema_decay: float = 0.8,
-        loss_form: str = "vqvae",
-    ) -> None:
+    def __init__(self, *, num_codes: int, code_dim: int, options: QuantizerOptions = QuantizerOptions()) -> None:
         super().__init__()
-        # checked under the names AudioDecomposition's config gives them
-        raise_first(self.check_options({CONFIG_NAMES.get(name, name): value for name, value in locals().items()}))
-        self.loss_form = loss_form
+        # checked under the names AudioDecomposition's config gives them (the options check themselves)
+        raise_first(self.check_options({"codebook_size": num_codes, "code_dim": code_dim}))
+        if not isinstance(options, QuantizerOptions):
+            raise TypeError(f"VectorQuantizer: options must be a QuantizerOptions, got {type(options).__name__}")
+        self.options = options
         self.num_codes = int(num_codes)
         self.code_dim = int(code_dim)
-        self.beta = float(beta)
-        self.usage_ema_decay = float(usage_ema_decay)
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.reseed_dead_codes = bool(reseed_dead_codes)
-        self.reseed_buffer_size = int(reseed_buffer_size)
-        self.codebook_init = codebook_init
-        self.codebook_update = codebook_update
-        self.codebook_ema_decay = float(codebook_ema_decay)
 
         # N(0, init_std^2) codewords: the inputs are LayerNorm outputs (unit variance per channel),
         # so codewords and inputs start on the same scale (VQ-VAE's tiny uniform init would make the
@@ -171,7 +191,8 @@ class VectorQuantizer(nn.Module):
         # With EMA updates the codebook gets no gradient: requires_grad=False keeps it out of the
         # optimiser and out of DDP's reducer (an unused trainable parameter is an error there).
         self.codebook = nn.Parameter(
-            torch.randn(self.num_codes, self.code_dim) * init_std, requires_grad=codebook_update != "ema"
+            torch.randn(self.num_codes, self.code_dim) * options.init_std,
+            requires_grad=options.codebook_update != "ema",
         )
         # EMA of each code's share of the assignments; starts uniform so no code is dead at step 0.
         self.register_buffer("usage_ema", torch.full((self.num_codes,), 1.0 / self.num_codes))
@@ -179,18 +200,18 @@ class VectorQuantizer(nn.Module):
         # codebook_init="data": the codebook is replaced by encoder outputs at the first
         # training-mode call; this flag (saved in checkpoints, so a resumed run does not redo it)
         # says whether that happened. With "normal" there is nothing to do.
-        self.register_buffer("data_initialised", torch.tensor(codebook_init != "data"))
+        self.register_buffer("data_initialised", torch.tensor(options.codebook_init != "data"))
         # codebook_update="ema" (k-means style, VQ-VAE appendix): EMA of each code's assignment
         # count and of the sum of its assigned inputs; codeword = sum / count. Saved in checkpoints
         # only in that mode (with "loss" they are unused, and older checkpoints lack them).
-        ema = codebook_update == "ema"
+        ema = options.codebook_update == "ema"
         self.register_buffer("ema_count", torch.ones(self.num_codes), persistent=ema)
         self.register_buffer("ema_sum", self.codebook.detach().clone(), persistent=ema)
         # The ring buffer of recent inputs: buffers, so a resumed run re-seeds and data-initialises
         # from the same inputs as an uninterrupted one. Under DDP rank 0's copy is broadcast to the
         # others each step, which changes nothing: re-seeding and data init use rank 0's draw.
         # The counters are mirrored in Python ints so a training step needs no device sync.
-        self.register_buffer("recent_inputs", torch.zeros(self.reseed_buffer_size, self.code_dim))
+        self.register_buffer("recent_inputs", torch.zeros(options.reseed_buffer_size, self.code_dim))
         self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("recent_next", torch.zeros((), dtype=torch.long))
         self._recent_count = 0
@@ -221,15 +242,17 @@ class VectorQuantizer(nn.Module):
         return self.recent_inputs if self._recent_count > 0 else None
 
     def extra_repr(self) -> str:
+        options = self.options
         return (
-            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, loss_form={self.loss_form!r}, "
-            f"codebook_init={self.codebook_init}, reseed_dead_codes={self.reseed_dead_codes}"
+            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={options.beta}, "
+            f"loss_form={options.loss_form!r}, codebook_init={options.codebook_init}, "
+            f"reseed_dead_codes={options.reseed_dead_codes}"
         )
 
     # ------------------------------------------------------------------ statistics
     def dead_code_mask(self) -> torch.Tensor:
         """bool [N]: codes whose EMA share is below ``dead_code_threshold / N``."""
-        return self.usage_ema < (self.dead_code_threshold / self.num_codes)
+        return self.usage_ema < (self.options.dead_code_threshold / self.num_codes)
 
     @staticmethod
     def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
@@ -244,11 +267,12 @@ class VectorQuantizer(nn.Module):
         """Push detached inputs [M, D] into the ring buffer of recent encoder outputs."""
         if flat_inputs.shape[0] == 0:
             return
-        rows = flat_inputs.detach()[-self.reseed_buffer_size :].to(self.recent_inputs.dtype)
-        positions = (torch.arange(rows.shape[0], device=rows.device) + self._recent_next) % self.reseed_buffer_size
+        size = self.options.reseed_buffer_size
+        rows = flat_inputs.detach()[-size:].to(self.recent_inputs.dtype)
+        positions = (torch.arange(rows.shape[0], device=rows.device) + self._recent_next) % size
         self.recent_inputs[positions.to(self.recent_inputs.device)] = rows.to(self.recent_inputs.device)
-        self._recent_next = (self._recent_next + rows.shape[0]) % self.reseed_buffer_size
-        self._recent_count = min(self._recent_count + rows.shape[0], self.reseed_buffer_size)
+        self._recent_next = (self._recent_next + rows.shape[0]) % size
+        self._recent_count = min(self._recent_count + rows.shape[0], size)
         self.recent_next.fill_(self._recent_next)
         self.recent_count.fill_(self._recent_count)
 
@@ -288,7 +312,7 @@ class VectorQuantizer(nn.Module):
 
     def _ready_for_data_init(self) -> bool:
         """True once the ring buffer holds min(N, buffer size) inputs, on every process."""
-        needed = min(self.num_codes, self.reseed_buffer_size)
+        needed = min(self.num_codes, self.options.reseed_buffer_size)
         ready = torch.tensor(int(self._recent_count >= needed), device=self.codebook.device)
         if _distributed_ready():
             dist.all_reduce(ready, op=dist.ReduceOp.MIN)  # every rank initialises at the same call
@@ -355,7 +379,7 @@ class VectorQuantizer(nn.Module):
         sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat * weights[:, None])
         if _distributed_ready():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        decay = self.codebook_ema_decay
+        decay = self.options.codebook_ema_decay
         used = counts > 0
         self.ema_count.copy_(torch.where(used, decay * self.ema_count + (1 - decay) * counts, self.ema_count))
         self.ema_sum.copy_(torch.where(used[:, None], decay * self.ema_sum + (1 - decay) * sums, self.ema_sum))
@@ -368,9 +392,8 @@ class VectorQuantizer(nn.Module):
         # An empty histogram leaves the EMA unchanged (decay 1), without a host-device sync.
         total = counts.sum()
         share = (counts / total.clamp_min(1e-12)).to(self.usage_ema.dtype)
-        decay = torch.where(
-            total > 0, torch.tensor(self.usage_ema_decay, device=total.device), torch.ones((), device=total.device)
-        )
+        decay = torch.tensor(self.options.usage_ema_decay, device=total.device)
+        decay = torch.where(total > 0, decay, torch.ones((), device=total.device))
         self.usage_ema.copy_(decay * self.usage_ema + (1.0 - decay) * share)
 
     # ------------------------------------------------------------------ forward
@@ -401,10 +424,10 @@ class VectorQuantizer(nn.Module):
             if not bool(self.data_initialised):
                 if self._ready_for_data_init():
                     self.init_from_data(self._recent_inputs[: self._recent_count])
-            elif self.reseed_dead_codes:
+            elif self.options.reseed_dead_codes:
                 self.reseed()  # before the codebook is used, so autograd never sees the change
 
-        ema = self.codebook_update == "ema"
+        ema = self.options.codebook_update == "ema"
         if ema:
             # the codebook has no loss in this mode; a copy, because it is updated in place below
             codebook = self.codebook.detach().clone()
@@ -421,10 +444,10 @@ class VectorQuantizer(nn.Module):
             codebook_loss = commitment.new_zeros(())
         else:
             codebook_loss = ((codewords.float() - flat.detach().float()).pow(2).sum(-1) * weights).sum() / denominator
-        if self.loss_form == "taming_legacy":
-            loss = commitment + self.beta * codebook_loss
+        if self.options.loss_form == "taming_legacy":
+            loss = commitment + self.options.beta * codebook_loss
         else:
-            loss = codebook_loss + self.beta * commitment
+            loss = codebook_loss + self.options.beta * commitment
 
         # Straight-through: forward value = codeword, gradient to the inputs = identity.
         quantized = flat + (codewords - flat).detach()
