@@ -4,12 +4,13 @@ query positions, slot-attention competition, one value / output projection per s
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from helpers_models import tiny_decomposition
 
 from avseg.errors import ConfigError
-from avseg.models.decomposition import AudioDecomposition
 from avseg.models.layers.subspace_attention import SubspaceCrossAttention
 
 DIM, K = 16, 4
@@ -21,11 +22,7 @@ SWITCHES = [
 ]
 
 
-def _module(seed: int = 0, **kwargs) -> AudioDecomposition:
-    torch.manual_seed(seed)
-    options = dict(dim=DIM, num_subspaces=K, codebook_size=8, num_layers=2, num_heads=2, ffn_dim=32)
-    options.update(kwargs)
-    return AudioDecomposition(**options)
+_module = partial(tiny_decomposition, dim=DIM, num_subspaces=K, num_layers=2)
 
 
 def test_defaults_keep_the_torch_attention_and_its_state_keys():

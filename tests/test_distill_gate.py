@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from einops import repeat
+from helpers_models import tiny_decomposition
 
 from avseg.errors import ConfigError
 from avseg.models.decomposition import AudioDecomposition
@@ -13,11 +16,7 @@ from avseg.models.layers.distill_gate import attention_gate
 DIM, K = 16, 3
 
 
-def _module(seed: int = 0, **kwargs) -> AudioDecomposition:
-    torch.manual_seed(seed)
-    options = dict(dim=DIM, num_subspaces=K, codebook_size=8, num_layers=1, num_heads=2, ffn_dim=32)
-    options.update(kwargs)
-    return AudioDecomposition(**options)
+_module = partial(tiny_decomposition, dim=DIM, num_subspaces=K, num_layers=1)
 
 
 def test_attention_gate_by_hand():

@@ -65,7 +65,7 @@ REFERRING = (
 REPO_PATH = re.compile(
     r"(?<![\w./~-])((?:docs|src|conf|tests|benchmarks|tools|notebooks|kernels|avseg)/[\w./*-]*[\w*/])"
 )
-# a document cited by its bare upper-case name (``NAME.md``), without a folder
+# a document cited by its bare upper-case file name, without a folder
 BARE_DOC = re.compile(r"(?<![\w/.-])([A-Z][A-Z0-9_-]*\.md)\b")
 
 
@@ -78,7 +78,7 @@ def _referring_text(path: Path) -> str:
 
 def test_every_referenced_file_is_in_the_repository() -> None:
     """A path that looks like one of the repository's (``docs/<name>.md``, ``src/...``, ``conf/...``,
-    ``tests/...``, ``benchmarks/...``, ``tools/...``) and a document named bare (``NAME.md``) must
+    ``tests/...``, ``benchmarks/...``, ``tools/...``) and a document named bare (an upper-case name, no folder) must
     exist: at the root or next to the file that names it. Placeholders (``<run>``, ``{md,csv}``,
     ``$VAR``) are not paths; a ``*`` must match something."""
     names = {p.name for p in ROOT.rglob("*") if ".git" not in p.parts}

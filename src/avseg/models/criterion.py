@@ -151,8 +151,9 @@ class SetCriterion(nn.Module):
         """The criterion of the flat ``model.loss`` options (``weight_class`` ... ``weight_dice``
         grouped into `TermWeights`, ``focal_alpha`` / ``focal_gamma`` into `FocalLoss`, the rest
         passed on as keywords) and the ``model.matcher`` mapping (`build_matcher`)."""
-        raise_first(cls.check_options(options))
         grouped = {f"weight_{term}" for term in TERMS} | set(FOCAL_CHECKS)
+        # the grouped keys checked here under their config names; the constructor checks the rest
+        raise_first(cls.check_options({key: value for key, value in options.items() if key in grouped}))
         rest = {key: value for key, value in options.items() if key not in grouped}
         weights, focal = TermWeights.from_options(options, "weight_"), FocalLoss.from_options(options)
         return cls(num_classes=num_classes, semantic=semantic, matcher=matcher, weights=weights, focal=focal, **rest)
